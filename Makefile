@@ -1,0 +1,64 @@
+# mailtls-operator: `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEB_PACKAGES := postfix postfix-lmdb postfix-cdb lua5.1 lua-cjson kubectl
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install system-deps test test-unit test-postfix test-integration lint bench demo \
+        e2e kind-up deploy clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the package with its test extras
+
+system-deps: ## install Debian packages the tests and demo need (postfix, postfix-lmdb, lua, kubectl)
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | $$SUDO debconf-set-selections; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null || \
+	  { $$SUDO apt-get update -q >/dev/null && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
+	fi
+
+test: system-deps install ## install everything needed, then run the whole suite but e2e
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-unit: install ## unit and contract tests only (no Postfix, no API emulation)
+	$(BIN)/pytest -q tests/unit tests/contract
+
+lint: install ## ruff, mypy --strict and the import-linter layer contract
+	$(BIN)/ruff check operator tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+bench: system-deps install ## benchmarks: print figures and ratios, write bench/results/*.json
+	$(BIN)/python -m bench
+
+demo: system-deps install ## the whole job on this machine: API emulation, operator, real Postfix pods, real mail
+	$(BIN)/python -m mailtls_operator.demo
+
+e2e: ## end-to-end on kind (skipped with a message where no container engine exists)
+	@bash tests/e2e/run.sh e2e
+
+kind-up: ## create a kind cluster and load the images
+	@bash tests/e2e/run.sh kind-up
+
+deploy: ## install the chart and the example Postfix into the current cluster
+	@bash tests/e2e/run.sh deploy
+
+clean: ## remove the venv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .demo
