@@ -58,6 +58,17 @@ class PodRunnerError(Exception):
     """The command could not be run at all (pod gone, transport failure, timeout)."""
 
 
+class StdinUnsupportedError(PodRunnerError):
+    """The transport cannot give the command's stdin an end (no ``v5.channel.k8s.io``).
+
+    Over ``v4.channel.k8s.io`` and older exec protocols stdin can never be
+    closed, so a command reading it (``postmap -i``, ``cat``) would wait for
+    ever.  Raised before any stdin is sent; callers fall back to a path that
+    needs no stdin (e.g. ``postmap`` on the table from the ConfigMap mounted in
+    the pod) and say so in status.
+    """
+
+
 class PodRunner(Protocol):
     """Run ``argv`` in ``pod`` with optional ``stdin``; return its exit status and output.
 

@@ -1,0 +1,596 @@
+"""The controller: Kopf handlers feed the world; one worker per instance converges it.
+
+Level-based, as Kopf's author recommends (docs/reconciliation.rst): handlers
+only record what they saw in :class:`~.world.World` and wake the workers of the
+instances it touches.  A worker waits for a quiet period (bounded by a
+maximum delay), so a burst of 1,000 applies becomes one render, at most one
+ConfigMap write and one rollout; then it computes the wanted table from the
+world and converges: ConfigMap, pods, status.  Nothing here is edge-triggered,
+so a restart, a missed event or a hand-edited ConfigMap all end the same way.
+
+No finalizers: deleting a policy (or its namespace) never waits for the
+operator; the worker simply renders the table without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import kopf
+
+from . import postfix, rollout
+from .configmap import (
+    ANN_REVISION,
+    LABEL_INSTANCE,
+    MANAGED_BY,
+    OPERATOR,
+    TableTooLarge,
+    configmap_body,
+    configmap_name,
+    same_content,
+)
+from .crd import GROUP, KIND, PLURAL, VERSION
+from .kube import Kube, NotFound
+from .metrics import Metrics
+from .podrunner import PodRef, PodRunner
+from .policy import DEFAULT_MAX_EXCEPTION, Policy
+from .render import Tables, render
+from .status import InstanceView, event_type, policy_status, transitions
+from .workloads import restart_rollout
+from .world import (
+    ANN_APPLIED,
+    ANN_CONTAINER,
+    ANN_MAP_PATH,
+    ANN_MAP_TYPE,
+    ANN_STRATEGY,
+    INSTANCE_LABEL,
+    InstanceKey,
+    PodRecord,
+    PolicyRecord,
+    World,
+)
+
+log = logging.getLogger("mailtls.controller")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Config:
+    """Operator-wide settings (``mailtls run`` options)."""
+
+    namespaces: list[str] = field(default_factory=list)
+    debounce: float = 0.5
+    max_delay: float = 5.0
+    parallelism: int = 1
+    default_strategy: str = "exec"
+    max_exception: timedelta = DEFAULT_MAX_EXCEPTION
+    retry_base: float = 1.0
+    retry_max: float = 300.0
+    resync_interval: float = 300.0
+    exec_timeout: float = 60.0
+
+
+@dataclass
+class InstanceState:
+    """What a worker knows about its instance after the last convergence."""
+
+    key: InstanceKey
+    tables: Tables | None = None
+    pods_total: int = 0
+    pods_updated: int = 0
+    failure: str | None = None
+    failures: int = 0
+    warnings: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    note: str = ""
+    renders: int = 0
+    configmap_writes: int = 0
+    rollouts: int = 0
+
+    @property
+    def revision(self) -> str:
+        return self.tables.revision if self.tables else ""
+
+
+class InstanceWorker:
+    """Debounces changes to one instance and converges it, one run at a time."""
+
+    def __init__(self, operator: Operator, key: InstanceKey) -> None:
+        self.operator = operator
+        self.key = key
+        self.dirty = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.retry_handle: asyncio.TimerHandle | None = None
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def wake(self) -> None:
+        self.idle.clear()
+        self.dirty.set()
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._loop(),
+                                                              name=f"mailtls:{self.key}")
+
+    def wake_later(self, delay: float) -> None:
+        if self.retry_handle is not None:
+            self.retry_handle.cancel()
+        self.retry_handle = asyncio.get_running_loop().call_later(delay, self.wake)
+
+    async def _debounce(self) -> None:
+        cfg = self.operator.config
+        deadline = time.monotonic() + cfg.max_delay
+        while True:
+            self.dirty.clear()
+            remaining = min(cfg.debounce, deadline - time.monotonic())
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self.dirty.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def _loop(self) -> None:
+        while True:
+            await self._debounce()
+            try:
+                await self.operator.converge(self.key)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("converging %s/%s failed; retrying", *self.key)
+                self.wake_later(self.operator.config.retry_base)
+            if not self.dirty.is_set():
+                self.idle.set()
+                await self.dirty.wait()
+                self.idle.clear()
+
+    async def stop(self) -> None:
+        if self.retry_handle is not None:
+            self.retry_handle.cancel()
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+
+
+class Operator:
+    """The operator's state and behaviour, independent of how Kopf delivers events."""
+
+    def __init__(self, kube: Kube, runner: PodRunner, config: Config | None = None, *,
+                 clock: Callable[[], datetime] = utcnow, metrics: Metrics | None = None) -> None:
+        self.kube = kube
+        self.runner = runner
+        self.config = config or Config()
+        self.clock = clock
+        self.metrics = metrics or Metrics()
+        self.world = World(clock=clock, max_exception=self.config.max_exception)
+        self.states: dict[InstanceKey, InstanceState] = {}
+        self.workers: dict[InstanceKey, InstanceWorker] = {}
+        self.started = False
+        self._status_locks: dict[str, asyncio.Lock] = {}
+        self._io = asyncio.Semaphore(16)
+        self._stopping = False
+
+    # --------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Check the CRD, seed the world with one list per kind, converge everything."""
+        if not await self.kube.crd_present():
+            raise kopf.PermanentError(
+                f"the CRD {PLURAL}.{GROUP} is not installed in this cluster: install it "
+                "with the Helm chart or `kubectl apply -f crds/` first (the operator never "
+                "creates it)")
+        scopes: list[str | None] = list(self.config.namespaces) or [None]
+        for ns in scopes:
+            for obj in await self.kube.list_policies(ns):
+                self.world.upsert_policy(obj)
+            for obj in await self.kube.list_pods(ns, INSTANCE_LABEL):
+                self.world.upsert_pod(obj)
+            for obj in await self.kube.list_configmaps(ns, f"{MANAGED_BY}={OPERATOR}"):
+                self._record_configmap(obj)
+        self.started = True
+        log.info("seeded: %d policies, %d Postfix pods, %d instances",
+                 sum(1 for _ in self.world.records()), len(self.world.pods),
+                 len(self.world.instances()))
+        self.wake(self.world.instances() | self._configmap_instances())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await asyncio.gather(*(w.stop() for w in self.workers.values()))
+
+    def wake(self, keys: set[InstanceKey]) -> None:
+        if not self.started or self._stopping:
+            return
+        for key in keys:
+            worker = self.workers.get(key)
+            if worker is None:
+                worker = self.workers[key] = InstanceWorker(self, key)
+            worker.wake()
+
+    def wake_all(self) -> None:
+        """Re-converge every instance (a resync, or a test that moved the clock)."""
+        self.wake(self.world.instances() | set(self.states) | self._configmap_instances())
+
+    async def wait_idle(self, timeout: float = 30.0) -> None:
+        """Until no worker has pending work (tests and the demo use this)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            busy = [w for w in self.workers.values() if not w.idle.is_set()]
+            if not busy:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"workers still busy: {[w.key for w in busy]}")
+            await asyncio.wait([asyncio.ensure_future(w.idle.wait()) for w in busy],
+                               timeout=left)
+
+    # ------------------------------------------------------------------ events
+
+    def on_policy(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        if event_type == "DELETED":
+            keys = self.world.delete_policy(meta.get("namespace", ""), meta.get("name", ""))
+        else:
+            keys = self.world.upsert_policy(body)
+        self.wake(keys)
+
+    def on_pod(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        if event_type == "DELETED":
+            keys = self.world.delete_pod(meta.get("namespace", ""), meta.get("name", ""))
+        else:
+            keys = self.world.upsert_pod(body)
+        self.wake(keys)
+
+    def _record_configmap(self, body: Mapping[str, Any]) -> InstanceKey | None:
+        meta = body.get("metadata") or {}
+        inst = (meta.get("labels") or {}).get(LABEL_INSTANCE)
+        ns, name = meta.get("namespace", ""), meta.get("name", "")
+        if not inst or name != configmap_name(inst):
+            return None
+        self.world.configmaps[(ns, name)] = dict(body)
+        return (ns, inst)
+
+    def on_configmap(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """Our ConfigMap changed or vanished: if it is not what we want, converge again."""
+        meta = body.get("metadata") or {}
+        ns, name = meta.get("namespace", ""), meta.get("name", "")
+        if event_type == "DELETED":
+            self.world.configmaps.pop((ns, name), None)
+            inst = (meta.get("labels") or {}).get(LABEL_INSTANCE)
+            key = (ns, inst) if inst else None
+        else:
+            key = self._record_configmap(body)
+        if key is None:
+            return
+        state = self.states.get(key)
+        current = self.world.configmaps.get((ns, name))
+        if state is None or state.tables is None or key not in self.world.instances():
+            self.wake({key})
+            return
+        try:
+            wanted = configmap_body(ns, key[1], state.tables)
+        except TableTooLarge:
+            return
+        if not same_content(current, wanted):
+            log.info("ConfigMap %s/%s was changed or deleted by hand; restoring", ns, name)
+            self.wake({key})
+
+    def _configmap_instances(self) -> set[InstanceKey]:
+        out = set()
+        for (ns, _), cm in self.world.configmaps.items():
+            inst = ((cm.get("metadata") or {}).get("labels") or {}).get(LABEL_INSTANCE)
+            if inst:
+                out.add((ns, inst))
+        return out
+
+    # -------------------------------------------------------------- converging
+
+    async def converge(self, key: InstanceKey) -> None:
+        """Make the instance's ConfigMap, pods and its policies' status match the world."""
+        ns, inst = key
+        state = self.states.setdefault(key, InstanceState(key))
+        now = self.clock()
+        if key not in self.world.instances():
+            await self._retire(key)
+            return
+        state.warnings = {}
+        policies = self.world.policies_for(key)
+        held = await self._missing_trust_anchors(key, policies)
+        for ref, message in held.items():
+            state.warnings.setdefault(ref, []).append(("TrustAnchorMissing", message))
+        policies = [p for p in policies if p.ref not in held]
+        started = time.perf_counter()
+        tables = render(policies, instance=key, now=now)
+        self.metrics.render_seconds.observe(time.perf_counter() - started)
+        state.renders += 1
+        state.tables = tables
+        self.metrics.entries.labels(ns, inst).set(len(tables.tls_entries) - 1)
+        await self._write_configmap(key, state, tables)
+        await self._roll_out(key, state, tables)
+        await self.write_statuses(ns)
+        self._schedule_expiry(key, now)
+
+    async def _retire(self, key: InstanceKey) -> None:
+        """An instance with neither pods nor policies naming it: remove its ConfigMap."""
+        ns, inst = key
+        name = configmap_name(inst)
+        if (ns, name) in self.world.configmaps:
+            log.info("instance %s/%s has no pods and no policies: deleting ConfigMap %s",
+                     ns, inst, name)
+            await self.kube.delete_configmap(ns, name)
+            self.world.configmaps.pop((ns, name), None)
+        self.states.pop(key, None)
+        await self.write_statuses(ns)
+
+    async def _write_configmap(self, key: InstanceKey, state: InstanceState,
+                               tables: Tables) -> None:
+        ns, inst = key
+        try:
+            wanted = configmap_body(ns, inst, tables)
+        except TableTooLarge as exc:
+            state.failure = str(exc)
+            log.error("%s", exc)
+            return
+        name = configmap_name(inst)
+        current = self.world.configmaps.get((ns, name))
+        if same_content(current, wanted):
+            return
+        if current is None:
+            try:
+                current = await self.kube.get_configmap(ns, name)
+            except NotFound:
+                current = None
+        if current is None:
+            try:
+                stored = await self.kube.create_configmap(wanted)
+            except Exception as exc:  # 409: created meanwhile (e.g. a restart race)
+                if getattr(exc, "status", None) != 409:
+                    raise
+                stored = await self.kube.replace_configmap_content(wanted)
+        elif same_content(current, wanted):
+            stored = current
+        else:
+            patch = dict(wanted)
+            patch["data"] = {**{k: None for k in current.get("data") or {}}, **wanted["data"]}
+            patch["binaryData"] = {**{k: None for k in current.get("binaryData") or {}},
+                                   **wanted.get("binaryData", {})}
+            stored = await self.kube.replace_configmap_content(patch)
+        if stored is not current:
+            state.configmap_writes += 1
+            self.metrics.configmap_writes.labels(ns, inst).inc()
+            log.info("ConfigMap %s/%s: revision %s (%d entries)", ns, name,
+                     tables.short_revision, len(tables.tls_entries) - 1)
+        self.world.configmaps[(ns, name)] = stored
+
+    async def _roll_out(self, key: InstanceKey, state: InstanceState, tables: Tables) -> None:
+        ns, inst = key
+        pods = self.world.pods_of(key)
+        state.pods_total = len(pods)
+        state.note = "" if pods else "(no pods yet: new pods load the ConfigMap at start)"
+        if not pods:
+            state.pods_updated = 0
+            state.failure = None
+            return
+        strategy = pods[0].annotation(ANN_STRATEGY, self.config.default_strategy)
+        started = time.perf_counter()
+        if strategy == "restart":
+            result = await restart_rollout(self.kube, pods, tables.revision)
+            state.pods_updated, state.failure = result.updated, result.failure
+        else:
+            await self._exec_rollout(key, state, pods, tables)
+        self.metrics.rollout_seconds.observe(time.perf_counter() - started)
+        self.metrics.pods_behind.labels(ns, inst).set(state.pods_total - state.pods_updated)
+        if state.failure:
+            state.failures += 1
+            self.metrics.rollout_failures.labels(ns, inst).inc()
+            delay = min(self.config.retry_max, self.config.retry_base * 2 ** (state.failures - 1))
+            log.warning("rollout of %s/%s stopped: %s; retrying in %.1fs", ns, inst,
+                        state.failure, delay)
+            self.workers[key].wake_later(delay)
+        else:
+            state.failures = 0
+
+    def _target(self, pod: PodRecord) -> rollout.PodTarget:
+        return rollout.PodTarget(
+            pod=PodRef(pod.namespace, pod.name, pod.annotation(ANN_CONTAINER, "postfix")),
+            map_path=pod.annotation(ANN_MAP_PATH, rollout.DEFAULT_MAP_PATH),
+            map_type=pod.annotation(ANN_MAP_TYPE, rollout.DEFAULT_MAP_TYPE),
+            applied_revision=pod.annotations.get(ANN_APPLIED),
+        )
+
+    async def _exec_rollout(self, key: InstanceKey, state: InstanceState,
+                            pods: list[PodRecord], tables: Tables) -> None:
+        ns, inst = key
+        ready = [p for p in pods if p.ready]
+        targets = [self._target(p) for p in ready]
+        tableset = rollout.TableSet.of(tables)
+        todo = sum(1 for t in targets if t.applied_revision != tables.revision)
+        if todo:
+            state.rollouts += 1
+            log.info("rolling revision %s out to %d/%d pod(s) of %s/%s", tables.short_revision,
+                     todo, len(pods), ns, inst)
+
+        async def done(target: rollout.PodTarget) -> None:
+            await self.kube.annotate_pod(ns, target.pod.name, {ANN_APPLIED: tables.revision})
+            rec = self.world.pods.get((ns, target.pod.name))
+            if rec is not None:
+                rec.annotations[ANN_APPLIED] = tables.revision
+            log.info("%s/%s: pod %s verified on revision %s", ns, inst, target.pod.name,
+                     tables.short_revision)
+
+        outcome = await rollout.roll_out(self.runner, targets, tableset,
+                                         parallelism=self.config.parallelism,
+                                         on_pod_done=done, timeout=self.config.exec_timeout)
+        state.failure = outcome.failure_message()
+        state.pods_updated = sum(1 for p in pods if p.annotations.get(ANN_APPLIED)
+                                 == tables.revision)
+        if ready and not state.failure:
+            await self._lint(key, state, ready[0], tables)
+
+    async def _lint(self, key: InstanceKey, state: InstanceState, pod: PodRecord,
+                    tables: Tables) -> None:
+        """Instance-aware checks (DESIGN.md §5): keys the instance's routing never looks up."""
+        try:
+            config = await rollout.read_instance_config(self.runner, self._target(pod).pod)
+        except Exception as exc:  # a lint must never stop a rollout
+            log.warning("%s/%s: could not read postconf: %s", *key, exc)
+            return
+        routed = set(tables.transport_entries)
+        for ref, lines in tables.contributors.items():
+            keys = [ln.split(" ", 1)[0] for ln in lines]
+            levels = {ln.split(" ")[1] for ln in lines}
+            if levels & {"dane", "dane-only"} and config.smtp_dns_support_level != "dnssec":
+                state.warnings.setdefault(ref, []).append((
+                    "DNSSECDisabled",
+                    f"smtp_dns_support_level is {config.smtp_dns_support_level or 'unset'!r}, "
+                    "not 'dnssec': Postfix ignores dane here and sends in clear text"))
+            bypassed = rollout.bypassed_keys(keys, config, routed)
+            if bypassed:
+                state.warnings.setdefault(ref, []).append((
+                    "PolicyBypassed",
+                    f"relayhost {config.relayhost} is the next-hop for {', '.join(bypassed[:5])}"
+                    f"{' ...' if len(bypassed) > 5 else ''}: these keys are never looked up "
+                    "(set route: direct or route the domains in transport_maps)"))
+
+    async def _missing_trust_anchors(self, key: InstanceKey, policies: list[Policy]
+                                     ) -> dict[str, str]:
+        """Policies whose tafile does not exist in the instance: held back from it.
+
+        Postfix defers every message to a key whose tafile it cannot open, so
+        such a line must not be rolled out; the rest of the table still is.
+        """
+        paths = sorted({f for p in policies for f in p.tafile})
+        pod = next((p for p in self.world.pods_of(key) if p.ready), None)
+        if not paths or pod is None:
+            return {}
+        ref = self._target(pod).pod
+        missing = set()
+        for path in paths:
+            try:
+                res = await self.runner.run(ref, ["test", "-r", postfix.check_map_path(path)],
+                                            timeout=self.config.exec_timeout)
+            except Exception as exc:
+                log.warning("%s/%s: cannot check tafile %s: %s", *key, path, exc)
+                continue
+            if not res.ok:
+                missing.add(path)
+        return {p.ref: f"tafile {', '.join(sorted(set(p.tafile) & missing))} does not exist in "
+                       f"pod {pod.name}: this policy's lines are held back from {key[1]} "
+                       "(Postfix would defer all its mail)"
+                for p in policies if set(p.tafile) & missing}
+
+    def _schedule_expiry(self, key: InstanceKey, now: datetime) -> None:
+        expiries = [p.exception.expires_at for p in self.world.policies_for(key)
+                    if p.exception is not None and p.exception.expires_at > now]
+        if expiries:
+            delay = (min(expiries) - now).total_seconds()
+            self.workers[key].wake_later(max(0.0, delay) + 0.01)
+
+    # ------------------------------------------------------------------ status
+
+    def views_for(self, rec: PolicyRecord) -> list[InstanceView]:
+        views = []
+        for key in self.world.instances_targeted_by(rec):
+            state = self.states.get(key)
+            if state is None or state.tables is None:
+                views.append(InstanceView(key[1], "", len(self.world.pods_of(key)), 0))
+                continue
+            t = state.tables
+            views.append(InstanceView(
+                name=key[1], revision=t.revision, pods_total=state.pods_total,
+                pods_updated=state.pods_updated, failure=state.failure,
+                losses=t.losses.get(rec.ref, []), lines=t.contributors.get(rec.ref, []),
+                warnings=state.warnings.get(rec.ref, []), note=state.note))
+        return views
+
+    async def write_statuses(self, namespace: str) -> None:
+        """Patch the status of every policy of the namespace whose status changed."""
+        lock = self._status_locks.setdefault(namespace, asyncio.Lock())
+        async with lock:
+            now = self.clock()
+            writes = []
+            counts: dict[str, int] = {}
+            for rec in self.world.records(namespace):
+                status = policy_status(rec, self.views_for(rec), now)
+                ready = status["conditions"][0]["reason"]
+                counts[ready] = counts.get(ready, 0) + 1
+                if status != {k: rec.status.get(k) for k in status}:
+                    writes.append(self._write_status(rec, status))
+            for reason, n in counts.items():
+                self.metrics.policies.labels(namespace, reason).set(n)
+            await asyncio.gather(*writes)
+
+    async def _write_status(self, rec: PolicyRecord, status: dict[str, Any]) -> None:
+        changed = transitions(rec.status.get("conditions") or [], status["conditions"])
+        async with self._io:
+            try:
+                await self.kube.patch_policy_status(rec.namespace, rec.name, status)
+            except NotFound:
+                return  # deleted meanwhile
+            rec.status = {**rec.status, **status}
+            for cond in changed:
+                await self._event(rec, event_type(cond), cond["reason"],
+                                  f"{cond['type']}={cond['status']}: {cond['message']}")
+
+    async def _event(self, rec: PolicyRecord, kind: str, reason: str, message: str) -> None:
+        try:
+            await self.kube.post_event(
+                {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "namespace": rec.namespace,
+                 "name": rec.name, "uid": rec.uid}, kind, reason, message)
+        except Exception as exc:  # events are best effort; never block status
+            log.debug("event for %s not posted: %s", rec.ref, exc)
+
+
+# ---------------------------------------------------------------------- Kopf glue
+
+
+def register(registry: kopf.OperatorRegistry) -> None:
+    """Register the handlers on ``registry``; each is one call into :class:`Operator`."""
+
+    @kopf.on.startup(registry=registry)
+    async def _startup(memo: kopf.Memo, **_: Any) -> None:
+        await memo.operator.start()
+
+    @kopf.on.cleanup(registry=registry)
+    async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
+        await memo.operator.stop()
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def _policy(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        memo.operator.on_policy(type, _plain(body))
+
+    @kopf.on.event("v1", "pods", labels={INSTANCE_LABEL: kopf.PRESENT}, registry=registry)
+    async def _pod(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        memo.operator.on_pod(type, _plain(body))
+
+    @kopf.on.event("v1", "configmaps", labels={MANAGED_BY: OPERATOR}, registry=registry)
+    async def _configmap(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        memo.operator.on_configmap(type, _plain(body))
+
+
+def _plain(value: Any) -> Any:
+    """Kopf's body views -> plain dicts and lists (the world keeps no Kopf objects)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def build_registry() -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    register(registry)
+    return registry
+
+
+__all__ = ["ANN_REVISION", "Config", "Operator", "build_registry", "register"]

@@ -1,0 +1,48 @@
+"""Prometheus metrics (DESIGN.md §6), in a registry of their own so tests can read them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+@dataclass
+class Metrics:
+    """Every metric the operator exports, created on one registry."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.policies = Gauge("mailtls_policies", "MailTLSPolicy objects by Ready reason",
+                              ["namespace", "reason"], registry=r)
+        self.entries = Gauge("mailtls_table_entries", "Entries in an instance's TLS policy table",
+                             ["namespace", "instance"], registry=r)
+        self.pods_behind = Gauge("mailtls_pods_behind",
+                                 "Pods of an instance not yet verified on the current revision",
+                                 ["namespace", "instance"], registry=r)
+        self.render_seconds = Histogram("mailtls_render_duration_seconds",
+                                        "Time to render an instance's tables", registry=r)
+        self.rollout_seconds = Histogram(
+            "mailtls_rollout_duration_seconds", "Time to roll a revision out to an instance",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
+        self.rollout_failures = Counter("mailtls_rollout_failures_total",
+                                        "Rollouts stopped by a failing pod",
+                                        ["namespace", "instance"], registry=r)
+        self.configmap_writes = Counter("mailtls_configmap_writes_total",
+                                        "ConfigMap creates and updates",
+                                        ["namespace", "instance"], registry=r)
+        self.exceptions_active = Gauge("mailtls_exceptions_active",
+                                       "Break-glass exceptions currently in force",
+                                       ["namespace"], registry=r)
+        self.deferred = Gauge("mailtls_deferred_recipients",
+                              "Recipients deferred for a TLS reason, by governing policy",
+                              ["namespace", "policy", "instance"], registry=r)
+        self.probe_failures = Gauge("mailtls_probe_failures",
+                                    "Destinations whose last probe failed",
+                                    ["namespace", "policy"], registry=r)
+
+    def serve(self, host: str, port: int) -> None:
+        """Serve /metrics over HTTP in a background thread."""
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,85 @@
+"""``mailtls run``: wire the operator to the cluster of the current kubeconfig and run Kopf."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from datetime import timedelta
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+
+from .controller import Config, Operator, register
+from .execrunner import KubernetesExecRunner
+from .kube import Kube
+from .metrics import Metrics
+
+log = logging.getLogger("mailtls")
+
+
+def api_client() -> client.ApiClient:
+    """In-cluster service account if present, else the current kubeconfig context."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host or "0.0.0.0", int(port)
+
+
+def settings_for(args: argparse.Namespace) -> kopf.OperatorSettings:
+    """Kopf settings: no handler progress stored on objects (we only watch), fast retries."""
+    settings = kopf.OperatorSettings()
+    settings.posting.level = logging.WARNING
+    settings.networking.error_backoffs = [1, 2, 5, 10, 30]
+    settings.watching.server_timeout = 600
+    settings.peering.standalone = bool(args.standalone)
+    if args.peering:
+        settings.peering.name = args.peering
+        settings.peering.mandatory = True
+    settings.peering.priority = args.priority
+    return settings
+
+
+def run_operator(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
+               '"message":%(message)r}', stream=sys.stderr)
+    try:
+        api = api_client()
+    except Exception as exc:
+        print(f"mailtls run: no cluster credentials: {exc}", file=sys.stderr)
+        return 1
+    cfg = Config(namespaces=list(args.namespace), debounce=args.debounce,
+                 max_delay=args.max_delay, parallelism=args.parallelism,
+                 default_strategy=args.strategy,
+                 max_exception=timedelta(days=args.max_exception_days))
+    metrics = Metrics()
+    if args.metrics != "off":
+        metrics.serve(*_hostport(args.metrics))
+    operator = Operator(Kube(api), KubernetesExecRunner(api), cfg, metrics=metrics)
+    registry = kopf.OperatorRegistry()
+    register(registry)
+
+    @kopf.on.login(registry=registry)
+    def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    host, port = _hostport(args.health)
+    try:
+        asyncio.run(kopf.operator(
+            registry=registry, settings=settings_for(args), memo=kopf.Memo(operator=operator),
+            namespaces=cfg.namespaces, clusterwide=not cfg.namespaces,
+            standalone=bool(args.standalone), peering_name=args.peering,
+            priority=args.priority, liveness_endpoint=f"http://{host}:{port}/healthz"))
+    except KeyboardInterrupt:
+        return 0
+    return 0

@@ -1,0 +1,194 @@
+"""A policy's status as a pure function of what the operator gathered.
+
+Like cert-manager's readiness policies: a chain of checks from gathered input
+to (reason, message), tested without a cluster, then written by the
+controller only when it differs from what is stored.  Conditions follow the
+Kubernetes API conventions (type, status, reason, message,
+observedGeneration, lastTransitionTime), ``Ready`` first, so Argo CD and
+Flux's kstatus read them.  Reasons are the CamelCase words below, also used
+as Event reasons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .render import Loss
+from .world import PolicyRecord
+
+# Condition types
+READY = "Ready"
+ACCEPTED = "Accepted"
+OVERRIDDEN = "Overridden"
+VERIFIED = "Verified"
+
+# Reasons (documented in README "Status")
+VALID = "Valid"
+INVALID = "Invalid"
+CONFLICT = "Conflict"
+ROLLED_OUT = "RolledOut"
+PENDING = "Pending"
+ROLLOUT_FAILED = "RolloutFailed"
+NO_INSTANCES = "NoInstances"
+EXPIRED = "Expired"
+AUDIT_ONLY = "AuditOnly"
+POLICY_BYPASSED = "PolicyBypassed"
+DNSSEC_DISABLED = "DNSSECDisabled"
+TRUST_ANCHOR_MISSING = "TrustAnchorMissing"
+BREAK_GLASS = "BreakGlass"
+
+WARNING_REASONS = {INVALID, CONFLICT, ROLLOUT_FAILED, EXPIRED, POLICY_BYPASSED,
+                   DNSSEC_DISABLED, TRUST_ANCHOR_MISSING, BREAK_GLASS, NO_INSTANCES}
+MAX_ENTRIES = 500
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: str
+    reason: str
+    message: str
+
+
+@dataclass
+class InstanceView:
+    """One targeted instance as seen by one policy."""
+
+    name: str
+    revision: str
+    pods_total: int
+    pods_updated: int
+    failure: str | None = None
+    losses: list[Loss] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    """(reason, message): PolicyBypassed, DNSSECDisabled, TrustAnchorMissing."""
+    note: str = ""
+
+
+def _short(revision: str) -> str:
+    return revision[:12]
+
+
+def _accepted(rec: PolicyRecord, views: Sequence[InstanceView]) -> Condition:
+    if rec.errors:
+        return Condition(ACCEPTED, "False", INVALID, "; ".join(str(e) for e in rec.errors))
+    conflicts = sorted({(lo.key, lo.winner) for v in views for lo in v.losses
+                        if lo.reason == CONFLICT})
+    if conflicts:
+        shown = ", ".join(f"{key}: {winner} wins" for key, winner in conflicts[:5])
+        more = f" (+{len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
+        return Condition(ACCEPTED, "False", CONFLICT,
+                         f"{len(conflicts)} key(s) taken by another policy: {shown}{more}")
+    assert rec.policy is not None
+    return Condition(ACCEPTED, "True", VALID, f"{len(rec.policy.keys)} key(s), "
+                                              f"level {rec.policy.level}")
+
+
+def _overridden(views: Sequence[InstanceView]) -> Condition | None:
+    beaten = sorted({(lo.key, lo.winner) for v in views for lo in v.losses
+                     if lo.reason == "Overridden"})
+    if not beaten:
+        return None
+    shown = ", ".join(f"{key} by {winner}" for key, winner in beaten[:5])
+    return Condition(OVERRIDDEN, "True", BREAK_GLASS,
+                     f"break-glass exception overrides {len(beaten)} key(s): {shown}")
+
+
+def _ready(rec: PolicyRecord, views: Sequence[InstanceView], now: datetime) -> Condition:
+    if rec.errors:
+        return Condition(READY, "False", INVALID, "refused: not written to any table")
+    policy = rec.policy
+    assert policy is not None
+    if policy.exception is not None and policy.is_expired(now):
+        return Condition(READY, "False", EXPIRED,
+                         f"exception expired at {policy.exception.expires_at.isoformat()}; "
+                         "its entries were removed from the tables")
+    if policy.mode == "audit":
+        return Condition(READY, "True", AUDIT_ONLY,
+                         "audit mode: nothing is written; see the Verified condition and "
+                         "status.probes")
+    if not views:
+        return Condition(READY, "False", NO_INSTANCES,
+                         f"no Postfix instance in namespace {rec.namespace} matches "
+                         f"(pods labelled mailtls.io/instance"
+                         f"{'=' + ','.join(rec.instances()) if rec.instances() else ''})")
+    for reason in (ROLLOUT_FAILED, TRUST_ANCHOR_MISSING, POLICY_BYPASSED, DNSSEC_DISABLED):
+        msgs = [f"{v.name}: {m}" for v in views for r, m in v.warnings if r == reason]
+        if reason == ROLLOUT_FAILED:
+            msgs = [f"{v.name}: {v.failure}" for v in views if v.failure]
+        if msgs:
+            return Condition(READY, "False", reason, "; ".join(msgs))
+    behind = [v for v in views if v.pods_updated < v.pods_total]
+    if behind:
+        return Condition(READY, "False", PENDING, "; ".join(
+            f"{v.name}: {v.pods_updated}/{v.pods_total} pods on revision {_short(v.revision)}"
+            for v in behind))
+    return Condition(READY, "True", ROLLED_OUT, "; ".join(
+        f"{v.name}: {v.pods_updated}/{v.pods_total} pods verified revision "
+        f"{_short(v.revision)}{' ' + v.note if v.note else ''}" for v in views))
+
+
+def conditions_for(rec: PolicyRecord, views: Sequence[InstanceView], now: datetime,
+                   extra: Sequence[Condition] = ()) -> list[Condition]:
+    """Ready first, then Accepted, Overridden (when beaten), then any extra (Verified)."""
+    out = [_ready(rec, views, now), _accepted(rec, views)]
+    overridden = _overridden(views)
+    if overridden:
+        out.append(overridden)
+    out.extend(extra)
+    return out
+
+
+def _timestamp(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_conditions(previous: Sequence[dict[str, Any]], wanted: Sequence[Condition],
+                     generation: int, now: datetime) -> list[dict[str, Any]]:
+    """Wanted conditions in metav1 shape, keeping lastTransitionTime where status held."""
+    before = {c.get("type"): c for c in previous if isinstance(c, dict)}
+    out = []
+    for cond in wanted:
+        prev = before.get(cond.type)
+        since = prev.get("lastTransitionTime") if prev and prev.get("status") == cond.status \
+            else None
+        out.append({"type": cond.type, "status": cond.status, "reason": cond.reason,
+                    "message": cond.message, "observedGeneration": generation,
+                    "lastTransitionTime": since or _timestamp(now)})
+    return out
+
+
+def policy_status(rec: PolicyRecord, views: Sequence[InstanceView], now: datetime,
+                  extra_conditions: Sequence[Condition] = (),
+                  extra_fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole ``status`` of a policy."""
+    lines = sorted({ln for v in views for ln in v.lines})
+    status: dict[str, Any] = {
+        "observedGeneration": rec.generation,
+        "conditions": merge_conditions(rec.status.get("conditions") or [],
+                                       conditions_for(rec, views, now, extra_conditions),
+                                       rec.generation, now),
+        "entries": lines[:MAX_ENTRIES] + ([f"# ... {len(lines) - MAX_ENTRIES} more"]
+                                          if len(lines) > MAX_ENTRIES else []),
+        "instances": [{"name": v.name, "revision": v.revision, "podsUpdated": v.pods_updated,
+                       "podsTotal": v.pods_total} for v in views],
+    }
+    status.update(extra_fields or {})
+    return status
+
+
+def transitions(previous: Sequence[dict[str, Any]], current: Sequence[dict[str, Any]]
+                ) -> list[dict[str, Any]]:
+    """Conditions whose (status, reason) changed: each becomes a Kubernetes Event."""
+    before = {(c.get("type")): (c.get("status"), c.get("reason"))
+              for c in previous if isinstance(c, dict)}
+    return [c for c in current if before.get(c["type"]) != (c["status"], c["reason"])]
+
+
+def event_type(condition: dict[str, Any]) -> str:
+    return "Warning" if condition["reason"] in WARNING_REASONS and \
+        not (condition["type"] == OVERRIDDEN and condition["status"] == "False") else "Normal"

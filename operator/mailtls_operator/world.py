@@ -1,0 +1,233 @@
+"""The operator's in-memory index of the world: policies, Postfix pods, our ConfigMaps.
+
+Fed by watch events (and one list at start-up), read by the per-instance
+workers.  Level-based: a worker never asks "what changed?", only "what is
+there now?".  Each policy is validated once per (uid, generation, spec):
+re-validating 10,000 policies on every event would cost seconds, and an
+object's status write (which does not change the spec) costs nothing here.
+No Kubernetes imports: everything is plain dicts, so it is tested directly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from .crd import FieldError
+from .policy import DEFAULT_MAX_EXCEPTION, Policy, PolicyInvalid, load_policy, spec_hash
+
+INSTANCE_LABEL = "mailtls.io/instance"
+ANN_STRATEGY = "mailtls.io/strategy"
+ANN_CONTAINER = "mailtls.io/container"
+ANN_MAP_PATH = "mailtls.io/map-path"
+ANN_MAP_TYPE = "mailtls.io/map-type"
+ANN_APPLIED = "mailtls.io/applied-revision"
+ANN_TEMPLATE_REVISION = "mailtls.io/revision"
+
+InstanceKey = tuple[str, str]  # (namespace, instance name)
+
+
+@dataclass
+class PolicyRecord:
+    """A MailTLSPolicy as last seen, with the verdict of the model."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    policy: Policy | None
+    errors: list[FieldError]
+    status: dict[str, Any]
+    spec: dict[str, Any]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def instances(self) -> tuple[str, ...]:
+        raw = self.spec.get("instances") if isinstance(self.spec, dict) else None
+        if isinstance(raw, list):
+            return tuple(i for i in raw if isinstance(i, str))
+        return ()
+
+
+@dataclass
+class PodRecord:
+    """A Postfix pod: one member of an instance."""
+
+    namespace: str
+    name: str
+    instance: str
+    uid: str
+    ready: bool
+    annotations: dict[str, str]
+    owners: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def key(self) -> InstanceKey:
+        return (self.namespace, self.instance)
+
+    def annotation(self, name: str, default: str) -> str:
+        return self.annotations.get(name) or default
+
+
+def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def pod_is_ready(obj: Mapping[str, Any]) -> bool:
+    """Running, Ready and not being deleted: the only pods a rollout may touch."""
+    if _meta(obj).get("deletionTimestamp"):
+        return False
+    status = obj.get("status") or {}
+    if status.get("phase") != "Running":
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in status.get("conditions") or [])
+
+
+class World:
+    """Everything the workers need, indexed for O(1) updates and per-namespace reads."""
+
+    def __init__(self, *, clock: Callable[[], datetime],
+                 max_exception: timedelta = DEFAULT_MAX_EXCEPTION) -> None:
+        self.clock = clock
+        self.max_exception = max_exception
+        self.policies: dict[str, dict[str, PolicyRecord]] = {}  # ns -> name -> record
+        self.pods: dict[tuple[str, str], PodRecord] = {}
+        self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
+        self._verdicts: dict[tuple[str, int, str], Policy | list[FieldError]] = {}
+        self.validations = 0
+        # reference counts, so instance discovery is O(1) per event, not O(policies)
+        self._named: Counter[InstanceKey] = Counter()
+        self._with_pods: Counter[InstanceKey] = Counter()
+
+    # ------------------------------------------------------------------ policies
+
+    def _verdict(self, obj: Mapping[str, Any]) -> Policy | list[FieldError]:
+        meta = _meta(obj)
+        spec = obj.get("spec")
+        key = (str(meta.get("uid", "")), int(meta.get("generation") or 0),
+               spec_hash(spec) if isinstance(spec, Mapping) else repr(spec))
+        cached = self._verdicts.get(key)
+        if cached is None:
+            self.validations += 1
+            try:
+                cached = load_policy(obj, now=self.clock(), max_exception=self.max_exception)
+            except PolicyInvalid as exc:
+                cached = exc.errors
+            self._verdicts[key] = cached
+        return cached
+
+    def upsert_policy(self, obj: Mapping[str, Any]) -> set[InstanceKey]:
+        """Record a policy; return the instances whose table input changed."""
+        meta = _meta(obj)
+        ns, name = str(meta.get("namespace", "default")), str(meta.get("name", ""))
+        old = self.policies.get(ns, {}).get(name)
+        verdict = self._verdict(obj)
+        spec = obj.get("spec")
+        rec = PolicyRecord(
+            namespace=ns, name=name, uid=str(meta.get("uid", "")),
+            generation=int(meta.get("generation") or 0),
+            policy=verdict if isinstance(verdict, Policy) else None,
+            errors=verdict if isinstance(verdict, list) else [],
+            status=dict(obj.get("status") or {}),
+            spec=dict(spec) if isinstance(spec, Mapping) else {},
+        )
+        self.policies.setdefault(ns, {})[name] = rec
+        self._count_named(old, -1)
+        self._count_named(rec, +1)
+        if old is not None and old.policy == rec.policy and old.errors == rec.errors \
+                and old.generation == rec.generation:
+            return set()  # e.g. our own status write: nothing to re-render
+        return self._affected(ns, old) | self._affected(ns, rec)
+
+    def delete_policy(self, namespace: str, name: str) -> set[InstanceKey]:
+        old = self.policies.get(namespace, {}).pop(name, None)
+        self._count_named(old, -1)
+        return self._affected(namespace, old) if old else set()
+
+    def _count_named(self, rec: PolicyRecord | None, delta: int) -> None:
+        if rec is None:
+            return
+        for inst in rec.instances():
+            self._named[(rec.namespace, inst)] += delta
+            if self._named[(rec.namespace, inst)] <= 0:
+                del self._named[(rec.namespace, inst)]
+
+    def _affected(self, ns: str, rec: PolicyRecord | None) -> set[InstanceKey]:
+        if rec is None:
+            return set()
+        named = rec.instances()
+        if named:
+            return {(ns, i) for i in named}
+        return {k for k in self.instances() if k[0] == ns}
+
+    def records(self, namespace: str | None = None) -> Iterable[PolicyRecord]:
+        if namespace is not None:
+            return list(self.policies.get(namespace, {}).values())
+        return [r for by_name in self.policies.values() for r in by_name.values()]
+
+    def policies_for(self, key: InstanceKey) -> list[Policy]:
+        """Valid policies of the instance's namespace that target it (audit ones included:
+        the renderer leaves them out of the table, status still needs them)."""
+        ns, inst = key
+        return [r.policy for r in self.policies.get(ns, {}).values()
+                if r.policy is not None and r.policy.targets(inst)]
+
+    # ---------------------------------------------------------------------- pods
+
+    def upsert_pod(self, obj: Mapping[str, Any]) -> set[InstanceKey]:
+        meta = _meta(obj)
+        ns, name = str(meta.get("namespace", "default")), str(meta.get("name", ""))
+        instance = (meta.get("labels") or {}).get(INSTANCE_LABEL)
+        old = self.pods.get((ns, name))
+        if not instance:
+            return self.delete_pod(ns, name)
+        rec = PodRecord(namespace=ns, name=name, instance=str(instance),
+                        uid=str(meta.get("uid", "")), ready=pod_is_ready(obj),
+                        annotations={str(k): str(v) for k, v in
+                                     (meta.get("annotations") or {}).items()},
+                        owners=list(meta.get("ownerReferences") or []))
+        self.pods[(ns, name)] = rec
+        self._count_pod(old, -1)
+        self._count_pod(rec, +1)
+        changed = old is None or (old.ready, old.uid, old.instance, old.annotations) != (
+            rec.ready, rec.uid, rec.instance, rec.annotations)
+        keys = {rec.key} | ({old.key} if old else set())
+        return keys if changed else set()
+
+    def delete_pod(self, namespace: str, name: str) -> set[InstanceKey]:
+        old = self.pods.pop((namespace, name), None)
+        self._count_pod(old, -1)
+        return {old.key} if old else set()
+
+    def _count_pod(self, rec: PodRecord | None, delta: int) -> None:
+        if rec is None:
+            return
+        self._with_pods[rec.key] += delta
+        if self._with_pods[rec.key] <= 0:
+            del self._with_pods[rec.key]
+
+    def pods_of(self, key: InstanceKey) -> list[PodRecord]:
+        return sorted((p for p in self.pods.values() if p.key == key), key=lambda p: p.name)
+
+    # ------------------------------------------------------------------ instances
+
+    def instances(self) -> set[InstanceKey]:
+        """Instances with pods, and instances that policies name but that have no pods yet
+        (their ConfigMap is still written, so a new pod starts with the right table)."""
+        return set(self._with_pods) | set(self._named)
+
+    def has_pods(self, key: InstanceKey) -> bool:
+        return key in self._with_pods
+
+    def instances_targeted_by(self, rec: PolicyRecord) -> list[InstanceKey]:
+        named = rec.instances()
+        if named:
+            return sorted((rec.namespace, i) for i in named)
+        return sorted(k for k in self.instances() if k[0] == rec.namespace)
