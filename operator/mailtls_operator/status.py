@@ -100,6 +100,10 @@ def _overridden(views: Sequence[InstanceView]) -> Condition | None:
 
 def _ready(rec: PolicyRecord, views: Sequence[InstanceView], now: datetime) -> Condition:
     if rec.errors:
+        if rec.stale and rec.policy is not None:
+            return Condition(READY, "False", INVALID,
+                             f"generation {rec.generation} refused; the last good generation "
+                             f"{rec.policy.generation} stays in the tables")
         return Condition(READY, "False", INVALID, "refused: not written to any table")
     policy = rec.policy
     assert policy is not None

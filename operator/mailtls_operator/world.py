@@ -42,6 +42,9 @@ class PolicyRecord:
     errors: list[FieldError]
     status: dict[str, Any]
     spec: dict[str, Any]
+    stale: bool = False
+    """``policy`` is the last good generation, kept in the tables while the current
+    one is refused (bad input changes nothing)."""
 
     @property
     def ref(self) -> str:
@@ -130,13 +133,16 @@ class World:
         old = self.policies.get(ns, {}).get(name)
         verdict = self._verdict(obj)
         spec = obj.get("spec")
+        uid = str(meta.get("uid", ""))
+        last_good = old.policy if old is not None and old.uid == uid else None
         rec = PolicyRecord(
-            namespace=ns, name=name, uid=str(meta.get("uid", "")),
+            namespace=ns, name=name, uid=uid,
             generation=int(meta.get("generation") or 0),
-            policy=verdict if isinstance(verdict, Policy) else None,
+            policy=verdict if isinstance(verdict, Policy) else last_good,
             errors=verdict if isinstance(verdict, list) else [],
             status=dict(obj.get("status") or {}),
             spec=dict(spec) if isinstance(spec, Mapping) else {},
+            stale=isinstance(verdict, list) and last_good is not None,
         )
         self.policies.setdefault(ns, {})[name] = rec
         self._count_named(old, -1)

@@ -254,11 +254,7 @@ class LocalInstance:
         for name, text in (("main.cf", main), ("master.cf", self.master_cf())):
             path = self.etc_dir / name
             path.write_text(text)
-            # Postfix re-reads a config file modified within the last second
-            # (it may be half-written) and sleeps 300 ms per round: ~1.5 s on
-            # every command.  Age the fresh files instead.
-            past = time.time() - 10
-            os.utime(path, (past, past))
+            _age(path)
         if self.settings.missing_map_types:
             self._write_meta_directory()
         if self.settings.hosts:
@@ -283,6 +279,7 @@ class LocalInstance:
         kept = [ln for ln in dyn.read_text().splitlines(keepends=True)
                 if not (ln.split() and ln.split()[0] in missing)]
         dyn.write_text("".join(kept))
+        _age(dyn)
         for d in ("dynamicmaps.cf.d", "postfix-files.d"):
             for f in (self.meta_dir / d).glob("*"):
                 if f.name.split(".")[0] in missing:
@@ -363,13 +360,17 @@ class LocalInstance:
     def running(self) -> bool:
         return self.master_pid() is not None
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, grace: float = 0.3, timeout: float = 5.0) -> None:
         """Stop the instance and everything it started; never leaves a process behind.
 
         What ``postfix stop`` does (SIGTERM to the master, which terminates
-        its children), without its one-second sleeps and its force-kill bug:
-        poll for the group to go, then SIGKILL what is left of the master's
-        process group.  Also undoes :meth:`lock_map_dir`.
+        its process group), without its one-second sleeps and its force-kill
+        bug: poll for the group to go, and after ``grace`` seconds SIGKILL what
+        is left of the master's process group.  The grace is short on purpose:
+        a dying master logs "terminating on signal 15" to postlogd, which it
+        has just terminated, and its logger then waits a full second before
+        falling back; Postfix's queue is crash-safe, so nothing is lost by
+        not waiting.  Also undoes :meth:`lock_map_dir`.
         """
         self.unlock_map_dir()
         pid = self.master_pid()
@@ -377,7 +378,7 @@ class LocalInstance:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + grace
         while _group_members(pid) and time.monotonic() < deadline:
             time.sleep(0.01)
         if _group_members(pid):
@@ -526,6 +527,18 @@ class LocalInstance:
     def schedule(self, queue_id: str) -> None:
         """``postqueue -i ID``: retry one message now."""
         self.run(postfix.postqueue_schedule(queue_id))
+
+
+def _age(path: Path) -> None:
+    """Backdate a config file we just wrote.
+
+    Postfix reads main.cf, master.cf, dynamicmaps.cf (and texthash tables)
+    with ``dict_load_file``, which treats a file modified within the last
+    second as possibly half-written and re-reads it every 300 ms until it is
+    older: ~1.5 s added to every command right after the file was written.
+    """
+    past = time.time() - 10
+    os.utime(path, (past, past))
 
 
 def _check_traversable(path: Path) -> None:
