@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .runner_cli import add_run_parser  # here: keeps kopf off offline paths
 
     add_run_parser(sub)
+    from .probe_cli import add_probe_parser
+    add_probe_parser(sub)
     return parser
 
 

@@ -95,6 +95,10 @@ class InstanceState:
     renders: int = 0
     configmap_writes: int = 0
     rollouts: int = 0
+    trust_anchors: tuple[tuple[str, ...], str, frozenset[str]] | None = None
+    """(paths checked, pod uid, missing): tafile checks are redone only when either changes."""
+    config: rollout.InstanceConfig | None = None
+    """The instance's routing (postconf), re-read after each rollout that changed a pod."""
 
     @property
     def revision(self) -> str:
@@ -305,7 +309,7 @@ class Operator:
             return
         state.warnings = {}
         policies = self.world.policies_for(key)
-        held = await self._missing_trust_anchors(key, policies)
+        held = await self._missing_trust_anchors(key, state, policies)
         for ref, message in held.items():
             state.warnings.setdefault(ref, []).append(("TrustAnchorMissing", message))
         policies = [p for p in policies if p.ref not in held]
@@ -435,16 +439,23 @@ class Operator:
         state.pods_updated = sum(1 for p in pods if p.annotations.get(ANN_APPLIED)
                                  == tables.revision)
         if ready and not state.failure:
-            await self._lint(key, state, ready[0], tables)
+            if todo or state.config is None:
+                state.config = await self._read_config(key, ready[0])
+            if state.config is not None:
+                self._lint(state, state.config, tables)
 
-    async def _lint(self, key: InstanceKey, state: InstanceState, pod: PodRecord,
-                    tables: Tables) -> None:
-        """Instance-aware checks (DESIGN.md §5): keys the instance's routing never looks up."""
+    async def _read_config(self, key: InstanceKey, pod: PodRecord
+                           ) -> rollout.InstanceConfig | None:
         try:
-            config = await rollout.read_instance_config(self.runner, self._target(pod).pod)
+            return await rollout.read_instance_config(self.runner, self._target(pod).pod)
         except Exception as exc:  # a lint must never stop a rollout
             log.warning("%s/%s: could not read postconf: %s", *key, exc)
-            return
+            return None
+
+    def _lint(self, state: InstanceState, config: rollout.InstanceConfig,
+              tables: Tables) -> None:
+        """Instance-aware checks (DESIGN.md §5, §10): keys the instance's routing never
+        looks up, and dane without DNSSEC (Postfix then sends in clear text)."""
         routed = set(tables.transport_entries)
         for ref, lines in tables.contributors.items():
             keys = [ln.split(" ", 1)[0] for ln in lines]
@@ -462,8 +473,8 @@ class Operator:
                     f"{' ...' if len(bypassed) > 5 else ''}: these keys are never looked up "
                     "(set route: direct or route the domains in transport_maps)"))
 
-    async def _missing_trust_anchors(self, key: InstanceKey, policies: list[Policy]
-                                     ) -> dict[str, str]:
+    async def _missing_trust_anchors(self, key: InstanceKey, state: InstanceState,
+                                     policies: list[Policy]) -> dict[str, str]:
         """Policies whose tafile does not exist in the instance: held back from it.
 
         Postfix defers every message to a key whose tafile it cannot open, so
@@ -474,7 +485,12 @@ class Operator:
         if not paths or pod is None:
             return {}
         ref = self._target(pod).pod
-        missing = set()
+        cached = state.trust_anchors
+        if cached is not None and cached[:2] == (tuple(paths), pod.uid):
+            missing = set(cached[2])
+            paths = []
+        else:
+            missing = set()
         for path in paths:
             try:
                 res = await self.runner.run(ref, ["test", "-r", postfix.check_map_path(path)],
@@ -484,6 +500,8 @@ class Operator:
                 continue
             if not res.ok:
                 missing.add(path)
+        if paths:
+            state.trust_anchors = (tuple(paths), pod.uid, frozenset(missing))
         return {p.ref: f"tafile {', '.join(sorted(set(p.tafile) & missing))} does not exist in "
                        f"pod {pod.name}: this policy's lines are held back from {key[1]} "
                        "(Postfix would defer all its mail)"

@@ -275,8 +275,13 @@ class _PodApply:
 
     async def run(self) -> PodOutcome:
         try:
-            for table in (self.tls, self.transport):
-                await self._stage(table)
+            try:
+                for table in (self.tls, self.transport):
+                    await self._stage(table)
+            except _Stop:
+                for table in (self.tls, self.transport):
+                    await self._discard(table)
+                raise
             with self._timed(Step.SWAP):
                 for table in (self.tls, self.transport):
                     await self._swap(table)
@@ -323,11 +328,7 @@ class _PodApply:
 
     async def _stage(self, table: _Table) -> None:
         with self._timed(Step.WRITE):
-            try:
-                await self._write(table)
-            except _Stop:
-                await self._discard(table)
-                raise
+            await self._write(table)
         with self._timed(Step.POSTMAP):
             await self._compile(table)
 
@@ -381,11 +382,10 @@ class _PodApply:
             return
         if not postfix.compiles(self.map_type) and not res.stderr.strip():
             return  # texthash parsed; a miss (exit 1, silent) is fine for the transport table
-        await self._discard(table)
         raise _Stop(Step.POSTMAP, res.message())
 
     async def _discard(self, table: _Table) -> None:
-        """Best effort: remove a staged table that must never go live."""
+        """Best effort: remove a staged table that must never go live (before any swap)."""
         paths = [table.staged]
         if postfix.compiles(self.map_type):
             paths.append(postfix.db_path(self.map_type, table.staged))
@@ -584,6 +584,22 @@ async def read_instance_config(runner: PodRunner, pod: PodRef, *,
     )
 
 
+def table_problems(config: InstanceConfig, target: PodTarget) -> list[str]:
+    """Why the tables written to ``target`` would not be used by this instance, if so.
+
+    A rollout into a pod whose main.cf does not name the managed table
+    "succeeds" and changes nothing; say so instead.  ``proxy:`` is looked
+    through (``proxy:lmdb:/path`` uses ``/path``).  The transport table only
+    matters when there are routes, so it is checked by ``bypassed_keys``.
+    """
+    wanted = postfix.map_spec(target.map_type, target.map_path)
+    used = [t.removeprefix("proxy:") for t in _split_list(config.smtp_tls_policy_maps)]
+    if wanted in used:
+        return []
+    return [f"smtp_tls_policy_maps is {config.smtp_tls_policy_maps or '(empty)'!r}, "
+            f"not {wanted}: the instance never reads the table the operator writes"]
+
+
 def bypassed_keys(keys: Iterable[str], config: InstanceConfig,
                   routed_keys: Iterable[str] = (), *,
                   transport_table: str | None = None) -> list[str]:
@@ -602,7 +618,7 @@ def bypassed_keys(keys: Iterable[str], config: InstanceConfig,
     relays = set(config.relay_nexthops)
     if not relays:
         return []
-    tables = config.transport_tables
+    tables = [t.removeprefix("proxy:") for t in config.transport_tables]
     routing = bool(tables) and (transport_table is None or transport_table in tables)
     routed = set(routed_keys) if routing else set()
     return sorted({k for k in keys

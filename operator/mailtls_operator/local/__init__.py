@@ -10,7 +10,15 @@ test suite and by ``make demo``: no pytest here.
 
 from __future__ import annotations
 
-from .instance import Delivery, InstanceSettings, LocalInstance, PostfixError, free_port
+from .instance import (
+    Delivery,
+    InstanceSettings,
+    LocalInstance,
+    PostfixError,
+    free_port,
+    running_instance,
+    wait_until,
+)
 from .runner import LocalPodRunner, RecordedCall
 from .sinks import LocalCA, Received, SmtpSink, plain_sink, starttls_sink
 
@@ -26,5 +34,7 @@ __all__ = [
     "SmtpSink",
     "free_port",
     "plain_sink",
+    "running_instance",
     "starttls_sink",
+    "wait_until",
 ]

@@ -7,7 +7,9 @@ ConfigMap).  The configuration follows ``postfix-notes.md``: everything on
 loopback, no chroot (except an optional jailed smtp client that reads its own
 ``/etc/hosts``), ``proxymap`` and ``postlog`` present, mail logged to
 ``log/maillog``.  ``/etc/postfix`` is never touched; every command gets
-``-c etc/`` or ``MAIL_CONFIG``.
+``-c etc/`` or ``MAIL_CONFIG``.  ``transport_maps`` is the operator's managed
+table first, then the site's own routes (``etc/site_transport``), which a
+rollout never overwrites.
 
 Synchronous on purpose: usable from pytest fixtures, from async tests
 (briefly blocking is fine, the sinks and Postfix run elsewhere) and from the
@@ -578,7 +580,7 @@ def _group_members(pgid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def running(root: Path, settings: InstanceSettings | None = None, *, tls_policy: str = "",
+def running_instance(root: Path, settings: InstanceSettings | None = None, *, tls_policy: str = "",
             transport: str = "") -> Iterator[LocalInstance]:
     """A started instance that is stopped (and its map dir unlocked) on exit."""
     inst = LocalInstance(root, settings)

@@ -1,0 +1,144 @@
+"""Fixtures for the real-Postfix tests: instances ("pods"), sinks, a CA; all cleaned up.
+
+Everything runs on loopback.  Every instance started here is stopped at
+teardown (SIGTERM to its verified master, then SIGKILL to what is left of the
+master's process group), every sink thread is joined.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailtls_operator.local import (
+    InstanceSettings,
+    LocalCA,
+    LocalInstance,
+    LocalPodRunner,
+    SmtpSink,
+    plain_sink,
+    starttls_sink,
+)
+from mailtls_operator.podrunner import PodRef
+
+
+def _postfix_missing() -> str | None:
+    for tool in ("postfix", "postmap", "postconf", "postqueue"):
+        if shutil.which(tool, path="/usr/sbin:/usr/bin") is None:
+            return f"{tool} not installed (apt-get install postfix postfix-lmdb postfix-cdb)"
+    if not Path("/usr/lib/postfix/sbin/master").exists():
+        return "Postfix master not found"
+    if os.geteuid() != 0:
+        return "starting Postfix instances needs root"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _require_postfix(request: pytest.FixtureRequest) -> None:
+    """Skip tests marked ``postfix`` (not the pure ones) where Postfix cannot run."""
+    if request.node.get_closest_marker("postfix") is None:
+        return
+    reason = _postfix_missing()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+PodFactory = Callable[..., tuple[PodRef, LocalInstance]]
+
+
+@pytest.fixture
+def runner() -> LocalPodRunner:
+    return LocalPodRunner()
+
+
+@pytest.fixture
+def pods_dir() -> Iterator[Path]:
+    """A 0755 directory for instances: Postfix daemons (user postfix) must reach into it,
+    which pytest's 0700 ``tmp_path`` forbids.  Removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="mailtls-pods-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def make_pod(pods_dir: Path, runner: LocalPodRunner) -> Iterator[PodFactory]:
+    """``make_pod(name, tls_policy="", transport="", **settings)``: a started, registered pod."""
+    started: list[LocalInstance] = []
+
+    def make(name: str, *, tls_policy: str = "", transport: str = "",
+             start: bool = True, **settings: Any) -> tuple[PodRef, LocalInstance]:
+        inst = LocalInstance(pods_dir / name, InstanceSettings(name=name, **settings))
+        inst.create(tls_policy=tls_policy, transport=transport)
+        started.append(inst)
+        if start:
+            inst.start()
+        pod = PodRef("mail", name)
+        runner.add(pod, inst)
+        return pod, inst
+
+    yield make
+    errors = []
+    for inst in reversed(started):
+        try:
+            inst.stop()
+        except Exception as exc:  # keep stopping the others
+            errors.append(f"{inst.root}: {exc}")
+    assert not any(i.running for i in started), "a Postfix master survived teardown"
+    assert not errors, errors
+
+
+@pytest.fixture
+def sinks() -> Iterator[Callable[[SmtpSink], SmtpSink]]:
+    """``sinks(sink)`` starts a sink and stops it at teardown."""
+    running: list[SmtpSink] = []
+
+    def start(sink: SmtpSink) -> SmtpSink:
+        sink.start()
+        running.append(sink)
+        return sink
+
+    yield start
+    for sink in reversed(running):
+        sink.stop()
+
+
+@pytest.fixture
+def plain(sinks: Callable[[SmtpSink], SmtpSink]) -> SmtpSink:
+    """A sink without STARTTLS."""
+    return sinks(plain_sink())
+
+
+@pytest.fixture
+def self_signed(sinks: Callable[[SmtpSink], SmtpSink], tmp_path: Path) -> SmtpSink:
+    """A STARTTLS sink with a self-signed certificate for sink.mailtls.test."""
+    return sinks(starttls_sink(tmp_path / "certs", name="self-signed"))
+
+
+@pytest.fixture
+def ca(pods_dir: Path) -> LocalCA:
+    """A local CA; ``ca.pem_path`` is the trust anchor file for ``tafile``.
+
+    Under ``pods_dir``: smtp(8) opens a policy's ``tafile`` as the unprivileged
+    mail_owner, so it must be readable by user postfix (in pytest's 0700
+    ``tmp_path`` it is not, and Postfix defers with "client TLS configuration
+    problem").
+    """
+    return LocalCA(pods_dir / "ca")
+
+
+@pytest.fixture
+def ca_signed(sinks: Callable[[SmtpSink], SmtpSink], tmp_path: Path, ca: LocalCA) -> SmtpSink:
+    """A STARTTLS sink whose certificate (sink.mailtls.test) the local CA issued."""
+    return sinks(starttls_sink(tmp_path / "certs", name="ca-signed", ca=ca))
+
+
+# The API server emulation and the operator runner, for tests that drive real Postfix pods
+# through the whole operator (controller + rollout + local runner).
+from tests.integration.conftest import apiserver, kube_client, run_operator  # noqa: E402, F401
