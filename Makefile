@@ -41,7 +41,7 @@ test-unit: install ## unit and contract tests only (no Postfix, no API emulation
 	$(BIN)/pytest -q tests/unit tests/contract
 
 lint: install ## ruff, mypy --strict and the import-linter layer contract
-	$(BIN)/ruff check operator tests bench
+	$(BIN)/ruff check operator tests bench demo
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -49,7 +49,7 @@ bench: system-deps install ## benchmarks: print figures and ratios, write bench/
 	$(BIN)/python -m bench
 
 demo: system-deps install ## the whole job on this machine: API emulation, operator, real Postfix pods, real mail
-	$(BIN)/python -m mailtls_operator.demo
+	$(BIN)/python -m demo
 
 e2e: ## end-to-end on kind (skipped with a message where no container engine exists)
 	@bash tests/e2e/run.sh e2e
