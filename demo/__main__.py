@@ -25,6 +25,7 @@ import kmock
 import kopf
 import kubernetes.client
 import yaml
+from tests.integration.apiserver import ApiServer, run_operator
 
 from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.kube import Kube
@@ -37,7 +38,6 @@ from mailtls_operator.local import (
     starttls_sink,
 )
 from mailtls_operator.podrunner import PodRef
-from tests.integration.apiserver import ApiServer, run_operator
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
 EXAMPLES = Path(__file__).resolve().parents[1] / "manifests" / "examples" / "policies"

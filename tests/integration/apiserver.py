@@ -39,6 +39,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import random
@@ -134,8 +135,9 @@ class ResourceSpec:
     shortnames: frozenset[str] = frozenset()
     categories: frozenset[str] = frozenset()
 
-    @property
+    @functools.cached_property
     def key(self) -> kmock.resource:
+        """kmock's resource (cached: building one costs a slow Protocol isinstance check)."""
         return kmock.resource(self.group, self.version, self.plural)
 
     @property

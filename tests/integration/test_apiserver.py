@@ -590,11 +590,13 @@ def throwaway_registry() -> kopf.OperatorRegistry:
     return registry
 
 
+@pytest.mark.parametrize("namespaces", [(), ("default",), ("def*",)],
+                         ids=["clusterwide", "namespaced", "glob"])
 async def test_an_operator_runs_against_the_server(
         apiserver: ApiServer, kube_client: k8s.ApiClient, custom: k8s.CustomObjectsApi,
-        run_operator: RunOperator) -> None:
+        run_operator: RunOperator, namespaces: tuple[str, ...]) -> None:
     memo = kopf.Memo(created=[], deleted=[], client=kube_client)
-    async with run_operator(throwaway_registry(), memo=memo) as operator:
+    async with run_operator(throwaway_registry(), memo=memo, namespaces=namespaces) as operator:
         assert [s.plural for s in operator.watched] == [PLURAL]
         await call(custom.create_namespaced_custom_object,
                    GROUP, VERSION, "default", PLURAL, policy("p"))
@@ -618,3 +620,37 @@ async def test_an_operator_runs_against_the_server(
     assert memo.created == ["p"] and memo.deleted == ["p"]
     assert not operator.thread.is_alive()
     print(f"\noperator ready in {operator.startup_seconds:.3f} s")
+
+
+def status_of(apiserver: ApiServer, name: str) -> dict[str, Any]:
+    obj = apiserver.get_object(PLURAL, "default", name)
+    return (obj or {}).get("status") or {}
+
+
+async def test_the_operator_retries_through_injected_errors(
+        apiserver: ApiServer, kube_client: k8s.ApiClient, custom: k8s.CustomObjectsApi,
+        run_operator: RunOperator) -> None:
+    memo = kopf.Memo(created=[], deleted=[], client=kube_client)
+    async with run_operator(throwaway_registry(), memo=memo):
+        fault = apiserver.inject_fault("patch", PLURAL, subresource="status", status=500, times=2)
+        await call(custom.create_namespaced_custom_object,
+                   GROUP, VERSION, "default", PLURAL, policy("p"))
+        await apiserver.wait_until(lambda: status_of(apiserver, "p").get("mirrored"))
+    codes = [code for call_, code in apiserver.response_log if call_.subresource == "status"]
+    assert codes == [500, 500, 200] and fault.hits == 2
+    assert memo.created == ["p"]
+
+
+async def test_the_operator_lists_again_after_410(
+        apiserver: ApiServer, kube_client: k8s.ApiClient, custom: k8s.CustomObjectsApi,
+        run_operator: RunOperator) -> None:
+    memo = kopf.Memo(created=[], deleted=[], client=kube_client)
+    async with run_operator(throwaway_registry(), memo=memo):
+        watches, lists = apiserver.watch_count(PLURAL), apiserver.request_count("list", PLURAL)
+        assert apiserver.expire_watches(PLURAL) == 1
+        await apiserver.wait_until(lambda: apiserver.watch_count(PLURAL) > watches)
+        assert apiserver.request_count("list", PLURAL) == lists + 1
+        await call(custom.create_namespaced_custom_object,
+                   GROUP, VERSION, "default", PLURAL, policy("p"))
+        await apiserver.wait_until(lambda: status_of(apiserver, "p").get("mirrored"))
+    assert memo.created == ["p"]

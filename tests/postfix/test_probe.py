@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,11 +122,9 @@ async def test_probe_verdicts_agree_with_postfix_delivery(
 
     defaults = await probe.read_client_defaults(runner, pod)
     assert defaults.dns_support_level == "disabled"
-    started = time.monotonic()
     outcomes = await asyncio.gather(*(
         probe.probe_destination(runner, pod, p, hops[c.name], timeouts=TIMEOUTS,
                                 defaults=defaults) for c, p in zip(CASES, pols, strict=True)))
-    probe_time = time.monotonic() - started
 
     qids = {c.name: inst.submit(f"user@{c.name}.test") for c in CASES}
     problems = []
@@ -139,7 +136,6 @@ async def test_probe_verdicts_agree_with_postfix_delivery(
                             f"Postfix {attempt.status} ({attempt.reason})")
         assert out.destination == hops[case.name] and out.pod == str(pod)
     assert not problems, "\n".join(problems)
-    assert probe_time < 10, probe_time
 
 
 async def test_probe_policy_through_the_pod(
