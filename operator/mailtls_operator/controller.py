@@ -25,7 +25,7 @@ from typing import Any
 
 import kopf
 
-from . import postfix, rollout
+from . import mailqueue, postfix, probe, rollout
 from .configmap import (
     ANN_REVISION,
     LABEL_INSTANCE,
@@ -39,10 +39,17 @@ from .configmap import (
 from .crd import GROUP, KIND, PLURAL, VERSION
 from .kube import Kube, NotFound
 from .metrics import Metrics
+from .observer import (
+    Observations,
+    observe_queues,
+    probe_policies,
+    probe_status,
+    verified_condition,
+)
 from .podrunner import PodRef, PodRunner
 from .policy import DEFAULT_MAX_EXCEPTION, Policy
 from .render import Tables, render
-from .status import InstanceView, event_type, policy_status, transitions
+from .status import Condition, InstanceView, event_type, policy_status, transitions
 from .workloads import restart_rollout
 from .world import (
     ANN_APPLIED,
@@ -78,6 +85,13 @@ class Config:
     retry_max: float = 300.0
     resync_interval: float = 300.0
     exec_timeout: float = 60.0
+    observe_interval: float = 3600.0
+    """Seconds between probes and queue reads of an instance (also after every rollout);
+    0 disables the schedule."""
+    probe_enforced: bool = True
+    """Probe enforce-mode policies too (audit-mode ones are always probed)."""
+    probe_concurrency: int = 4
+    probe_timeouts: probe.ProbeTimeouts = field(default_factory=probe.ProbeTimeouts)
 
 
 @dataclass
@@ -99,6 +113,12 @@ class InstanceState:
     """(paths checked, pod uid, missing): tafile checks are redone only when either changes."""
     config: rollout.InstanceConfig | None = None
     """The instance's routing (postconf), re-read after each rollout that changed a pod."""
+    seen: Observations = field(default_factory=Observations)
+    changed_keys: set[str] = field(default_factory=set)
+    """Keys whose line changed and whose deferred mail is still to be released."""
+    observer: asyncio.Task[None] | None = None
+    observe_again: bool = False
+    observe_timer: asyncio.TimerHandle | None = None
 
     @property
     def revision(self) -> str:
@@ -210,6 +230,13 @@ class Operator:
     async def stop(self) -> None:
         self._stopping = True
         await asyncio.gather(*(w.stop() for w in self.workers.values()))
+        for state in self.states.values():
+            if state.observe_timer is not None:
+                state.observe_timer.cancel()
+            if state.observer is not None:
+                state.observer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await state.observer
 
     def wake(self, keys: set[InstanceKey]) -> None:
         if not self.started or self._stopping:
@@ -317,12 +344,16 @@ class Operator:
         tables = render(policies, instance=key, now=now)
         self.metrics.render_seconds.observe(time.perf_counter() - started)
         state.renders += 1
+        if state.tables is not None:
+            old, new = state.tables.tls_entries, tables.tls_entries
+            state.changed_keys |= {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
         state.tables = tables
         self.metrics.entries.labels(ns, inst).set(len(tables.tls_entries) - 1)
         await self._write_configmap(key, state, tables)
         await self._roll_out(key, state, tables)
         await self.write_statuses(ns)
         self._schedule_expiry(key, now)
+        self.observe_soon(key)
 
     async def _retire(self, key: InstanceKey) -> None:
         """An instance with neither pods nor policies naming it: remove its ConfigMap."""
@@ -508,11 +539,77 @@ class Operator:
                 for p in policies if set(p.tafile) & missing}
 
     def _schedule_expiry(self, key: InstanceKey, now: datetime) -> None:
-        expiries = [p.exception.expires_at for p in self.world.policies_for(key)
-                    if p.exception is not None and p.exception.expires_at > now]
+        expiries = [t for p in self.world.policies_for(key) if p.exception is not None
+                    for t in (p.exception.starts_at, p.exception.expires_at) if t > now]
         if expiries:
             delay = (min(expiries) - now).total_seconds()
             self.workers[key].wake_later(max(0.0, delay) + 0.01)
+
+    # ---------------------------------------------------------------- observing
+
+    def observe_soon(self, key: InstanceKey) -> None:
+        """Probe and read queues now in the background (never blocking the worker), then
+        again after ``observe_interval``; a request during a run makes it run once more."""
+        state = self.states.get(key)
+        if state is None or self._stopping:
+            return
+        if state.observe_timer is not None:
+            state.observe_timer.cancel()
+            state.observe_timer = None
+        if state.observer is not None and not state.observer.done():
+            state.observe_again = True
+            return
+        state.observer = asyncio.get_running_loop().create_task(self._observe(key),
+                                                                name=f"mailtls:observe:{key}")
+
+    async def _observe(self, key: InstanceKey) -> None:
+        state = self.states.get(key)
+        if state is None:
+            return
+        again = True
+        while again and state.tables is not None and not self._stopping:
+            state.observe_again = False
+            try:
+                if await self._observe_once(key, state, state.tables):
+                    await self.write_statuses(key[0])
+            except Exception:
+                log.exception("observing %s/%s failed", *key)
+            again = state.observe_again
+        interval = self.config.observe_interval
+        if interval > 0 and not self._stopping:
+            state.observe_timer = asyncio.get_running_loop().call_later(
+                interval, self.observe_soon, key)
+
+    async def _observe_once(self, key: InstanceKey, state: InstanceState,
+                            tables: Tables) -> bool:
+        ns, inst = key
+        ready = [p for p in self.world.pods_of(key) if p.ready]
+        if not ready or state.config is None:
+            return False
+        pods = [self._target(p).pod for p in ready]
+        release = set(state.changed_keys) if not state.failure else set()
+        deferred, released = await observe_queues(self.runner, pods, state.config,
+                                                  tables.tls_entries, release,
+                                                  timeout=self.config.exec_timeout)
+        state.changed_keys -= release
+        state.seen.released += released
+        policies = [p for p in self.world.policies_for(key)
+                    if p.mode == "audit" or self.config.probe_enforced]
+        probes = await probe_policies(self.runner, pods[0], policies, state.seen.probes,
+                                      self.clock(), self.config.observe_interval,
+                                      concurrency=self.config.probe_concurrency,
+                                      timeouts=self.config.probe_timeouts)
+        for ref in list(state.seen.probes):
+            if not any(p.ref == ref for p in policies):
+                del state.seen.probes[ref]
+        changed = bool(probes) or deferred != state.seen.deferred
+        state.seen.probes.update(probes)
+        state.seen.deferred = deferred
+        for ref, lines in tables.contributors.items():
+            keys = [ln.split(" ", 1)[0] for ln in lines]
+            self.metrics.deferred.labels(ns, ref.split("/", 1)[1], inst).set(
+                sum(deferred[k].recipients for k in keys if k in deferred))
+        return changed
 
     # ------------------------------------------------------------------ status
 
@@ -539,14 +636,44 @@ class Operator:
             writes = []
             counts: dict[str, int] = {}
             for rec in self.world.records(namespace):
-                status = policy_status(rec, self.views_for(rec), now)
+                extra_conditions, extra_fields = self._observed(rec)
+                status = policy_status(rec, self.views_for(rec), now, extra_conditions,
+                                       extra_fields)
                 ready = status["conditions"][0]["reason"]
                 counts[ready] = counts.get(ready, 0) + 1
                 if status != {k: rec.status.get(k) for k in status}:
                     writes.append(self._write_status(rec, status))
             for reason, n in counts.items():
                 self.metrics.policies.labels(namespace, reason).set(n)
+            self.metrics.exceptions_active.labels(namespace).set(sum(
+                1 for rec in self.world.records(namespace) if rec.policy is not None
+                and rec.policy.exception is not None and not rec.policy.is_expired(now)))
             await asyncio.gather(*writes)
+
+    def _observed(self, rec: PolicyRecord) -> tuple[list[Condition], dict[str, Any]]:
+        """Verified, status.probes and status.deferred of a policy, over its instances."""
+        probes = []
+        deferred: dict[str, Any] = {}
+        keys = rec.policy.keys if rec.policy is not None else ()
+        for key in self.world.instances_targeted_by(rec):
+            state = self.states.get(key)
+            if state is None:
+                continue
+            if rec.ref in state.seen.probes:
+                probes.append((key[1], state.seen.probes[rec.ref]))
+            if any(k in state.seen.deferred for k in keys):
+                deferred[key[1]] = state.seen.deferred
+        fields: dict[str, Any] = {}
+        conditions = []
+        verified = verified_condition(probes)
+        if verified is not None:
+            conditions.append(verified)
+            fields["probes"] = probe_status(probes)
+        if keys:
+            merged = mailqueue.merge_deferred(*deferred.values())
+            fields["deferred"] = mailqueue.summarise_for_policy(
+                keys, merged, by_instance=deferred or None)
+        return conditions, fields
 
     async def _write_status(self, rec: PolicyRecord, status: dict[str, Any]) -> None:
         changed = transitions(rec.status.get("conditions") or [], status["conditions"])

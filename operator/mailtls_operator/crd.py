@@ -20,7 +20,7 @@ import functools
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -199,20 +199,32 @@ class CelRule:
     message: str
     field: str
     reason: str
+    path: tuple[str, ...] = ()
+    """Where ``self`` is, below spec: () for spec itself, ("exception",) for its object."""
+
+
+def _walk_rules(node: Mapping[str, Any], path: tuple[str, ...]) -> Iterator[CelRule]:
+    for r in node.get("x-kubernetes-validations", []):
+        yield CelRule(
+            rule=r["rule"],
+            message=r.get("message", f"failed rule: {r['rule']}"),
+            field="spec" + "".join(f".{p}" for p in path) + r.get("fieldPath", ""),
+            reason=r.get("reason", "FieldValueInvalid"),
+            path=path,
+        )
+    for name, sub in (node.get("properties") or {}).items():
+        if sub.get("type") == "object":
+            yield from _walk_rules(sub, (*path, name))
+
+
+@functools.cache
+def _rules() -> tuple[CelRule, ...]:
+    return tuple(_walk_rules(version_schema()["properties"]["spec"], ()))
 
 
 def cel_rules() -> list[CelRule]:
-    """The spec's CEL rules, with the field each one reports."""
-    spec = version_schema()["properties"]["spec"]
-    return [
-        CelRule(
-            rule=r["rule"],
-            message=r.get("message", f"failed rule: {r['rule']}"),
-            field="spec" + r.get("fieldPath", ""),
-            reason=r.get("reason", "FieldValueInvalid"),
-        )
-        for r in spec.get("x-kubernetes-validations", [])
-    ]
+    """Every CEL rule under spec (spec's own and nested objects'), with its field."""
+    return list(_rules())
 
 
 Twin = Callable[[Mapping[str, Any]], bool]
@@ -220,6 +232,13 @@ Twin = Callable[[Mapping[str, Any]], bool]
 
 def _has(spec: Mapping[str, Any], name: str) -> bool:
     return name in spec
+
+
+_30_DAYS = timedelta(hours=720)
+
+
+def _ts(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 _NONE_ATTRS = ("match", "ciphers", "protocols", "exclude", "tafile", "servername",
@@ -249,6 +268,9 @@ TWINS: dict[str, Twin] = {
         lambda s: not _has(s, "route") or all(
             not d.startswith(".") and not d.startswith("[") and ":" not in d
             for d in s["destinations"]),
+    "timestamp(self.expiresAt) > timestamp(self.startsAt) && timestamp(self.expiresAt)"
+    " - timestamp(self.startsAt) <= duration('720h')":
+        lambda e: _ts(e["startsAt"]) < _ts(e["expiresAt"]) <= _ts(e["startsAt"]) + _30_DAYS,
 }
 
 
@@ -282,9 +304,14 @@ def cel_errors(spec: Mapping[str, Any], *, oracle: bool = False) -> list[FieldEr
     twins); otherwise twins are used where one exists for the exact rule text.
     """
     out = []
-    for rule in cel_rules():
+    for rule in _rules():
+        target: Any = spec
+        for name in rule.path:
+            target = target.get(name) if isinstance(target, Mapping) else None
+        if target is None:
+            continue  # like the API server: a rule on an absent object does not run
         twin = None if oracle else TWINS.get(rule.rule)
-        ok = twin(spec) if twin is not None else _cel_evaluator().evaluate(rule.rule, spec)
+        ok = twin(target) if twin is not None else _cel_evaluator().evaluate(rule.rule, target)
         if not ok:
             out.append(FieldError(rule.field, rule.message))
     return out

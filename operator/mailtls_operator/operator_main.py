@@ -45,6 +45,9 @@ def settings_for(args: argparse.Namespace) -> kopf.OperatorSettings:
         settings.peering.name = args.peering
         settings.peering.mandatory = True
     settings.peering.priority = args.priority
+    # The CRD must exist before we start (checked), and namespaces are named, not globbed:
+    # no need for Kopf to watch CRDs and namespaces (nor the RBAC for it).
+    settings.scanning.disabled = True
     return settings
 
 

@@ -51,8 +51,9 @@ class PolicyInvalid(Exception):
 
 @dataclass(frozen=True)
 class Exception_:
-    """A break-glass override: wins for its keys until ``expires_at``."""
+    """A break-glass override: wins for its keys from ``starts_at`` until ``expires_at``."""
 
+    starts_at: datetime
     expires_at: datetime
     reason: str
 
@@ -94,6 +95,10 @@ class Policy:
 
     def is_expired(self, now: datetime) -> bool:
         return self.exception is not None and self.exception.expires_at <= now
+
+    def is_scheduled(self, now: datetime) -> bool:
+        """An exception whose window has not begun: it writes nothing yet."""
+        return self.exception is not None and now < self.exception.starts_at
 
 
 # ------------------------------------------------------------------ destinations
@@ -305,7 +310,8 @@ def load_policy(obj: Mapping[str, Any], *, now: datetime | None = None,
         route=spec.get("route"),
         instances=tuple(spec.get("instances", ())),
         mode=spec.get("mode", "enforce"),
-        exception=Exception_(parse_time(exc["expiresAt"]), exc["reason"]) if exc else None,
+        exception=Exception_(parse_time(exc["startsAt"]), parse_time(exc["expiresAt"]),
+                             exc["reason"]) if exc else None,
         tafile=tuple(spec.get("tafile", ())),
         spec_hash=spec_hash(spec),
     )

@@ -29,7 +29,7 @@ sinks; the tests check each):
 - ``fatal: ...`` and exit status 1 for a local problem, e.g. ``Failed to
   load trust anchor file: /missing.pem``.
 
-Decisions (see also the report in the module tests):
+Decisions:
 
 - The SMTP chat is **kept** (no ``-c``): with ``-c`` a server without STARTTLS
   produces no output at all, so "no STARTTLS" could only be inferred from

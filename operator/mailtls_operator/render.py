@@ -89,11 +89,11 @@ def select(policies: Iterable[Policy], instance: tuple[str, str] | None,
            now: datetime | None) -> list[Policy]:
     """The policies that write lines to ``instance`` (namespace, name), or all offline.
 
-    Audit-mode policies and expired exceptions write nothing.
+    Audit-mode policies and exceptions outside their window write nothing.
     """
     out = []
     for p in policies:
-        if p.mode == "audit" or (now is not None and p.is_expired(now)):
+        if p.mode == "audit" or (now is not None and (p.is_expired(now) or p.is_scheduled(now))):
             continue
         if instance is not None and (p.namespace != instance[0] or not p.targets(instance[1])):
             continue

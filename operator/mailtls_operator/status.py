@@ -34,14 +34,17 @@ PENDING = "Pending"
 ROLLOUT_FAILED = "RolloutFailed"
 NO_INSTANCES = "NoInstances"
 EXPIRED = "Expired"
+SCHEDULED = "Scheduled"
 AUDIT_ONLY = "AuditOnly"
 POLICY_BYPASSED = "PolicyBypassed"
 DNSSEC_DISABLED = "DNSSECDisabled"
 TRUST_ANCHOR_MISSING = "TrustAnchorMissing"
 BREAK_GLASS = "BreakGlass"
+EXCEPTION_ACTIVE = "ExceptionActive"
 
 WARNING_REASONS = {INVALID, CONFLICT, ROLLOUT_FAILED, EXPIRED, POLICY_BYPASSED,
-                   DNSSEC_DISABLED, TRUST_ANCHOR_MISSING, BREAK_GLASS, NO_INSTANCES}
+                   DNSSEC_DISABLED, TRUST_ANCHOR_MISSING, BREAK_GLASS, NO_INSTANCES,
+                   EXCEPTION_ACTIVE}
 MAX_ENTRIES = 500
 
 
@@ -111,6 +114,10 @@ def _ready(rec: PolicyRecord, views: Sequence[InstanceView], now: datetime) -> C
         return Condition(READY, "False", EXPIRED,
                          f"exception expired at {policy.exception.expires_at.isoformat()}; "
                          "its entries were removed from the tables")
+    if policy.exception is not None and policy.is_scheduled(now):
+        return Condition(READY, "False", SCHEDULED,
+                         f"exception starts at {policy.exception.starts_at.isoformat()}; "
+                         "nothing is written before")
     if policy.mode == "audit":
         return Condition(READY, "True", AUDIT_ONLY,
                          "audit mode: nothing is written; see the Verified condition and "
@@ -136,13 +143,24 @@ def _ready(rec: PolicyRecord, views: Sequence[InstanceView], now: datetime) -> C
         f"{_short(v.revision)}{' ' + v.note if v.note else ''}" for v in views))
 
 
+def _break_glass(rec: PolicyRecord, now: datetime) -> Condition | None:
+    """An exception in force is loud: its own condition (and so an Event) for its lifetime."""
+    policy = rec.policy
+    if rec.errors or policy is None or policy.exception is None or policy.is_expired(now) \
+            or policy.is_scheduled(now):
+        return None
+    return Condition(BREAK_GLASS, "True", EXCEPTION_ACTIVE,
+                     f"break-glass exception in force until "
+                     f"{policy.exception.expires_at.isoformat()}: {policy.exception.reason}")
+
+
 def conditions_for(rec: PolicyRecord, views: Sequence[InstanceView], now: datetime,
                    extra: Sequence[Condition] = ()) -> list[Condition]:
-    """Ready first, then Accepted, Overridden (when beaten), then any extra (Verified)."""
+    """Ready first, then Accepted, Overridden (when beaten), BreakGlass (when one), extra."""
     out = [_ready(rec, views, now), _accepted(rec, views)]
-    overridden = _overridden(views)
-    if overridden:
-        out.append(overridden)
+    for cond in (_overridden(views), _break_glass(rec, now)):
+        if cond:
+            out.append(cond)
     out.extend(extra)
     return out
 

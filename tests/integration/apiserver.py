@@ -201,7 +201,8 @@ def mailtls_policy_spec() -> ResourceSpec:
 def standard_resources() -> list[ResourceSpec]:
     """Everything the operator, Kopf and the tests touch, declared like a small real cluster."""
     status = frozenset({"status"})
-    workload = {"namespaced": True, "subresources": status, "generation": True}
+    workload = functools.partial(ResourceSpec, namespaced=True, subresources=status,
+                                 generation=True)
     core_event_fields = frozenset({
         "involvedObject.kind", "involvedObject.namespace", "involvedObject.name",
         "involvedObject.uid", "involvedObject.apiVersion", "reason", "type",
@@ -210,9 +211,9 @@ def standard_resources() -> list[ResourceSpec]:
     return [
         ResourceSpec("", "v1", "namespaces", "Namespace", namespaced=False, subresources=status,
                      field_labels=frozenset({"status.phase"})),
-        ResourceSpec("", "v1", "pods", "Pod", return_deleted=True, shortnames=frozenset({"po"}),
-                     field_labels=frozenset({"spec.nodeName", "status.phase", "status.podIP",
-                                             "spec.serviceAccountName"}), **workload),
+        workload("", "v1", "pods", "Pod", return_deleted=True, shortnames=frozenset({"po"}),
+                 field_labels=frozenset({"spec.nodeName", "status.phase", "status.podIP",
+                                         "spec.serviceAccountName"})),
         ResourceSpec("", "v1", "configmaps", "ConfigMap", namespaced=True,
                      shortnames=frozenset({"cm"})),
         ResourceSpec("", "v1", "events", "Event", namespaced=True,
@@ -220,9 +221,9 @@ def standard_resources() -> list[ResourceSpec]:
         ResourceSpec("events.k8s.io", "v1", "events", "Event", namespaced=True,
                      field_labels=frozenset({"regarding.kind", "regarding.name",
                                              "regarding.namespace", "reason", "type"})),
-        ResourceSpec("apps", "v1", "deployments", "Deployment", **workload),
-        ResourceSpec("apps", "v1", "statefulsets", "StatefulSet", **workload),
-        ResourceSpec("apps", "v1", "replicasets", "ReplicaSet", **workload),
+        workload("apps", "v1", "deployments", "Deployment"),
+        workload("apps", "v1", "statefulsets", "StatefulSet"),
+        workload("apps", "v1", "replicasets", "ReplicaSet"),
         ResourceSpec("apiextensions.k8s.io", "v1", "customresourcedefinitions",
                      "CustomResourceDefinition", namespaced=False, subresources=status,
                      generation=True),
@@ -588,6 +589,19 @@ class ApiServer(kmock.KubernetesEmulator):
     undeclared paths) goes through kmock as before. kmock DSL reactions added by a test
     (``server['get', 'v1/pods'] << 503``) still take precedence, but kmock's request views
     (``len(server['get'])``) only see requests in flight: use :attr:`request_log` instead.
+
+    In a test::
+
+        server.inject_fault("create", "configmaps", status=500, times=2)   # before storage
+        server.inject_fault(WRITE_VERBS, "configmaps", status=409)
+        server.inject_fault("get", status=504, delay=3)                    # hang, then fail
+        server.expire_watches("mailtls.io/v1alpha1/mailtlspolicies")       # ERROR 410 now
+        server.compact()                                                   # 410 on resuming
+        server.request_count("patch", "mailtlspolicies", subresource="status")
+        server.response_log   # [(ApiRequest, http_code)], e.g. to see a 500 then a 200
+        server.reset_log()
+        await server.wait_until(lambda: server.get_object("v1/configmaps", "ns", "name"))
+        server.seed("v1/pods", pod_with_status)   # arrange state as a controller left it
     """
 
     require_namespaces: bool = False  # refuse creates into namespaces that do not exist
@@ -998,7 +1012,7 @@ class ApiServer(kmock.KubernetesEmulator):
     def _collect_garbage(self, uid: str | None) -> None:
         """Delete dependents whose every owner is gone, transitively -- the garbage collector's
         background cascading deletion, done at once (a real cluster does it moments later)."""
-        gone = [uid] if uid and self._owners_seen else []
+        gone: list[str | None] = [uid] if uid and self._owners_seen else []
         while gone:
             owner = gone.pop()
             dependents = [(spec, key, obj) for spec, key, obj in self._live()
@@ -1072,6 +1086,28 @@ class ApiServer(kmock.KubernetesEmulator):
             raise api_error(400, "the request body is not a JSON object")
         return copy.deepcopy(request.data)
 
+    @staticmethod
+    def _check_meta(obj: Obj) -> Obj:
+        """ObjectMeta's types, as decoding it would enforce them (400, like the real decoder)."""
+        meta = obj.get("metadata")
+        string_maps = ("labels", "annotations")
+        ok = isinstance(meta, dict) and all(
+            isinstance(meta.get(f), str | None) for f in ("name", "generateName", "namespace")
+        ) and all(
+            meta.get(f) is None or (isinstance(meta[f], dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in meta[f].items()))
+            for f in string_maps
+        ) and (meta.get("finalizers") is None or (isinstance(meta["finalizers"], list) and all(
+            isinstance(f, str) for f in meta["finalizers"]))
+        ) and (meta.get("ownerReferences") is None or (
+            isinstance(meta["ownerReferences"], list)
+            and all(isinstance(r, dict) for r in meta["ownerReferences"])))
+        if not ok:
+            raise api_error(400, "metadata: cannot unmarshal into ObjectMeta: a field has the "
+                                 "wrong type")
+        assert isinstance(meta, dict)
+        return meta
+
     def _check_types(self, spec: ResourceSpec, obj: Obj) -> None:
         """Type fields, if given, must be the resource's own; if absent, they are filled."""
         for field, expected in (("apiVersion", spec.api_version), ("kind", spec.kind)):
@@ -1109,9 +1145,8 @@ class ApiServer(kmock.KubernetesEmulator):
     def _create(self, spec: ResourceSpec, request: rendering.Request) -> aiohttp.web.Response:
         obj = self._body(request)
         self._check_types(spec, obj)
-        meta = obj.setdefault("metadata", {})
-        if not isinstance(meta, dict):
-            raise api_error(400, "metadata is not an object")
+        obj.setdefault("metadata", {})
+        meta = self._check_meta(obj)
         if meta.get("resourceVersion"):
             raise api_error(400, "resourceVersion should not be set on objects to be created")
         if spec.namespaced:
@@ -1181,25 +1216,28 @@ class ApiServer(kmock.KubernetesEmulator):
 
     def _list(self, spec: ResourceSpec, request: rendering.Request) -> aiohttp.web.Response:
         items = self._select(spec, self._matcher(spec, request))
-        list_rv, meta = self._rv, {}
+        list_rv, meta = self._rv, dict[str, Any]()
         token = request.params.get("continue")
         if token:
             try:
                 state = json.loads(base64.urlsafe_b64decode(token))
-                list_rv, after = int(state["rv"]), tuple(state["after"])
-            except (ValueError, KeyError, TypeError):
+                list_rv, after = int(state["rv"]), (str(state["after"][0]), str(state["after"][1]))
+            except (ValueError, KeyError, TypeError, IndexError):
                 raise api_error(400, "continue key is not valid") from None
             if list_rv < self._compacted.get(spec.key, 0):
                 raise api_error(410, "The provided continue parameter is too old to display a "
                                      "consistent list result.")
             items = [o for o in items
                      if ((_meta(o).get("namespace") or ""), _meta(o)["name"]) > after]
-        limit = int(request.params.get("limit") or 0)
+        try:
+            limit = int(request.params.get("limit") or 0)
+        except ValueError:
+            raise api_error(400, "limit: Invalid value: must be an integer") from None
         if 0 < limit < len(items):
             last = items[limit - 1]
-            after = [_meta(last).get("namespace") or "", _meta(last)["name"]]
+            position = [_meta(last).get("namespace") or "", _meta(last)["name"]]
             meta["continue"] = base64.urlsafe_b64encode(
-                json.dumps({"rv": list_rv, "after": after}).encode()).decode()
+                json.dumps({"rv": list_rv, "after": position}).encode()).decode()
             meta["remainingItemCount"] = len(items) - limit
             items = items[:limit]
         return self._respond({"apiVersion": spec.api_version, "kind": f"{spec.kind}List",
@@ -1210,10 +1248,7 @@ class ApiServer(kmock.KubernetesEmulator):
                proposed: Obj) -> aiohttp.web.Response:
         """The shared tail of PUT and PATCH: concurrency, isolation, generation, no-ops."""
         name = _meta(old)["name"]
-        proposed_meta = proposed.get("metadata")
-        if not isinstance(proposed_meta, dict):
-            raise api_error(400, "metadata is not an object")
-        stated_rv = proposed_meta.get("resourceVersion")
+        stated_rv = self._check_meta(proposed).get("resourceVersion")
         if stated_rv and stated_rv != _meta(old)["resourceVersion"]:
             raise self._conflict(spec, name, "the object has been modified; please apply your "
                                              "changes to the latest version and try again")
@@ -1339,8 +1374,11 @@ class ApiServer(kmock.KubernetesEmulator):
             else:
                 rendered = (watcher.render(e) for e in self._history[spec.key] if e.rv > start)
                 chunks += [line for line in rendered if line]
-        timeout = params.get("timeoutSeconds")
-        deadline = asyncio.get_running_loop().time() + float(timeout) if timeout else None
+        try:
+            timeout = float(params.get("timeoutSeconds") or 0)
+        except ValueError:
+            raise api_error(400, "timeoutSeconds: Invalid value: must be a number") from None
+        deadline = asyncio.get_running_loop().time() + timeout if timeout > 0 else None
         if error is None:
             self._watchers[spec.key].add(watcher)  # synchronously after the snapshot: no gap
         self._watch_counts[spec.key] += 1
@@ -1394,6 +1432,9 @@ def _established(doc: Mapping[str, Any]) -> Obj:
 # ------------------------------------------------------------------------------------ operator
 
 LOGIN_HANDLER_ID: Final = "tests-integration-apiserver-login"
+
+
+RunOperator = Callable[..., contextlib.AbstractAsyncContextManager["RunningOperator"]]
 
 
 def fast_settings() -> kopf.OperatorSettings:

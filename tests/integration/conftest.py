@@ -9,7 +9,7 @@ fails the test at teardown.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -18,10 +18,8 @@ import kopf
 import kubernetes.client
 import pytest
 
-from tests.integration.apiserver import ApiServer, RunningOperator
+from tests.integration.apiserver import ApiServer, RunningOperator, RunOperator
 from tests.integration.apiserver import run_operator as _run_operator
-
-RunOperator = Callable[..., AbstractAsyncContextManager[RunningOperator]]
 
 
 @pytest.fixture

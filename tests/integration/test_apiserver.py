@@ -24,8 +24,13 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from mailtls_operator.crd import validate_with_crd
-from tests.integration.apiserver import WRITE_VERBS, ApiRequest, ApiServer
-from tests.integration.conftest import RunOperator
+from tests.integration.apiserver import (
+    WRITE_VERBS,
+    ApiRequest,
+    ApiServer,
+    RunOperator,
+    fast_settings,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -197,6 +202,22 @@ async def test_malformed_or_unsupported_selectors_are_400(core: k8s.CoreV1Api, p
                                                           value: str) -> None:
     code, status = await refused(core.list_namespaced_config_map, "default", **{param: value})
     assert (code, status["reason"]) == (400, "BadRequest")
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs"), [
+    ("post", CONFIGMAPS, {"json": {"metadata": {"name": "a", "labels": ["x"]}}}),
+    ("post", CONFIGMAPS, {"json": {"metadata": {"name": 5}}}),
+    ("post", CONFIGMAPS, {"data": b"not json"}),
+    ("get", CONFIGMAPS, {"params": {"limit": "many"}}),
+    ("get", CONFIGMAPS, {"params": {"continue": "garbage"}}),
+    ("get", CONFIGMAPS, {"params": {"watch": "true", "timeoutSeconds": "soon"}}),
+    ("get", CONFIGMAPS, {"params": {"watch": "true", "resourceVersion": "latest"}}),
+])
+async def test_malformed_requests_are_400_not_server_errors(
+        apiserver: ApiServer, method: str, path: str, kwargs: dict[str, Any]) -> None:
+    response = await apiserver.request(method.upper(), path, **kwargs)
+    assert response.status == 400 and (await response.json())["reason"] == "BadRequest"
+    assert not apiserver.server_errors
 
 
 async def test_watch_follows_objects_into_and_out_of_the_selection(apiserver: ApiServer) -> None:
@@ -596,7 +617,11 @@ async def test_an_operator_runs_against_the_server(
         apiserver: ApiServer, kube_client: k8s.ApiClient, custom: k8s.CustomObjectsApi,
         run_operator: RunOperator, namespaces: tuple[str, ...]) -> None:
     memo = kopf.Memo(created=[], deleted=[], client=kube_client)
-    async with run_operator(throwaway_registry(), memo=memo, namespaces=namespaces) as operator:
+    settings = fast_settings()
+    # Kopf serves namespace globs only by scanning (watching) namespaces; then it watches CRDs too.
+    settings.scanning.disabled = not any("*" in n for n in namespaces)
+    async with run_operator(throwaway_registry(), memo=memo, namespaces=namespaces,
+                            settings=settings) as operator:
         assert [s.plural for s in operator.watched] == [PLURAL]
         await call(custom.create_namespaced_custom_object,
                    GROUP, VERSION, "default", PLURAL, policy("p"))
@@ -619,6 +644,9 @@ async def test_an_operator_runs_against_the_server(
         assert apiserver.get_object("v1/configmaps", "default", "mirror-p") is None  # GC
     assert memo.created == ["p"] and memo.deleted == ["p"]
     assert not operator.thread.is_alive()
+    if not settings.scanning.disabled:
+        assert apiserver.watch_count("v1/namespaces") and apiserver.watch_count(
+            "apiextensions.k8s.io/v1/customresourcedefinitions")
     print(f"\noperator ready in {operator.startup_seconds:.3f} s")
 
 

@@ -306,7 +306,8 @@ async def test_an_exception_expires_by_itself_when_the_clock_passes_it(
         await cluster.apply(policy("secure", destinations=["p.example"], level="secure",
                                    match=["nexthop"]))
         await cluster.apply(policy("break-glass", destinations=["p.example"], level="may",
-                                   exception={"expiresAt": "2026-11-26T00:00:00Z",
+                                   exception={"startsAt": "2026-11-20T00:00:00Z",
+                                      "expiresAt": "2026-11-26T00:00:00Z",
                                               "reason": "INC-7 partner certificate expired"}))
         await cluster.until(lambda: cluster.table("mail", "relay") == ["p.example may"])
         over = await cluster.until(lambda: cluster.condition("mail", "secure", "Overridden"))

@@ -83,7 +83,8 @@ def kubectl(apiserver: ApiServer, kube_client: kubernetes.client.ApiClient) -> K
 async def operator(run_operator: Any, kube_client: Any, runner: LocalPodRunner,
                    **cfg: Any) -> AsyncIterator[Operator]:
     op = Operator(Kube(kube_client), runner,
-                  Config(**{"debounce": 0.1, "max_delay": 1.0, "retry_base": 0.3, **cfg}))
+                  Config(**{"debounce": 0.1, "max_delay": 1.0, "retry_base": 0.3,
+                            "probe_enforced": False, **cfg}))
     async with run_operator(build_registry(), memo=kopf.Memo(operator=op)):
         yield op
 
@@ -153,12 +154,17 @@ async def test_pods_are_updated_one_at_a_time_and_reapplying_runs_nothing(
         runs = [name for i, name in enumerate(sequence) if i == 0 or sequence[i - 1] != name]
         assert runs == ["relay-0", "relay-1", "relay-2"]
 
-        before = len(runner.calls)
+        def rollout_calls() -> int:  # commands that change a pod (not the observer's reads)
+            return sum(1 for c in runner.calls
+                       if c.argv[0] in ("sh", "postmap", "mv", "cp", "rm", "postfix"))
+
+        await asyncio.sleep(0.3)
+        before = rollout_calls()
         await kubectl.apply("p", destinations=["a.example"], level="encrypt")  # same spec
         op_state = op.states[("mail", "relay")]
         rollouts = op_state.rollouts
         await asyncio.sleep(0.5)
-        assert len(runner.calls) == before
+        assert rollout_calls() == before
         assert op_state.rollouts == rollouts
 
 
@@ -186,3 +192,110 @@ async def test_a_failing_pod_stops_the_rollout_and_the_status_says_why(
             pods[0][1].unlock_map_dir()
         await kubectl.until_ready("p", timeout=30)  # retried with backoff, then converged
         assert all(inst.query("a.example") == "encrypt" for _, inst in pods)
+
+
+async def test_audit_probes_report_each_sink_and_write_nothing_until_enforced(
+        make_pod: PodFactory, plain: SmtpSink, self_signed: SmtpSink, ca_signed: SmtpSink,
+        ca: Any, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
+        run_operator: Any, kube_client: Any) -> None:
+    pod, inst = make_pod("relay-0")
+    apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    async with operator(run_operator, kube_client, runner, observe_interval=0):
+        await kubectl.apply("plain", destinations=[plain.nexthop], level="encrypt",
+                            mode="audit")
+        await kubectl.apply("self-signed", destinations=[self_signed.nexthop], level="secure",
+                            match=["sink.mailtls.test"], mode="audit")
+        await kubectl.apply("wrong-name", destinations=[ca_signed.nexthop], level="secure",
+                            match=["other.mailtls.test"], tafile=[str(ca.pem_path)],
+                            mode="audit")
+        await kubectl.apply("ca", destinations=[ca_signed.nexthop], level="secure",
+                            match=["sink.mailtls.test"], tafile=[str(ca.pem_path)],
+                            mode="audit")
+
+        async def probed(name: str) -> dict[str, Any]:
+            def check() -> dict[str, Any] | None:
+                probes = kubectl.status(name).get("probes") or []
+                return probes[0] if probes else None
+            result: dict[str, Any] = await apiserver.wait_until(check, 30)
+            return result
+
+        assert (await probed("plain"))["reason"] == "NoStartTLS"
+        assert (await probed("self-signed"))["reason"] == "Untrusted"
+        assert (await probed("wrong-name"))["reason"] == "NameMismatch"
+        passed = await probed("ca")
+        assert (passed["result"], passed["reason"], passed["instance"]) == (
+            "Pass", "Verified", "relay")
+        verified = next(c for c in kubectl.status("plain")["conditions"]
+                        if c["type"] == "Verified")
+        assert verified["status"] == "False" and "NoStartTLS" in verified["message"]
+        cm = apiserver.get_object("v1/configmaps", "mail", "relay-mailtls")
+        assert cm is not None and plain.nexthop not in cm["data"]["tls_policy"]
+        assert inst.query(ca_signed.nexthop) is None  # audit: never in any table
+
+        await kubectl.apply("ca", destinations=[ca_signed.nexthop], level="secure",
+                            match=["sink.mailtls.test"], tafile=[str(ca.pem_path)],
+                            mode="enforce")
+        await poll(lambda: inst.query(ca_signed.nexthop) is not None)
+        assert inst.query(ca_signed.nexthop) == (
+            f"secure match=sink.mailtls.test tafile={ca.pem_path}")
+
+
+async def test_stuck_mail_is_reported_and_released_when_the_policy_is_fixed(
+        make_pod: PodFactory, plain: SmtpSink, runner: LocalPodRunner, apiserver: ApiServer,
+        kubectl: Kubectl, run_operator: Any, kube_client: Any) -> None:
+    routes = {"plain.example": f"smtp:{plain.nexthop}"}
+    pod, inst = make_pod("relay-0", routes=routes)
+    apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    retry = inst.postconf("minimal_backoff_time", "queue_run_delay")
+    async with operator(run_operator, kube_client, runner, observe_interval=0.3):
+        await kubectl.apply("plain", destinations=[plain.nexthop], level="encrypt")
+        await kubectl.until_ready("plain")
+        qid = inst.submit(["user@plain.example"])
+        await asyncio.to_thread(inst.wait_for_delivery, qid, status="deferred")
+
+        def deferred() -> dict[str, Any] | None:
+            d = kubectl.status("plain").get("deferred") or {}
+            return d if d.get("recipients") else None
+        report = await apiserver.wait_until(deferred, 15)
+        assert report["recipients"] == 1
+        assert "TLS is required, but was not offered" in report["sampleReason"]
+        assert report["keys"][0]["key"] == plain.nexthop
+        assert report["byInstance"][0]["instance"] == "relay"
+
+        loop = asyncio.get_running_loop()
+        fixed = loop.time()
+        await kubectl.apply("plain", destinations=[plain.nexthop], level="may")
+        await poll(lambda: plain.messages, timeout=20)
+        took = loop.time() - fixed
+        # Postfix itself would retry only after minimal_backoff_time / queue_run_delay
+        backoff = min(_seconds(retry["minimal_backoff_time"]),
+                      _seconds(retry["queue_run_delay"]))
+        assert backoff >= 300
+        assert took < backoff / 10, (took, backoff)
+        await apiserver.wait_until(lambda: (kubectl.status("plain").get("deferred") or {})
+                                   .get("recipients") == 0, 15)
+
+
+def _seconds(value: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    return float(value[:-1]) * units[value[-1]] if value[-1] in units else float(value)
+
+
+async def test_lint_warns_dane_without_dnssec_and_holds_back_a_missing_tafile(
+        make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
+        run_operator: Any, kube_client: Any) -> None:
+    pod, inst = make_pod("relay-0")
+    apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    async with operator(run_operator, kube_client, runner):
+        await kubectl.apply("dane", destinations=["dane.example"], level="dane")
+        await kubectl.apply("missing-ca", destinations=["partner.example"], level="secure",
+                            match=["nexthop"], tafile=["/nonexistent/partner-ca.pem"])
+        await kubectl.apply("fine", destinations=["fine.example"], level="encrypt")
+        dane = await kubectl.until_ready("dane", reason="DNSSECDisabled")
+        assert "smtp_dns_support_level" in dane["message"]
+        held = await kubectl.until_ready("missing-ca", reason="TrustAnchorMissing")
+        assert "/nonexistent/partner-ca.pem" in held["message"]
+        await kubectl.until_ready("fine")
+        assert inst.query("fine.example") == "encrypt"
+        assert inst.query("dane.example") == "dane"
+        assert inst.query("partner.example") is None  # held back from this instance only

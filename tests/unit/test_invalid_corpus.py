@@ -58,7 +58,8 @@ MODEL_ONLY = [
     ("protocol-twice", {"destinations": ["a.example"], "protocols": ">=TLSv1.2:!TLSv1.2"},
      "spec.protocols", "listed twice"),
     ("exception-too-long", {"destinations": ["a.example"],
-                            "exception": {"expiresAt": "2027-06-01T00:00:00Z",
+                            "exception": {"startsAt": "2027-05-20T00:00:00Z",
+                                          "expiresAt": "2027-06-01T00:00:00Z",
                                           "reason": "partner certificate broke"}},
      "spec.exception.expiresAt", "at most 30 days"),
 ]

@@ -72,7 +72,8 @@ def test_every_error_is_reported_at_once() -> None:
 def test_exception_within_window_is_accepted() -> None:
     now = datetime(2026, 11, 25, tzinfo=UTC)
     policy = load_policy(obj({"destinations": ["a.example"], "level": "may",
-                              "exception": {"expiresAt": "2026-12-01T00:00:00Z",
+                              "exception": {"startsAt": "2026-11-20T00:00:00Z",
+                                      "expiresAt": "2026-12-01T00:00:00Z",
                                             "reason": "INC-42 partner cert expired"}}), now=now)
     assert policy.exception is not None
     assert policy.exception.expires_at == datetime(2026, 12, 1, tzinfo=UTC)

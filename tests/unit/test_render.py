@@ -90,7 +90,8 @@ def test_agreeing_policies_are_not_in_conflict() -> None:
 def test_exception_beats_stronger_policy_and_expires() -> None:
     secure = pol("secure", "secure", ["p.example"], match=["nexthop"])
     brk = pol("break-glass", "may", ["p.example"],
-              exception={"expiresAt": "2026-12-01T00:00:00Z", "reason": "INC-1 cert broke"})
+              exception={"startsAt": "2026-11-20T00:00:00Z",
+                                      "expiresAt": "2026-12-01T00:00:00Z", "reason": "INC-1 cert broke"})
     during = render([secure, brk], now=NOW)
     assert during.tls_entries["p.example"] == "may"
     assert during.losses["mail/secure"][0].reason == "Overridden"
@@ -100,9 +101,11 @@ def test_exception_beats_stronger_policy_and_expires() -> None:
 
 def test_between_exceptions_the_first_to_expire_wins() -> None:
     late = pol("late", "may", ["p.example"], created="2025-01-01T00:00:00Z",
-               exception={"expiresAt": "2026-12-10T00:00:00Z", "reason": "INC-2"})
+               exception={"startsAt": "2026-11-20T00:00:00Z",
+                                      "expiresAt": "2026-12-10T00:00:00Z", "reason": "INC-2"})
     soon = pol("soon", "none", ["p.example"],
-               exception={"expiresAt": "2026-12-01T00:00:00Z", "reason": "INC-3"})
+               exception={"startsAt": "2026-11-20T00:00:00Z",
+                                      "expiresAt": "2026-12-01T00:00:00Z", "reason": "INC-3"})
     tables = render([late, soon], now=NOW)
     assert tables.tls_entries["p.example"] == "none"
     assert tables.losses["mail/late"][0].reason == "Conflict"

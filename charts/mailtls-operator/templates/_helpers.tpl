@@ -1,0 +1,101 @@
+{{/* The chart name, overridable. */}}
+{{- define "mailtls-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The full name of the release's objects: the release name, plus the chart name unless
+the release name already contains it. Kept short enough for "-mailtlspolicy-viewer".
+*/}}
+{{- define "mailtls-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "mailtls-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object. */}}
+{{- define "mailtls-operator.labels" -}}
+helm.sh/chart: {{ include "mailtls-operator.chart" . }}
+{{ include "mailtls-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: mailtls-operator
+{{- end }}
+
+{{/* Labels that select the operator pod; never change them (Deployment selectors are immutable). */}}
+{{- define "mailtls-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mailtls-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "mailtls-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "mailtls-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "mailtls-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* True (non-empty) when the operator watches every namespace. */}}
+{{- define "mailtls-operator.clusterwide" -}}
+{{- if not .Values.watchNamespaces }}true{{ end }}
+{{- end }}
+
+{{/*
+The `mailtls run` arguments, one per line as a YAML list. The kustomize base runs the
+same list (tests/contract checks it).
+*/}}
+{{- define "mailtls-operator.args" -}}
+- run
+{{- if .Values.watchNamespaces }}
+{{- range .Values.watchNamespaces }}
+- --namespace={{ . }}
+{{- end }}
+{{- else }}
+- --all-namespaces
+{{- end }}
+{{- if .Values.peering.enabled }}
+- --peering={{ .Values.peering.name }}
+- --priority={{ .Values.peering.priority }}
+{{- else }}
+- --standalone
+{{- end }}
+- --health=0.0.0.0:{{ .Values.health.port }}
+{{- if .Values.metrics.enabled }}
+- --metrics=0.0.0.0:{{ .Values.metrics.port }}
+{{- else }}
+- --metrics=off
+{{- end }}
+- --strategy={{ .Values.strategy }}
+- --debounce={{ .Values.rollout.debounce }}
+- --max-delay={{ .Values.rollout.maxDelay }}
+- --parallelism={{ .Values.rollout.parallelism }}
+- --max-exception-days={{ .Values.maxExceptionDays }}
+- --probe-interval={{ .Values.probeInterval }}
+{{- if .Values.verbose }}
+- --verbose
+{{- end }}
+{{- range .Values.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}

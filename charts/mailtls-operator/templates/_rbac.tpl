@@ -1,0 +1,79 @@
+{{/*
+THE list of API rights the operator needs: every rule the chart grants comes from the
+two templates below, and each says whose need it is, as Kopf's deployment-rbac.yaml
+does: "Framework" (Kopf itself) or "Application" (mailtls-operator's own calls).
+The kustomize base is generated from this render (tests/contract checks it).
+
+Kopf's cluster observation (list/watch customresourcedefinitions, and list/watch
+namespaces when namespaces are given) is deliberately NOT granted: the operator watches
+exact namespaces (or the whole cluster) and only its own CRD, which must exist at start.
+The operator should set settings.scanning.disabled = True at startup; where it does not,
+Kopf logs "Not enough permissions ..." once and falls back to exactly that behaviour.
+*/}}
+
+{{/* Rules needed in every watched namespace: a Role per namespace, or the ClusterRole. */}}
+{{- define "mailtls-operator.rules.namespaced" -}}
+# Application: the MailTLSPolicy objects (listed at startup, then watched through Kopf).
+- apiGroups: [mailtls.io]
+  resources: [mailtlspolicies]
+  verbs: [list, watch]
+# Application: conditions, observedGeneration, entries and instances in .status.
+- apiGroups: [mailtls.io]
+  resources: [mailtlspolicies/status]
+  verbs: [patch]
+# Application: Postfix pods (label mailtls.io/instance), listed and watched; patch sets
+# the annotation mailtls.io/applied-revision after a verified rollout.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch, patch]
+{{- if eq .Values.strategy "exec" }}
+# Application (exec strategy only): postmap, postfix reload, postconf, posttls-finger,
+# postqueue in the Postfix container, over the websocket exec protocol. Its upgrade
+# request is a GET, authorized as get; newer API servers also require create for it
+# (feature AuthorizePodWebsocketUpgradeCreatePermission), as for kubectl's POST.
+- apiGroups: [""]
+  resources: [pods/exec]
+  verbs: [create, get]
+{{- end }}
+# Application: the ConfigMap <instance>-mailtls per Postfix instance (owned by the
+# operator: created, updated with each revision, deleted when the instance is gone).
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, watch, create, patch, delete]
+# Application: restart strategy (a pod annotated mailtls.io/strategy=restart, or the
+# default): set the revision annotation on the owning workload's pod template.
+- apiGroups: [apps]
+  resources: [deployments, statefulsets]
+  verbs: [get, patch]
+# Application: a pod's owner is a ReplicaSet; its owner is the Deployment to patch.
+- apiGroups: [apps]
+  resources: [replicasets]
+  verbs: [get]
+# Framework and application: Kopf posts its events, and the operator an Event for every
+# state change of a policy, both as core/v1 Events.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- if and .Values.peering.enabled .Values.watchNamespaces }}
+# Framework: Kopf peering in each watched namespace (watch the peers, keep-alive patch).
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [get, list, watch, patch]
+{{- end }}
+{{- end }}
+
+{{/* Rules that only a ClusterRole can grant. */}}
+{{- define "mailtls-operator.rules.cluster" -}}
+# Application: the startup check that the MailTLSPolicy CRD is installed and serves
+# v1alpha1; only this one CRD, only get.
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  resourceNames: [mailtlspolicies.mailtls.io]
+  verbs: [get]
+{{- if and .Values.peering.enabled (not .Values.watchNamespaces) }}
+# Framework: Kopf peering across the cluster (watch the peers, keep-alive patch).
+- apiGroups: [kopf.dev]
+  resources: [clusterkopfpeerings]
+  verbs: [get, list, watch, patch]
+{{- end }}
+{{- end }}

@@ -1,0 +1,383 @@
+"""The Helm chart, rendered and linted offline by Helm's own Go code (helm-python-sdk)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+
+from mailtls_operator.cli import build_parser
+from mailtls_operator.controller import build_registry
+from mailtls_operator.kube import API_CALLS
+
+from .checks import all_problems
+from .kit import (
+    CHART,
+    CHART_CRD_COPY,
+    CRD_SOURCE,
+    NAMESPACE,
+    Grant,
+    chart_crd_objects,
+    chart_objects,
+    find,
+    notes,
+    operator_container,
+    operator_grants,
+    render_chart,
+)
+
+NAMESPACED = {"watchNamespaces": ["mail", "relay2"]}
+RESTART = {"strategy": "restart"}
+EVERYTHING = {
+    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "podDisruptionBudget": {"enabled": True},
+    "verbose": True,
+    "extraArgs": ["--max-delay=9"],
+    "image": {"digest": "sha256:" + "a" * 64},
+}
+VARIANTS = {
+    "default": {},
+    "namespaced": NAMESPACED,
+    "restart": RESTART,
+    "namespaced-restart": {**NAMESPACED, **RESTART},
+    "standalone": {"peering": {"enabled": False}},
+    "no-metrics": {"metrics": {"enabled": False}},
+    "no-crd": {"crds": {"enabled": False}},
+    "everything": EVERYTHING,
+}
+
+# What the operator calls, from its own code: kube.API_CALLS (every call of its API
+# client), the resources its Kopf handlers watch (Kopf lists, then watches them), the
+# exec runner (pods/exec over websocket: get, and create on newer API servers), and
+# Kopf's own events. The chart must grant exactly this, nothing more.
+def _watched() -> set[tuple[str, str, str]]:
+    registry = build_registry()
+    return {(verb, selector.group or "", selector.any_name)
+            for selector in registry._watching.get_all_selectors() for verb in ("list", "watch")}
+
+
+CALLS = set(API_CALLS) | _watched() | {("create", "", "events")}
+CLUSTER_CALLS = {c for c in CALLS if c[2] == "customresourcedefinitions"}
+EXEC = {("", "pods/exec", "create"), ("", "pods/exec", "get")}
+NAMESPACED_RIGHTS: set[tuple[str, str, str]] = {
+    (group, resource, verb) for verb, group, resource in CALLS - CLUSTER_CALLS} | EXEC
+CRD_CHECK: Grant = ("*", "apiextensions.k8s.io", "customresourcedefinitions", "get",
+                    "mailtlspolicies.mailtls.io")
+CLUSTER_PEERING = {("*", "kopf.dev", "clusterkopfpeerings", verb, "*")
+                   for verb in ("get", "list", "watch", "patch")}
+
+
+def in_scope(scope: str, rights: set[tuple[str, str, str]]) -> set[Grant]:
+    return {(scope, group, resource, verb, "*") for group, resource, verb in rights}
+
+
+def test_the_operators_calls_are_what_the_design_says() -> None:
+    crd_get = {("get", "apiextensions.k8s.io", "customresourcedefinitions")}
+    assert crd_get == CLUSTER_CALLS
+    assert {(g, r) for _, g, r in CALLS} == {
+        ("mailtls.io", "mailtlspolicies"), ("mailtls.io", "mailtlspolicies/status"),
+        ("", "pods"), ("", "configmaps"), ("", "events"),
+        ("apps", "deployments"), ("apps", "statefulsets"), ("apps", "replicasets"),
+        ("apiextensions.k8s.io", "customresourcedefinitions")}
+
+
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_renders_and_every_object_validates(variant: str) -> None:
+    objects = chart_objects(VARIANTS[variant]) + chart_crd_objects()
+    assert objects
+    assert all_problems(objects) == []
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_lint_passes(variant: str) -> None:
+    report = helm.lint(CHART, VARIANTS[variant], strict=True, namespace=NAMESPACE,
+                       kube_version="v1.30.0")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_default_render_has_the_expected_objects() -> None:
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in chart_objects())
+    assert kinds == [
+        ("ClusterKopfPeering", "mailtls-operator"),
+        ("ClusterRole", "mailtls-operator"),
+        ("ClusterRole", "mailtls-operator-mailtlspolicy-editor"),
+        ("ClusterRole", "mailtls-operator-mailtlspolicy-viewer"),
+        ("ClusterRoleBinding", "mailtls-operator"),
+        ("CustomResourceDefinition", "mailtlspolicies.mailtls.io"),
+        ("Deployment", "mailtls-operator"),
+        ("Service", "mailtls-operator-metrics"),
+        ("ServiceAccount", "mailtls-operator"),
+    ]
+
+
+# ----------------------------------------------------------------------------- RBAC
+
+
+def test_default_grants_exactly_the_documented_rights_cluster_wide() -> None:
+    assert operator_grants(chart_objects()) == (
+        {CRD_CHECK} | CLUSTER_PEERING | in_scope("*", NAMESPACED_RIGHTS))
+
+
+def test_namespaced_mode_grants_roles_per_namespace_and_only_the_crd_check_cluster_wide() -> None:
+    objects = chart_objects(NAMESPACED)
+    peering = {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+    assert operator_grants(objects) == (
+        {CRD_CHECK}
+        | in_scope("mail", NAMESPACED_RIGHTS | peering)
+        | in_scope("relay2", NAMESPACED_RIGHTS | peering))
+    assert {(o["kind"], o["metadata"].get("namespace")) for o in objects
+            if o["kind"] in ("Role", "RoleBinding", "KopfPeering")} == {
+        (kind, ns) for kind in ("Role", "RoleBinding", "KopfPeering")
+        for ns in ("mail", "relay2")}
+    assert find(objects, "ClusterKopfPeering") == []
+
+
+@pytest.mark.parametrize("values", [RESTART, {**NAMESPACED, **RESTART}],
+                         ids=["cluster-wide", "namespaced"])
+def test_restart_strategy_grants_no_exec(values: dict[str, Any]) -> None:
+    objects = chart_objects(values)
+    grants = operator_grants(objects)
+    assert not [g for g in grants if g[2] == "pods/exec"]
+    scopes = {g[0] for g in grants} - {"*"} or {"*"}
+    for scope in scopes:
+        expected = in_scope(scope, NAMESPACED_RIGHTS - EXEC)
+        assert expected <= grants
+    assert "--strategy=restart" in operator_container(objects)["args"]
+
+
+def test_standalone_has_no_peering_rights_or_objects() -> None:
+    objects = chart_objects({"peering": {"enabled": False}})
+    assert not [g for g in operator_grants(objects) if g[1] == "kopf.dev"]
+    assert not [o for o in objects if o["apiVersion"].startswith("kopf.dev/")]
+    args = operator_container(objects)["args"]
+    assert "--standalone" in args
+    assert not [a for a in args if a.startswith("--peering")]
+
+
+def test_every_operator_rule_is_commented_as_framework_or_application() -> None:
+    lines = (CHART / "templates" / "_rbac.tpl").read_text(encoding="utf-8").splitlines()
+    rules = [i for i, line in enumerate(lines) if line.lstrip().startswith("- apiGroups:")]
+    assert len(rules) >= 10
+    for i in rules:
+        block: list[str] = []
+        for line in reversed(lines[:i]):
+            text = line.strip()
+            if text.startswith("{{"):  # a template guard between comment and rule
+                continue
+            if not text.startswith("#"):
+                break
+            block.insert(0, text)
+        assert block and re.match(r"# (Framework|Application)\b", block[0]), (
+            f"_rbac.tpl:{i + 1}: rule without a Framework/Application comment")
+
+
+def test_people_get_viewer_and_editor_roles_aggregated_into_view_edit_admin() -> None:
+    objects = chart_objects()
+    viewer = find(objects, "ClusterRole", "mailtls-operator-mailtlspolicy-viewer")[0]
+    editor = find(objects, "ClusterRole", "mailtls-operator-mailtlspolicy-editor")[0]
+    assert viewer["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert {k for k, v in editor["metadata"]["labels"].items() if v == "true"} >= {
+        "rbac.authorization.k8s.io/aggregate-to-edit",
+        "rbac.authorization.k8s.io/aggregate-to-admin"}
+    editor_grants = {(g, r, v) for rule in editor["rules"] for g in rule["apiGroups"]
+                     for r in rule["resources"] for v in rule["verbs"]}
+    assert ("mailtls.io", "mailtlspolicies", "create") in editor_grants
+    assert ("mailtls.io", "mailtlspolicies/status", "patch") not in editor_grants
+    assert find(chart_objects({"rbac": {"aggregateClusterRoles": False}}), "ClusterRole") == \
+        find(chart_objects(), "ClusterRole", "mailtls-operator")
+
+
+# --------------------------------------------------------------- the operator pod
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_args_are_accepted_by_the_operators_own_command_line(variant: str) -> None:
+    args = operator_container(chart_objects(VARIANTS[variant]))["args"]
+    parsed = build_parser().parse_args(args)
+    assert parsed.command == "run"
+
+
+def test_default_args() -> None:
+    assert operator_container(chart_objects())["args"] == [
+        "run", "--all-namespaces", "--peering=mailtls-operator", "--priority=0",
+        "--health=0.0.0.0:8080", "--metrics=0.0.0.0:9090", "--strategy=exec",
+        "--debounce=0.5", "--max-delay=5", "--parallelism=1", "--max-exception-days=30",
+        "--probe-interval=3600"]
+    parsed = build_parser().parse_args(operator_container(chart_objects(NAMESPACED))["args"])
+    assert parsed.namespace == ["mail", "relay2"]
+    assert parsed.peering == "mailtls-operator"
+
+
+def test_restricted_security_context_probes_and_resources() -> None:
+    (deployment,) = find(chart_objects(), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert {"requests", "limits"} <= set(container["resources"])
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+    assert "memory" in container["resources"]["limits"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"health": 8080, "http-metrics": 9090}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in \
+        container["env"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_metrics_service_and_service_monitor_select_the_operator() -> None:
+    objects = chart_objects(EVERYTHING)
+    (deployment,) = find(objects, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (service,) = find(objects, "Service")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == "http-metrics"
+    (monitor,) = find(objects, "ServiceMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= \
+        service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    (pdb,) = find(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert operator_container(objects)["image"] == \
+        "ghcr.io/mailtls/mailtls-operator@sha256:" + "a" * 64
+
+    off = chart_objects({"metrics": {"enabled": False}})
+    assert find(off, "Service") == [] and find(off, "ServiceMonitor") == []
+    assert "--metrics=off" in operator_container(off)["args"]
+
+
+def test_pod_disruption_budget_takes_one_of_min_available_or_max_unavailable() -> None:
+    (pdb,) = find(chart_objects({"podDisruptionBudget": {"enabled": True, "minAvailable": 1}}),
+                  "PodDisruptionBudget")
+    assert pdb["spec"] == {"selector": pdb["spec"]["selector"], "minAvailable": 1}
+    with pytest.raises(helm.HelmRenderError, match="not both"):
+        render_chart({"podDisruptionBudget": {"enabled": True, "minAvailable": 1,
+                                              "maxUnavailable": 1}})
+
+
+# --------------------------------------------------------------------------- CRDs
+
+
+def test_chart_crd_copy_is_byte_identical_to_the_source() -> None:
+    assert CHART_CRD_COPY.read_bytes() == CRD_SOURCE.read_bytes(), (
+        "charts/mailtls-operator/files/crds/ is stale: "
+        "run .venv/bin/python -m tests.contract.kit")
+
+
+def test_templated_crd_is_the_source_crd_plus_labels_and_keep() -> None:
+    source = yaml.safe_load(CRD_SOURCE.read_text(encoding="utf-8"))
+    (crd,) = find(chart_objects(), "CustomResourceDefinition")
+    assert crd["spec"] == source["spec"]
+    assert crd["metadata"]["name"] == source["metadata"]["name"]
+    assert source["metadata"]["labels"].items() <= crd["metadata"]["labels"].items()
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    (unkept,) = find(chart_objects({"crds": {"keep": False}}), "CustomResourceDefinition")
+    assert "annotations" not in unkept["metadata"]
+    assert find(chart_objects({"crds": {"enabled": False}}), "CustomResourceDefinition") == []
+    argo = {"argocd.argoproj.io/sync-options": "Delete=false"}
+    (annotated,) = find(chart_objects({"crds": {"annotations": argo}}), "CustomResourceDefinition")
+    assert annotated["metadata"]["annotations"] == {**argo, "helm.sh/resource-policy": "keep"}
+
+
+def test_chart_crds_dir_holds_only_kopfs_shared_peering_crds() -> None:
+    names = sorted(o["metadata"]["name"] for o in chart_crd_objects())
+    assert names == ["clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"]
+
+
+# ------------------------------------------------------------------------- values
+
+
+def test_values_yaml_validates_against_the_schema_and_bad_values_are_refused() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(values)
+        for bad, where in [
+            ({"strategy": "reboot"}, "/strategy"),
+            ({"replicaCount": 2}, "/replicaCount"),
+            ({"watchNamespaces": ["Mail_NS"]}, "/watchNamespaces/0"),
+            ({"stratgy": "exec"}, "stratgy"),
+            ({"image": {"digest": "latest"}}, "/image/digest"),
+            ({"rollout": {"parallelism": 0}}, "/rollout/parallelism"),
+            ({"crds": {"enabled": "yes"}}, "/crds/enabled"),
+        ]:
+            with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
+                chart.validate_schema(bad)
+            with pytest.raises(helm.HelmValuesError):
+                chart.render(bad, name="x", namespace="y")
+
+
+def _leaf_and_map_paths(node: Any, prefix: str = "") -> list[str]:
+    out = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            out.append(path)
+            out.extend(_leaf_and_map_paths(value, path))
+    return out
+
+
+def test_schema_and_values_describe_the_same_keys() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+
+    def schema_paths(node: dict[str, Any], prefix: str = "") -> list[str]:
+        out = []
+        for key, sub in node.get("properties", {}).items():
+            path = f"{prefix}.{key}" if prefix else key
+            out.append(path)
+            out.extend(schema_paths(sub, path))
+        return out
+
+    declared = set(schema_paths(schema)) - {"global"}
+    free_maps = {p for p in declared if p.split(".")[-1] in (
+        "annotations", "labels", "podAnnotations", "podLabels", "nodeSelector",
+        "podSecurityContext", "containerSecurityContext", "affinity", "requests", "limits")}
+    in_values = {p for p in _leaf_and_map_paths(values)
+                 if not any(p.startswith(f + ".") for f in free_maps)}
+    assert in_values == declared
+    for path in declared:
+        node: dict[str, Any] = schema
+        for part in path.split("."):
+            node = node["properties"][part]
+        assert node.get("description"), f"schema property {path} has no description"
+
+
+def test_every_value_has_a_prose_comment() -> None:
+    lines = (CHART / "values.yaml").read_text(encoding="utf-8").splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        if re.match(r"^\s*[A-Za-z0-9_./-]+:", line):
+            previous = lines[i - 1].strip() if i else ""
+            if not previous.startswith("#") or previous == "#":
+                missing.append(f"values.yaml:{i + 1}: {line.strip()}")
+    assert missing == []
+
+
+@pytest.mark.parametrize("variant", ["default", "namespaced", "restart", "no-crd"])
+def test_notes_render(variant: str) -> None:
+    text = notes(VARIANTS[variant])
+    assert "mailtls.io/instance" in text
+    if variant == "namespaced":
+        assert "namespaces mail, relay2" in text
+    if variant == "restart":
+        assert "no pods/exec granted" in text
+    if variant == "no-crd":
+        assert "NOT managed by this release" in text
