@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,8 @@ class Demo:
 
     async def start_operator(self) -> None:
         self.operator = Operator(Kube(self.client), self.runner,
-                                 Config(debounce=0.3, max_delay=2.0, retry_base=1.0))
+                                 Config(debounce=0.3, max_delay=2.0, retry_base=1.0,
+                                        observe_interval=1.0))
         await self.stack.enter_async_context(run_operator(
             self.server, build_registry(), memo=kopf.Memo(operator=self.operator)))
         print("   operator running (Kopf, official kubernetes client, exec strategy)")
@@ -157,6 +159,30 @@ class Demo:
                     return False
             return all(w.idle.is_set() for w in self.operator.workers.values())
         await self.server.wait_until(done, timeout)
+
+    def status(self, name: str) -> dict[str, Any]:
+        obj = self.server.get_object(PLURAL, "mail", name) or {}
+        status: dict[str, Any] = obj.get("status") or {}
+        return status
+
+    def deferred(self, name: str) -> dict[str, Any] | None:
+        d = self.status(name).get("deferred") or {}
+        return d if d.get("recipients") else None
+
+    def probes(self, name: str) -> list[dict[str, Any]]:
+        probes: list[dict[str, Any]] = self.status(name).get("probes") or []
+        return probes
+
+    def print_probes(self, names: list[str]) -> None:
+        rows = [("POLICY", "MODE", "DESTINATION", "RESULT", "REASON")]
+        for name in names:
+            obj = self.server.get_object(PLURAL, "mail", name) or {}
+            for p in self.probes(name):
+                rows.append((name, obj["spec"].get("mode", "enforce"), p["destination"],
+                             p["result"], f"{p['reason']}: {p['message'][:70]}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            show("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
 
     def print_policies(self) -> None:
         rows = [("NAME", "LEVEL", "READY", "REASON", "MESSAGE")]
@@ -226,6 +252,8 @@ async def main() -> int:
                             level="encrypt"),
                 demo.policy("ca-partner", destinations=[demo.ca_signed.nexthop], level="secure",
                             match=["sink.mailtls.test"], tafile=[demo.ca_pem]),
+                demo.policy("selfsigned-secure-audit", destinations=[demo.self_signed.nexthop],
+                            level="secure", match=["sink.mailtls.test"], mode="audit"),
             ]
             for obj in mine:
                 await demo.apply(obj)
@@ -250,19 +278,53 @@ async def main() -> int:
             q_ca = demo.send("carol@partner.example.test")
             demo.evidence(q_ca, "sent")
 
-            step("6. Fix: the plain partner cannot do TLS, relax it to 'may'")
+            step("6. Stuck mail, seen: status.deferred of plain-partner (from postqueue -j)")
+            deferred = await demo.server.wait_until(lambda: demo.deferred("plain-partner"), 20)
+            show(yaml.safe_dump({"deferred": deferred}, sort_keys=False, width=100))
+
+            step("7. Preflight probes (posttls-finger from pod relay-0): status.probes")
+            await demo.server.wait_until(lambda: demo.probes("selfsigned-secure-audit"), 20)
+            demo.print_probes(["selfsigned-secure-audit", "candidate-secure", "ca-partner",
+                               "selfsigned-partner", "plain-partner"])
+
+            step("8. Fix: the plain partner cannot do TLS, relax it to 'may'; the operator "
+                 "releases the stuck mail")
             fixed_at = time.monotonic()
             await demo.apply(demo.policy("plain-partner", destinations=[demo.plain.nexthop],
                                          level="may"))
-            await demo.settled(["plain-partner"])
-            rolled = time.monotonic() - fixed_at
-            print(f"   rolled out to both pods and verified in {rolled:.2f}s")
-            demo.pods["relay-0"].flush()
+            await asyncio.to_thread(demo.plain.wait_for, 1, 20)
+            took = time.monotonic() - fixed_at
             demo.evidence(q_plain, "sent")
-            print(f"   the deferred message reached the sink {time.monotonic() - fixed_at:.2f}s"
-                  " after the fix")
+            retry = demo.pods["relay-0"].postconf("minimal_backoff_time", "queue_run_delay")
+            print(f"   the deferred message reached the sink {took:.2f}s after the fix "
+                  f"(rollout to 2 pods + postqueue -i); Postfix's own retry would have waited "
+                  f"up to minimal_backoff_time={retry['minimal_backoff_time']}, "
+                  f"queue_run_delay={retry['queue_run_delay']}")
 
-            step("7. Final status")
+            step("9. Break-glass: a temporary 'may' exception over the secure ca-partner")
+            now = datetime.now(UTC).replace(microsecond=0)
+            brk = demo.policy("ca-partner-break-glass", destinations=[demo.ca_signed.nexthop],
+                              level="may", exception={
+                                  "startsAt": now.isoformat().replace("+00:00", "Z"),
+                                  "expiresAt": (now + timedelta(hours=4)).isoformat()
+                                  .replace("+00:00", "Z"),
+                                  "reason": "INC-4711 partner certificate expired overnight"})
+            await demo.apply(brk)
+            names.append("ca-partner-break-glass")
+            await demo.settled(names)
+            print(f"   relay-0: postmap -q {demo.ca_signed.nexthop} -> "
+                  f"{demo.pods['relay-0'].query(demo.ca_signed.nexthop)}")
+            for name, ctype in (("ca-partner", "Overridden"),
+                                ("ca-partner-break-glass", "BreakGlass")):
+                cond = demo.condition(name, ctype) or {}
+                print(f"   {name}: {ctype}={cond.get('status')} ({cond.get('reason')}): "
+                      f"{cond.get('message')}")
+            events = [e for e in demo.server.list_objects("v1/events", "mail")
+                      if e["reason"] in ("ExceptionActive", "BreakGlass")]
+            for e in events:
+                print(f"   event {e['type']} {e['reason']} {e['involvedObject']['name']}")
+
+            step("10. Final status")
             demo.print_policies()
             print(f"\n{BOLD}Demo finished in {time.monotonic() - started:.1f}s; stopping "
                   f"everything.{RESET}")

@@ -114,8 +114,10 @@ class InstanceState:
     config: rollout.InstanceConfig | None = None
     """The instance's routing (postconf), re-read after each rollout that changed a pod."""
     seen: Observations = field(default_factory=Observations)
+    unreleased: set[str] = field(default_factory=set)
+    """Keys whose line changed in a render that is not yet rolled out everywhere."""
     changed_keys: set[str] = field(default_factory=set)
-    """Keys whose line changed and whose deferred mail is still to be released."""
+    """Keys whose changed line is live in every ready pod: their deferred mail is released."""
     observer: asyncio.Task[None] | None = None
     observe_again: bool = False
     observe_timer: asyncio.TimerHandle | None = None
@@ -346,11 +348,14 @@ class Operator:
         state.renders += 1
         if state.tables is not None:
             old, new = state.tables.tls_entries, tables.tls_entries
-            state.changed_keys |= {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+            state.unreleased |= {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
         state.tables = tables
         self.metrics.entries.labels(ns, inst).set(len(tables.tls_entries) - 1)
         await self._write_configmap(key, state, tables)
         await self._roll_out(key, state, tables)
+        if not state.failure:  # the new lines are live in every ready pod: release now
+            state.changed_keys |= state.unreleased
+            state.unreleased.clear()
         await self.write_statuses(ns)
         self._schedule_expiry(key, now)
         self.observe_soon(key)
@@ -587,7 +592,7 @@ class Operator:
         if not ready or state.config is None:
             return False
         pods = [self._target(p).pod for p in ready]
-        release = set(state.changed_keys) if not state.failure else set()
+        release = set(state.changed_keys)
         deferred, released = await observe_queues(self.runner, pods, state.config,
                                                   tables.tls_entries, release,
                                                   timeout=self.config.exec_timeout)

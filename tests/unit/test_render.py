@@ -91,7 +91,7 @@ def test_exception_beats_stronger_policy_and_expires() -> None:
     secure = pol("secure", "secure", ["p.example"], match=["nexthop"])
     brk = pol("break-glass", "may", ["p.example"],
               exception={"startsAt": "2026-11-20T00:00:00Z",
-                                      "expiresAt": "2026-12-01T00:00:00Z", "reason": "INC-1 cert broke"})
+                         "expiresAt": "2026-12-01T00:00:00Z", "reason": "INC-1 cert broke"})
     during = render([secure, brk], now=NOW)
     assert during.tls_entries["p.example"] == "may"
     assert during.losses["mail/secure"][0].reason == "Overridden"
