@@ -57,6 +57,7 @@ from .world import (
     ANN_MAP_PATH,
     ANN_MAP_TYPE,
     ANN_STRATEGY,
+    ANN_TEMPLATE_REVISION,
     INSTANCE_LABEL,
     InstanceKey,
     PodRecord,
@@ -422,6 +423,12 @@ class Operator:
             state.failure = None
             return
         strategy = pods[0].annotation(ANN_STRATEGY, self.config.default_strategy)
+        behind = [p for p in pods if p.annotations.get(
+            ANN_TEMPLATE_REVISION if strategy == "restart" else ANN_APPLIED) != tables.revision]
+        if behind and not state.failure:
+            # say so before a long rollout starts: Pending, with the pods still to do
+            state.pods_updated = len(pods) - len(behind)
+            await self.write_statuses(ns)
         started = time.perf_counter()
         if strategy == "restart":
             result = await restart_rollout(self.kube, pods, tables.revision)
@@ -707,7 +714,7 @@ class Operator:
 def register(registry: kopf.OperatorRegistry) -> None:
     """Register the handlers on ``registry``; each is one call into :class:`Operator`."""
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(registry=registry, backoff=2.0)  # e.g. the API server answered 503
     async def _startup(memo: kopf.Memo, **_: Any) -> None:
         await memo.operator.start()
 

@@ -56,8 +56,11 @@ def _decode(response: Any) -> dict[str, Any]:
 class Kube:
     """Async facade over the official client for exactly the calls the operator needs."""
 
-    def __init__(self, api_client: client.ApiClient) -> None:
+    def __init__(self, api_client: client.ApiClient, *, timeout: float = 30.0) -> None:
         self.api_client = api_client
+        self.timeout = timeout
+        """Seconds per call: the official client waits forever by default, and a hung call
+        would stall an instance's worker."""
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.apps = client.AppsV1Api(api_client)
@@ -66,7 +69,8 @@ class Kube:
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         def run() -> dict[str, Any]:
             try:
-                return _decode(fn(*args, _preload_content=False, **kwargs))
+                return _decode(fn(*args, _preload_content=False,
+                                  _request_timeout=self.timeout, **kwargs))
             except ApiException as exc:
                 if exc.status == 404:
                     raise NotFound(str(exc.reason)) from exc

@@ -35,7 +35,7 @@ final ``mv`` is a rename(2) on one filesystem: atomic)."""
 # paths end up after ``TYPE:`` in Postfix's own syntax and as argv words.
 _PATH_RE: Final = re.compile(r"/[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
 _MAX_PATH: Final = 1024
-_PARAM_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,99}")
+_PARAM_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,99}")
 
 # Postfix queue ids (src/global/mail_queue.h).  Short ids: five upper-case hex
 # digits of microseconds, then the inode number in upper-case hex.  Long ids

@@ -287,7 +287,7 @@ async def read_client_defaults(runner: PodRunner, pod: PodRef, *,
     """Read :class:`ClientDefaults` from the pod with ``postconf -x``."""
     # Not postfix.postconf_get: its name check refuses upper case, and Postfix's
     # own names have it (smtp_tls_CAfile).  These names are constants.
-    res = await runner.run(pod, ["postconf", "-x", *CLIENT_PARAMS], timeout=timeout)
+    res = await runner.run(pod, postfix.postconf_get(CLIENT_PARAMS), timeout=timeout)
     if not res.ok:
         raise ProbeSetupError(f"{pod}: postconf: {res.message()}")
     return ClientDefaults.from_postconf(postfix.parse_postconf(res.stdout.decode("utf-8",

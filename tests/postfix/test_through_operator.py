@@ -8,6 +8,7 @@ and the PodRunner is the local runner, which runs the very same argv.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -299,3 +300,74 @@ async def test_lint_warns_dane_without_dnssec_and_holds_back_a_missing_tafile(
         assert inst.query("fine.example") == "encrypt"
         assert inst.query("dane.example") == "dane"
         assert inst.query("partner.example") is None  # held back from this instance only
+
+
+class GatedRunner:
+    """The local runner, but ``postfix reload`` in one pod waits for the test's go-ahead:
+    a way to catch the operator mid-rollout (between two pods) deterministically."""
+
+    def __init__(self, inner: LocalPodRunner, gated_pod: str) -> None:
+        self.inner = inner
+        self.gated_pod = gated_pod
+        self.reached = threading.Event()
+        self.go = threading.Event()
+
+    async def run(self, pod: Any, argv: Any, *, stdin: bytes | None = None,
+                  timeout: float = 60.0) -> Any:
+        if pod.name == self.gated_pod and list(argv[:1]) == ["postfix"] and not self.go.is_set():
+            self.reached.set()
+            while not self.go.is_set():  # cancellable, as a real exec is
+                await asyncio.sleep(0.02)
+        return await self.inner.run(pod, argv, stdin=stdin, timeout=timeout)
+
+
+async def test_an_operator_killed_mid_rollout_is_finished_by_the_next_one(
+        make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
+        run_operator: Any, kube_client: Any) -> None:
+    pods = [make_pod(f"relay-{i}") for i in range(3)]
+    for (pod, inst) in pods:
+        apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    async with operator(run_operator, kube_client, runner):
+        await kubectl.apply("p", destinations=["a.example"], level="may")
+        await kubectl.until_ready("p")
+    old = kubectl.status("p")["instances"][0]["revision"]
+    gated = GatedRunner(runner, "relay-1")
+    try:
+        async with operator(run_operator, kube_client, gated):  # type: ignore[arg-type]
+            await kubectl.apply("p", destinations=["a.example"], level="encrypt")
+            await asyncio.to_thread(gated.reached.wait, 15)
+            assert pods[0][1].query("a.example") == "encrypt"
+            assert pods[2][1].query("a.example") == "may"
+            pending = kubectl.ready("p")  # written before the rollout began
+            assert pending is not None and pending["reason"] == "Pending"
+            assert "relay: 0/3 pods on revision" in pending["message"]
+        # the operator is gone mid-rollout: relay-1 staged, not reloaded; relay-2 untouched
+    finally:
+        gated.go.set()
+    async with operator(run_operator, kube_client, runner):
+        await poll(lambda: kubectl.status("p")["instances"][0]["revision"] != old)
+        ready = await kubectl.until_ready("p", timeout=30)
+        assert "3/3 pods verified" in ready["message"]
+        assert [inst.query("a.example") for _, inst in pods] == ["encrypt"] * 3
+
+
+async def test_a_pod_deleted_mid_rollout_ends_in_a_truthful_status(
+        make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
+        run_operator: Any, kube_client: Any) -> None:
+    pods = [make_pod(f"relay-{i}") for i in range(3)]
+    for (pod, inst) in pods:
+        apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    gated = GatedRunner(runner, "relay-1")
+    core = kubernetes.client.CoreV1Api(kube_client)
+    async with operator(run_operator, kube_client, gated):  # type: ignore[arg-type]
+        await kubectl.apply("p", destinations=["a.example"], level="encrypt")
+        await asyncio.to_thread(gated.reached.wait, 15)
+        await asyncio.to_thread(core.delete_namespaced_pod, "relay-1", "mail")
+        runner.remove(pods[1][0])
+        pods[1][1].stop()
+        gated.go.set()
+        ready = await kubectl.until_ready("p", timeout=30)
+        assert "2/2 pods verified" in ready["message"]
+        assert [pods[i][1].query("a.example") for i in (0, 2)] == ["encrypt"] * 2
+        status = kubectl.status("p")
+        assert status["instances"][0]["podsTotal"] == 2
