@@ -18,8 +18,15 @@ import time
 from typing import Any
 
 from bench.common import Result, Summary, postfix_available, table
-from bench.harness import INSTANCE, NAMESPACE, TimingRunner, emulation, gather_limited, \
-    local_pods, policy
+from bench.harness import (
+    INSTANCE,
+    NAMESPACE,
+    TimingRunner,
+    emulation,
+    gather_limited,
+    local_pods,
+    policy,
+)
 from mailtls_operator.controller import Config
 
 NAME = "burst_coalescing"

@@ -18,7 +18,6 @@ Kopf, rendering, API calls, scheduling).
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from bench.common import Result, Summary, postfix_available, stats, table

@@ -24,13 +24,13 @@ import attrs
 import kmock
 import kopf
 import kubernetes.client
+from tests.integration.apiserver import ApiServer, RunningOperator, run_operator
 
 from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.kube import Kube
 from mailtls_operator.local import InstanceSettings, LocalInstance, LocalPodRunner
 from mailtls_operator.podrunner import ExecResult, PodRef, PodRunner
 from mailtls_operator.render import REVISION_KEY
-from tests.integration.apiserver import ApiServer, RunningOperator, run_operator
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
 NAMESPACE = "mail"

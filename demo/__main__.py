@@ -17,8 +17,8 @@ import shutil
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
