@@ -20,6 +20,7 @@ import pytest
 
 from tests.integration.apiserver import ApiServer, RunningOperator, RunOperator
 from tests.integration.apiserver import run_operator as _run_operator
+from tests.integration.helpers import Cluster
 
 
 @pytest.fixture
@@ -55,3 +56,9 @@ def run_operator(apiserver: ApiServer) -> RunOperator:
               **kwargs: Any) -> AbstractAsyncContextManager[RunningOperator]:
         return _run_operator(apiserver, registry, **kwargs)
     return functools.update_wrapper(bound, _run_operator, assigned=("__doc__",))
+
+
+@pytest.fixture
+def cluster(apiserver: ApiServer, kube_client: kubernetes.client.ApiClient) -> Cluster:
+    """kubectl for the tests: apply/delete policies, read ConfigMaps and status."""
+    return Cluster(apiserver, kube_client)

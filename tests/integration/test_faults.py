@@ -16,14 +16,7 @@ import pytest
 from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.kube import Kube
 from tests.integration.apiserver import WRITE_VERBS, ApiServer
-from tests.integration.test_controller import (  # noqa: F401 - cluster is a fixture
-    Cluster,
-    NoPodsRunner,
-    cluster,
-    idle,
-    operating,
-    policy,
-)
+from tests.integration.helpers import Cluster, NoPodsRunner, idle, operating, policy
 
 pytestmark = pytest.mark.integration
 
