@@ -37,7 +37,8 @@ from .configmap import (
     same_content,
 )
 from .crd import GROUP, KIND, PLURAL, VERSION
-from .kube import Kube, NotFound
+from .kube import Conflict, Kube, NotFound
+from .leader import LeaderElector
 from .metrics import Metrics
 from .observer import (
     Observations,
@@ -193,8 +194,11 @@ class Operator:
     """The operator's state and behaviour, independent of how Kopf delivers events."""
 
     def __init__(self, kube: Kube, runner: PodRunner, config: Config | None = None, *,
-                 clock: Callable[[], datetime] = utcnow, metrics: Metrics | None = None) -> None:
+                 clock: Callable[[], datetime] = utcnow, metrics: Metrics | None = None,
+                 leader: LeaderElector | None = None) -> None:
         self.kube = kube
+        self.leader = leader
+        self._leader_task: asyncio.Task[None] | None = None
         self.runner = runner
         self.config = config or Config()
         self.clock = clock
@@ -225,13 +229,36 @@ class Operator:
             for obj in await self.kube.list_configmaps(ns, f"{MANAGED_BY}={OPERATOR}"):
                 self._record_configmap(obj)
         self.started = True
+        if self.leader is not None:
+            self._leader_task = asyncio.get_running_loop().create_task(
+                self.leader.run(self._on_leadership), name="mailtls:leader")
         log.info("seeded: %d policies, %d Postfix pods, %d instances",
                  sum(1 for _ in self.world.records()), len(self.world.pods),
                  len(self.world.instances()))
         self.wake(self.world.instances() | self._configmap_instances())
 
+    @property
+    def may_act(self) -> bool:
+        """Only the leader writes (with leader election); everyone keeps the world warm."""
+        return self.leader is None or self.leader.is_leader
+
+    def _on_leadership(self, leading: bool) -> None:
+        if leading:
+            self.wake_all()  # a takeover resumes whatever the last leader left
+            for key in list(self.states):
+                self.observe_soon(key)
+        else:  # abandon in-flight work cleanly: staged files are re-staged next time
+            for worker in self.workers.values():
+                if worker.task is not None:
+                    worker.task.cancel()
+                worker.idle.set()
+
     async def stop(self) -> None:
         self._stopping = True
+        if self._leader_task is not None:
+            self._leader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._leader_task
         await asyncio.gather(*(w.stop() for w in self.workers.values()))
         for state in self.states.values():
             if state.observe_timer is not None:
@@ -240,9 +267,11 @@ class Operator:
                 state.observer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await state.observer
+        if self.leader is not None:
+            await self.leader.release()
 
     def wake(self, keys: set[InstanceKey]) -> None:
-        if not self.started or self._stopping:
+        if not self.started or self._stopping or not self.may_act:
             return
         for key in keys:
             worker = self.workers.get(key)
@@ -331,6 +360,8 @@ class Operator:
 
     async def converge(self, key: InstanceKey) -> None:
         """Make the instance's ConfigMap, pods and its policies' status match the world."""
+        if not self.may_act:
+            return
         ns, inst = key
         state = self.states.setdefault(key, InstanceState(key))
         now = self.clock()
@@ -394,9 +425,7 @@ class Operator:
         if current is None:
             try:
                 stored = await self.kube.create_configmap(wanted)
-            except Exception as exc:  # 409: created meanwhile (e.g. a restart race)
-                if getattr(exc, "status", None) != 409:
-                    raise
+            except Conflict:  # created meanwhile (e.g. a restart race)
                 stored = await self.kube.replace_configmap_content(wanted)
         elif same_content(current, wanted):
             stored = current
@@ -563,7 +592,7 @@ class Operator:
         """Probe and read queues now in the background (never blocking the worker), then
         again after ``observe_interval``; a request during a run makes it run once more."""
         state = self.states.get(key)
-        if state is None or self._stopping:
+        if state is None or self._stopping or not self.may_act:
             return
         if state.observe_timer is not None:
             state.observe_timer.cancel()

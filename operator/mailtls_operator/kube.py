@@ -41,11 +41,18 @@ API_CALLS: frozenset[tuple[str, str, str]] = frozenset({
     ("patch", "apps", "statefulsets"),
     ("get", "apps", "deployments"),
     ("get", "apps", "statefulsets"),
+    ("get", "coordination.k8s.io", "leases"),
+    ("create", "coordination.k8s.io", "leases"),
+    ("patch", "coordination.k8s.io", "leases"),
 })
 
 
 class NotFound(Exception):
     """The object does not exist (404)."""
+
+
+class Conflict(Exception):
+    """The object changed or exists already (409)."""
 
 
 def _decode(response: Any) -> dict[str, Any]:
@@ -65,6 +72,7 @@ class Kube:
         self.custom = client.CustomObjectsApi(api_client)
         self.apps = client.AppsV1Api(api_client)
         self.ext = client.ApiextensionsV1Api(api_client)
+        self.coordination = client.CoordinationV1Api(api_client)
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         def run() -> dict[str, Any]:
@@ -74,6 +82,8 @@ class Kube:
             except ApiException as exc:
                 if exc.status == 404:
                     raise NotFound(str(exc.reason)) from exc
+                if exc.status == 409:
+                    raise Conflict(str(exc.reason)) from exc
                 raise
         return await asyncio.to_thread(run)
 
@@ -123,7 +133,21 @@ class Kube:
               else self.apps.read_namespaced_stateful_set)
         return await self._call(fn, name, namespace)
 
+    async def get_lease(self, namespace: str, name: str) -> dict[str, Any]:
+        return await self._call(self.coordination.read_namespaced_lease, name, namespace)
+
     # ----------------------------------------------------------------- writes
+
+    async def create_lease(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._call(self.coordination.create_namespaced_lease,
+                                body["metadata"]["namespace"], body)
+
+    async def patch_lease(self, namespace: str, name: str, patch: dict[str, Any]
+                          ) -> dict[str, Any]:
+        """Merge patch; a ``metadata.resourceVersion`` in it makes the API server refuse
+        (409) if the Lease changed since it was read."""
+        return await self._call(self.coordination.patch_namespaced_lease, name, namespace,
+                                patch, _content_type=MERGE)
 
     async def create_configmap(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self._call(self.core.create_namespaced_config_map,

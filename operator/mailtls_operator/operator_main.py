@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import socket
 import sys
 from datetime import timedelta
 from typing import Any
@@ -15,6 +17,7 @@ from kubernetes import client, config
 from .controller import Config, Operator, register
 from .execrunner import KubernetesExecRunner
 from .kube import Kube
+from .leader import LeaderElector
 from .metrics import Metrics
 
 log = logging.getLogger("mailtls")
@@ -40,11 +43,9 @@ def settings_for(args: argparse.Namespace) -> kopf.OperatorSettings:
     settings.posting.level = logging.WARNING
     settings.networking.error_backoffs = [1, 2, 5, 10, 30]
     settings.watching.server_timeout = 600
-    settings.peering.standalone = bool(args.standalone)
-    if args.peering:
-        settings.peering.name = args.peering
-        settings.peering.mandatory = True
-    settings.peering.priority = args.priority
+    # Replicas coordinate through a Lease (mailtls_operator.leader), not Kopf peering, which
+    # pauses every replica of equal priority.
+    settings.peering.standalone = True
     # The CRD must exist before we start (checked), and namespaces are named, not globbed:
     # no need for Kopf to watch CRDs and namespaces (nor the RBAC for it).
     settings.scanning.disabled = True
@@ -68,7 +69,12 @@ def run_operator(args: argparse.Namespace) -> int:
     metrics = Metrics()
     if args.metrics != "off":
         metrics.serve(*_hostport(args.metrics))
-    operator = Operator(Kube(api), KubernetesExecRunner(api), cfg, metrics=metrics)
+    kube = Kube(api)
+    leader = None
+    if args.leader_elect:
+        identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+        leader = LeaderElector(kube, args.lease_namespace, args.lease_name, identity)
+    operator = Operator(kube, KubernetesExecRunner(api), cfg, metrics=metrics, leader=leader)
     registry = kopf.OperatorRegistry()
     register(registry)
 
@@ -81,8 +87,7 @@ def run_operator(args: argparse.Namespace) -> int:
         asyncio.run(kopf.operator(
             registry=registry, settings=settings_for(args), memo=kopf.Memo(operator=operator),
             namespaces=cfg.namespaces, clusterwide=not cfg.namespaces,
-            standalone=bool(args.standalone), peering_name=args.peering,
-            priority=args.priority, liveness_endpoint=f"http://{host}:{port}/healthz"))
+            standalone=True, liveness_endpoint=f"http://{host}:{port}/healthz"))
     except KeyboardInterrupt:
         return 0
     return 0

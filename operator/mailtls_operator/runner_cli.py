@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 
@@ -19,15 +20,16 @@ def add_run_parser(sub: Any) -> None:
                        help="watch only this namespace (repeatable); default: all namespaces")
     scope.add_argument("-A", "--all-namespaces", action="store_true",
                        help="watch every namespace (the default)")
-    peer = p.add_mutually_exclusive_group()
-    peer.add_argument("--standalone", action="store_true",
-                      help="no peering: only for a single replica (and tests)")
-    peer.add_argument("--peering", metavar="NAME", default=None,
-                      help="Kopf peering object shared by replicas; only the highest-priority "
-                           "replica acts, so two replicas never roll out at once "
-                           "(default: auto-detect)")
-    p.add_argument("--priority", type=int, default=0,
-                   help="this replica's peering priority (default: %(default)s)")
+    p.add_argument("--leader-elect", action="store_true",
+                   help="run as one of several replicas: only the holder of the Lease "
+                        "LEASE_NAMESPACE/LEASE_NAME converges and rolls out; the others watch "
+                        "and take over within a lease period (15 s). Without it the operator "
+                        "assumes it is the only one.")
+    p.add_argument("--lease-namespace", metavar="NS",
+                   default=os.environ.get("POD_NAMESPACE", "default"),
+                   help="namespace of the Lease (default: $POD_NAMESPACE, else 'default')")
+    p.add_argument("--lease-name", metavar="NAME", default="mailtls-operator",
+                   help="name of the Lease (default: %(default)s)")
     p.add_argument("--health", metavar="HOST:PORT", default="0.0.0.0:8080",
                    help="serve /healthz (liveness/readiness) here (default: %(default)s)")
     p.add_argument("--metrics", metavar="HOST:PORT", default="0.0.0.0:9090",

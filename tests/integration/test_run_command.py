@@ -55,7 +55,7 @@ async def test_run_uses_the_current_kubeconfig_and_serves_health_and_metrics(
         apiserver: ApiServer, kube_client: kubernetes.client.ApiClient, tmp_path: Path) -> None:
     health, metrics = free_port(), free_port()
     url = str(apiserver.url).rstrip("/")
-    proc = await start(tmp_path, url, "--standalone", "--health", f"127.0.0.1:{health}",
+    proc = await start(tmp_path, url, "--health", f"127.0.0.1:{health}",
                        "--metrics", f"127.0.0.1:{metrics}", "--debounce", "0.1")
     try:
         await apiserver.wait_until(lambda: apiserver.watch_count("mailtlspolicies") > 0, 20)
@@ -88,7 +88,7 @@ async def test_run_without_the_crd_says_so_and_exits(
         apiserver: ApiServer, kube_client: kubernetes.client.ApiClient, tmp_path: Path) -> None:
     ext = kubernetes.client.ApiextensionsV1Api(kube_client)
     await asyncio.to_thread(ext.delete_custom_resource_definition, "mailtlspolicies.mailtls.io")
-    proc = await start(tmp_path, str(apiserver.url).rstrip("/"), "--standalone", "--health",
+    proc = await start(tmp_path, str(apiserver.url).rstrip("/"), "--health",
                        f"127.0.0.1:{free_port()}", "--metrics", "off")
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
