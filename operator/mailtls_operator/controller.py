@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -49,7 +49,7 @@ from .observer import (
 )
 from .podrunner import PodRef, PodRunner
 from .policy import DEFAULT_MAX_EXCEPTION, Policy
-from .render import Tables, render
+from .render import REVISION_KEY, Tables, render
 from .status import Condition, InstanceView, event_type, policy_status, transitions
 from .workloads import restart_rollout
 from .world import (
@@ -122,6 +122,8 @@ class InstanceState:
     """Keys whose changed line is live in every ready pod: their deferred mail is released."""
     observer: asyncio.Task[None] | None = None
     observe_again: bool = False
+    check_live: bool = False
+    """Verify pods' live revision on the next rollout (set by the periodic resync)."""
     observe_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -199,6 +201,7 @@ class Operator:
         self.kube = kube
         self.leader = leader
         self._leader_task: asyncio.Task[None] | None = None
+        self._resync: asyncio.TimerHandle | None = None
         self.runner = runner
         self.config = config or Config()
         self.clock = clock
@@ -229,6 +232,7 @@ class Operator:
             for obj in await self.kube.list_configmaps(ns, f"{MANAGED_BY}={OPERATOR}"):
                 self._record_configmap(obj)
         self.started = True
+        self._schedule_resync()
         if self.leader is not None:
             self._leader_task = asyncio.get_running_loop().create_task(
                 self.leader.run(self._on_leadership), name="mailtls:leader")
@@ -236,6 +240,18 @@ class Operator:
                  sum(1 for _ in self.world.records()), len(self.world.pods),
                  len(self.world.instances()))
         self.wake(self.world.instances() | self._configmap_instances())
+
+    def _schedule_resync(self) -> None:
+        """Re-converge everything now and then: drift nobody told us about (a table
+        changed inside a pod by hand is seen by the next rollout's verify) ends here."""
+        if self.config.resync_interval > 0 and not self._stopping:
+            def tick() -> None:
+                for state in self.states.values():
+                    state.check_live = True
+                self.wake_all()
+                self._schedule_resync()
+            self._resync = asyncio.get_running_loop().call_later(self.config.resync_interval,
+                                                                 tick)
 
     @property
     def may_act(self) -> bool:
@@ -255,6 +271,8 @@ class Operator:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._resync is not None:
+            self._resync.cancel()
         if self._leader_task is not None:
             self._leader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -489,6 +507,9 @@ class Operator:
         ns, inst = key
         ready = [p for p in pods if p.ready]
         targets = [self._target(p) for p in ready]
+        if state.check_live:
+            targets = [await self._drifted(t, tables) for t in targets]
+            state.check_live = False
         tableset = rollout.TableSet.of(tables)
         todo = sum(1 for t in targets if t.applied_revision != tables.revision)
         if todo:
@@ -515,6 +536,23 @@ class Operator:
                 state.config = await self._read_config(key, ready[0])
             if state.config is not None:
                 self._lint(state, state.config, tables)
+
+    async def _drifted(self, target: rollout.PodTarget, tables: Tables) -> rollout.PodTarget:
+        """A pod whose annotation claims the revision but whose live table answers another
+        (edited by hand, restored from an old volume): roll it again."""
+        if target.applied_revision != tables.revision:
+            return target
+        try:
+            res = await self.runner.run(target.pod, postfix.postmap_query(
+                REVISION_KEY, target.map_type, target.map_path), timeout=self.config.exec_timeout)
+        except Exception:
+            return target  # unreachable now; the rollout itself will say so next time
+        live = res.stdout.decode("utf-8", "replace").strip()
+        if res.ok and live == tables.revision_value():
+            return target
+        log.warning("%s: table drifted (revision key answers %r): rolling it again",
+                    target.pod, live or res.message())
+        return replace(target, applied_revision=None)
 
     async def _read_config(self, key: InstanceKey, pod: PodRecord
                            ) -> rollout.InstanceConfig | None:

@@ -65,7 +65,9 @@ def run_operator(args: argparse.Namespace) -> int:
     cfg = Config(namespaces=list(args.namespace), debounce=args.debounce,
                  max_delay=args.max_delay, parallelism=args.parallelism,
                  default_strategy=args.strategy,
-                 max_exception=timedelta(days=args.max_exception_days))
+                 max_exception=timedelta(days=args.max_exception_days),
+                 observe_interval=args.probe_interval,
+                 probe_enforced=args.probe_scope == "all")
     metrics = Metrics()
     if args.metrics != "off":
         metrics.serve(*_hostport(args.metrics))

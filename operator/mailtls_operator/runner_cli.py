@@ -50,6 +50,10 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument("--probe-interval", type=float, default=3600.0, metavar="SECONDS",
                    help="how often destinations are probed with posttls-finger and queues "
                         "read; 0 disables the schedule (default: %(default)s)")
+    p.add_argument("--probe-scope", choices=("all", "audit"), default="all",
+                   help="probe every policy's destinations (a failing probe of an enforced "
+                        "policy is a warning in its Verified condition), or only audit-mode "
+                        "policies (default: %(default)s)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     p.set_defaults(func=_run)
 

@@ -371,3 +371,19 @@ async def test_a_pod_deleted_mid_rollout_ends_in_a_truthful_status(
         assert [pods[i][1].query("a.example") for i in (0, 2)] == ["encrypt"] * 2
         status = kubectl.status("p")
         assert status["instances"][0]["podsTotal"] == 2
+
+
+async def test_a_table_changed_by_hand_inside_a_pod_is_rolled_again_on_resync(
+        make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
+        run_operator: Any, kube_client: Any) -> None:
+    pod, inst = make_pod("relay-0")
+    apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    async with operator(run_operator, kube_client, runner, resync_interval=0.5):
+        await kubectl.apply("p", destinations=["a.example"], level="encrypt")
+        await kubectl.until_ready("p")
+        good = inst.query(REVISION_KEY)
+        inst.map_path.write_text(f"{REVISION_KEY} secure match=rev-tampered\na.example none\n")
+        inst.run(["postmap", f"lmdb:{inst.map_path}"])
+        assert inst.query("a.example") == "none"
+        await poll(lambda: inst.query("a.example") == "encrypt", timeout=10)
+        assert inst.query(REVISION_KEY) == good
