@@ -1,6 +1,6 @@
 """Offline checks of Kubernetes objects: the official OpenAPI schemas
 (kubernetes-validate), our CRD for MailTLSPolicy objects, and scope sanity for the
-custom kinds no schema covers (Kopf's peering objects, ServiceMonitor)."""
+custom kinds no schema covers (prometheus-operator's ServiceMonitor)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from .kit import KUBE_VERSION, Obj
 
 #: Custom kinds the packaging emits, their scope, and the top-level fields they may have.
 CUSTOM_KINDS: dict[tuple[str, str], tuple[str, set[str]]] = {
-    ("kopf.dev/v1", "ClusterKopfPeering"): ("Cluster", {"status"}),
-    ("kopf.dev/v1", "KopfPeering"): ("Namespaced", {"status"}),
     ("monitoring.coreos.com/v1", "ServiceMonitor"): ("Namespaced", {"spec"}),
 }
 

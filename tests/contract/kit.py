@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CRD_SOURCE = ROOT / "crds" / "mailtlspolicies.mailtls.io.yaml"
 CHART = ROOT / "charts" / "mailtls-operator"
 CHART_CRD_COPY = CHART / "files" / "crds" / CRD_SOURCE.name
-CHART_PEERING_CRDS = CHART / "crds" / "kopf-peering.yaml"
 MANIFESTS = ROOT / "manifests"
 BASE = MANIFESTS / "base"
 OVERLAY_NAMESPACED = MANIFESTS / "overlays" / "namespaced"
@@ -79,7 +78,8 @@ def chart_objects(values: Mapping[str, Any] | None = None) -> list[Obj]:
 
 
 def chart_crd_objects() -> list[Obj]:
-    """The objects in the chart's crds/ directory (installed by Helm itself)."""
+    """The objects in the chart's crds/ directory (installed by Helm itself); the chart
+    has none since Kopf peering is gone, and the tests keep it so."""
     import helm_python as helm
 
     with helm.Chart.load(CHART) as chart:
@@ -224,7 +224,6 @@ def generate() -> dict[Path, str]:
     out: dict[Path, str] = {
         CHART_CRD_COPY: crd_text,
         BASE / "crds" / CRD_SOURCE.name: crd_text,
-        BASE / "crds" / CHART_PEERING_CRDS.name: CHART_PEERING_CRDS.read_text(encoding="utf-8"),
     }
 
     defaults = render_chart({})
@@ -233,16 +232,17 @@ def generate() -> dict[Path, str]:
     out[BASE / "rbac.yaml"] = _file(what, _docs(defaults, "rbac.yaml"))
     out[BASE / "aggregate-clusterroles.yaml"] = _file(
         what, _docs(defaults, "aggregate-clusterroles.yaml"))
-    out[BASE / "peering.yaml"] = _file(what, _docs(defaults, "peering.yaml"))
+    out[BASE / "leader-election.yaml"] = _file(what, _docs(defaults, "leader-election.yaml"))
     out[BASE / "deployment.yaml"] = _file(what, _docs(defaults, "deployment.yaml"))
+    out[BASE / "poddisruptionbudget.yaml"] = _file(what, _docs(defaults,
+                                                               "poddisruptionbudget.yaml"))
     out[BASE / "service.yaml"] = _file(what, _docs(defaults, "service.yaml"))
 
     values = {"watchNamespaces": OVERLAY_NAMESPACES}
     scoped = render_chart(values)
     what = f"watchNamespaces: {json.dumps(OVERLAY_NAMESPACES)}"
     out[OVERLAY_NAMESPACED / "namespaced-rbac.yaml"] = _file(
-        what, _docs(scoped, "rbac.yaml", ["Role", "RoleBinding"])
-        + _docs(scoped, "peering.yaml", ["KopfPeering"]))
+        what, _docs(scoped, "rbac.yaml", ["Role", "RoleBinding"]))
     out[OVERLAY_NAMESPACED / "patch-clusterrole.yaml"] = _file(
         what + "; a patch that replaces the base's rules",
         _docs(scoped, "rbac.yaml", ["ClusterRole"]))
@@ -260,10 +260,16 @@ def generate() -> dict[Path, str]:
     return out
 
 
+#: Files this generator once wrote and no longer does: removed by ``write()``, and
+#: ``stale()`` names them while they exist (Kopf peering is gone).
+OBSOLETE = (BASE / "peering.yaml", BASE / "crds" / "kopf-peering.yaml")
+
+
 def stale() -> list[Path]:
     """Generated files whose content on disk differs from a fresh generation."""
-    return sorted(path for path, text in generate().items()
-                  if not path.is_file() or path.read_text(encoding="utf-8") != text)
+    changed = [path for path, text in generate().items()
+               if not path.is_file() or path.read_text(encoding="utf-8") != text]
+    return sorted(changed + [path for path in OBSOLETE if path.exists()])
 
 
 def write() -> list[Path]:
@@ -272,13 +278,16 @@ def write() -> list[Path]:
         if path in changed:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
+    for path in OBSOLETE:
+        if path in changed:
+            path.unlink()
     return changed
 
 
 def main() -> int:
     changed = write()
     for path in changed:
-        print(f"wrote {path.relative_to(ROOT)}")
+        print(f"{'wrote' if path.exists() else 'removed'} {path.relative_to(ROOT)}")
     if not changed:
         print("generated files are current")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
 from typing import Any
 
 import helm_python as helm
@@ -20,6 +22,8 @@ from .kit import (
     CHART_CRD_COPY,
     CRD_SOURCE,
     NAMESPACE,
+    RELEASE,
+    ROOT,
     Grant,
     chart_crd_objects,
     chart_objects,
@@ -44,16 +48,18 @@ VARIANTS = {
     "namespaced": NAMESPACED,
     "restart": RESTART,
     "namespaced-restart": {**NAMESPACED, **RESTART},
-    "standalone": {"peering": {"enabled": False}},
+    "no-leader-election": {"leaderElection": {"enabled": False}, "replicaCount": 1},
+    "one-replica": {"replicaCount": 1},
     "no-metrics": {"metrics": {"enabled": False}},
     "no-crd": {"crds": {"enabled": False}},
     "everything": EVERYTHING,
 }
 
 # What the operator calls, from its own code: kube.API_CALLS (every call of its API
-# client), the resources its Kopf handlers watch (Kopf lists, then watches them), the
-# exec runner (pods/exec over websocket: get, and create on newer API servers), and
-# Kopf's own events. The chart must grant exactly this, nothing more.
+# client, the Lease of leader election included), the resources its Kopf handlers watch
+# (Kopf lists, then watches them), the exec runner (pods/exec over websocket: get, and
+# create on newer API servers), and Kopf's own events (Kopf runs standalone: no
+# kopf.dev peering objects). The chart must grant exactly this, nothing more.
 def _watched() -> set[tuple[str, str, str]]:
     registry = build_registry()
     return {(verb, selector.group or "", selector.any_name)
@@ -62,13 +68,20 @@ def _watched() -> set[tuple[str, str, str]]:
 
 CALLS = set(API_CALLS) | _watched() | {("create", "", "events")}
 CLUSTER_CALLS = {c for c in CALLS if c[2] == "customresourcedefinitions"}
+#: Leader election: only with --leader-elect, only on the Lease in the release namespace.
+LEASE_CALLS = {c for c in CALLS if (c[1], c[2]) == ("coordination.k8s.io", "leases")}
 EXEC = {("", "pods/exec", "create"), ("", "pods/exec", "get")}
 NAMESPACED_RIGHTS: set[tuple[str, str, str]] = {
-    (group, resource, verb) for verb, group, resource in CALLS - CLUSTER_CALLS} | EXEC
+    (group, resource, verb) for verb, group, resource in CALLS - CLUSTER_CALLS - LEASE_CALLS
+} | EXEC
 CRD_CHECK: Grant = ("*", "apiextensions.k8s.io", "customresourcedefinitions", "get",
                     "mailtlspolicies.mailtls.io")
-CLUSTER_PEERING = {("*", "kopf.dev", "clusterkopfpeerings", verb, "*")
-                   for verb in ("get", "list", "watch", "patch")}
+#: The Lease is named after the release (the chart's fullname, here the release name).
+LEASE_NAME = RELEASE
+#: In the release namespace only; get and patch on the one Lease (resourceNames), create
+#: on any (Kubernetes cannot restrict a create by name).
+LEASE: set[Grant] = {(NAMESPACE, group, resource, verb, "*" if verb == "create" else LEASE_NAME)
+                     for verb, group, resource in LEASE_CALLS}
 
 
 def in_scope(scope: str, rights: set[tuple[str, str, str]]) -> set[Grant]:
@@ -82,7 +95,10 @@ def test_the_operators_calls_are_what_the_design_says() -> None:
         ("mailtls.io", "mailtlspolicies"), ("mailtls.io", "mailtlspolicies/status"),
         ("", "pods"), ("", "configmaps"), ("", "events"),
         ("apps", "deployments"), ("apps", "statefulsets"), ("apps", "replicasets"),
-        ("apiextensions.k8s.io", "customresourcedefinitions")}
+        ("apiextensions.k8s.io", "customresourcedefinitions"),
+        ("coordination.k8s.io", "leases")}
+    assert {verb for verb, _, _ in LEASE_CALLS} == {"get", "create", "patch"}
+    assert not [c for c in CALLS if c[1] == "kopf.dev"]
 
 
 
@@ -105,13 +121,15 @@ def test_lint_passes(variant: str) -> None:
 def test_default_render_has_the_expected_objects() -> None:
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in chart_objects())
     assert kinds == [
-        ("ClusterKopfPeering", "mailtls-operator"),
         ("ClusterRole", "mailtls-operator"),
         ("ClusterRole", "mailtls-operator-mailtlspolicy-editor"),
         ("ClusterRole", "mailtls-operator-mailtlspolicy-viewer"),
         ("ClusterRoleBinding", "mailtls-operator"),
         ("CustomResourceDefinition", "mailtlspolicies.mailtls.io"),
         ("Deployment", "mailtls-operator"),
+        ("PodDisruptionBudget", "mailtls-operator"),
+        ("Role", "mailtls-operator-leader-election"),
+        ("RoleBinding", "mailtls-operator-leader-election"),
         ("Service", "mailtls-operator-metrics"),
         ("ServiceAccount", "mailtls-operator"),
     ]
@@ -122,21 +140,103 @@ def test_default_render_has_the_expected_objects() -> None:
 
 def test_default_grants_exactly_the_documented_rights_cluster_wide() -> None:
     assert operator_grants(chart_objects()) == (
-        {CRD_CHECK} | CLUSTER_PEERING | in_scope("*", NAMESPACED_RIGHTS))
+        {CRD_CHECK} | in_scope("*", NAMESPACED_RIGHTS) | LEASE)
 
 
 def test_namespaced_mode_grants_roles_per_namespace_and_only_the_crd_check_cluster_wide() -> None:
     objects = chart_objects(NAMESPACED)
-    peering = {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")}
     assert operator_grants(objects) == (
         {CRD_CHECK}
-        | in_scope("mail", NAMESPACED_RIGHTS | peering)
-        | in_scope("relay2", NAMESPACED_RIGHTS | peering))
-    assert {(o["kind"], o["metadata"].get("namespace")) for o in objects
-            if o["kind"] in ("Role", "RoleBinding", "KopfPeering")} == {
-        (kind, ns) for kind in ("Role", "RoleBinding", "KopfPeering")
-        for ns in ("mail", "relay2")}
-    assert find(objects, "ClusterKopfPeering") == []
+        | in_scope("mail", NAMESPACED_RIGHTS)
+        | in_scope("relay2", NAMESPACED_RIGHTS)
+        | LEASE)
+    assert sorted((o["kind"], o["metadata"]["namespace"], o["metadata"]["name"])
+                  for o in objects if o["kind"] in ("Role", "RoleBinding")) == sorted(
+        [(kind, ns, "mailtls-operator") for kind in ("Role", "RoleBinding")
+         for ns in ("mail", "relay2")]
+        + [(kind, NAMESPACE, "mailtls-operator-leader-election")
+           for kind in ("Role", "RoleBinding")])
+
+
+def test_the_lease_rights_are_the_leader_elections_and_only_in_the_release_namespace() -> None:
+    for values in ({}, NAMESPACED, RESTART):
+        grants = operator_grants(chart_objects(values))
+        assert {g for g in grants if g[2] == "leases"} == LEASE
+    # No list/watch/update/delete on leases, nothing on leases cluster-wide, and the only
+    # unnamed lease right is the create (which Kubernetes cannot restrict by name).
+    assert {g[3] for g in LEASE if g[4] == "*"} == {"create"}
+    # A watched namespace that is the release namespace: two Roles, no name clash.
+    objects = chart_objects({"watchNamespaces": [NAMESPACE, "mail"]})
+    assert all_problems(objects) == []
+    roles = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])
+             for o in objects if o["kind"] in ("Role", "RoleBinding")]
+    assert len(roles) == len(set(roles)) == 6
+    assert operator_grants(objects) >= LEASE | in_scope(NAMESPACE, NAMESPACED_RIGHTS)
+
+
+def test_lease_name_namespace_and_identity_agree_between_args_env_and_role() -> None:
+    """Per release: another release (another fullname) elects on another Lease, and the
+    Role names exactly the Lease the operator is told to use."""
+    import helm_python as helm_
+
+    for release, namespace in ((RELEASE, NAMESPACE), ("mta", "ops"), ("edge", "mail")):
+        with helm_.Chart.load(CHART) as chart:
+            rendered = chart.render({}, name=release, namespace=namespace, is_install=True)
+        objects = [doc for path, text in rendered.items() if not path.endswith("NOTES.txt")
+                   for doc in yaml.safe_load_all(text) if doc]
+        container = operator_container(objects)
+        parsed = build_parser().parse_args(container["args"])
+        (role,) = [o for o in find(objects, "Role") if o["metadata"]["name"].endswith(
+            "-leader-election")]
+        (deployment,) = find(objects, "Deployment")
+        assert role["metadata"]["namespace"] == namespace
+        named = [r for r in role["rules"] if r.get("resourceNames")]
+        assert [r["resourceNames"] for r in named] == [[parsed.lease_name]]
+        assert parsed.lease_name == deployment["metadata"]["name"]
+        assert parsed.leader_elect is True
+        assert parsed.lease_namespace == "$(POD_NAMESPACE)"
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+           for e in operator_container(chart_objects())["env"]}
+    assert env["POD_NAMESPACE"] == "metadata.namespace"
+    assert env["POD_NAME"] == "metadata.name"  # the identity in holderIdentity
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variable_reference_in_the_args_is_defined(variant: str) -> None:
+    """Kubernetes leaves an undefined $(VAR) in args verbatim: the Lease would be looked
+    up in a namespace literally called "$(POD_NAMESPACE)"."""
+    container = operator_container(chart_objects(VARIANTS[variant]))
+    defined = {e["name"] for e in container.get("env", [])}
+    for arg in container["args"]:
+        assert set(re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", arg)) <= defined, arg
+
+
+def test_without_leader_election_there_is_no_lease_right_one_replica_and_recreate(
+        tmp_path: Path) -> None:
+    values = {"leaderElection": {"enabled": False}, "replicaCount": 1}
+    objects = chart_objects(values)
+    assert not [g for g in operator_grants(objects) if g[2] == "leases"]
+    assert find(objects, "Role") == [] and find(objects, "RoleBinding") == []
+    args = operator_container(objects)["args"]
+    assert not [a for a in args if a.startswith("--lease") or a == "--leader-elect"]
+    (deployment,) = find(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "topologySpreadConstraints" not in deployment["spec"]["template"]["spec"]
+    # Refused: more than one unelected operator, or an overlap during an upgrade. The
+    # schema says so first; the template's own guard holds when it is skipped.
+    for bad in ({"leaderElection": {"enabled": False}},  # the default replicaCount is 2
+                {**values, "updateStrategy": {"type": "RollingUpdate"}}):
+        with pytest.raises(helm.HelmValuesError):
+            render_chart(bad)
+    unchecked = tmp_path / "chart"
+    shutil.copytree(CHART, unchecked)
+    (unchecked / "values.schema.json").unlink()
+    with helm.Chart.load(unchecked) as chart:
+        for bad in ({"leaderElection": {"enabled": False}, "replicaCount": 3},
+                    {**values, "updateStrategy": {"type": "RollingUpdate"}}):
+            with pytest.raises(helm.HelmRenderError, match=r"needs leaderElection\.enabled"):
+                chart.render(bad, name=RELEASE, namespace=NAMESPACE)
 
 
 @pytest.mark.parametrize("values", [RESTART, {**NAMESPACED, **RESTART}],
@@ -145,20 +245,33 @@ def test_restart_strategy_grants_no_exec(values: dict[str, Any]) -> None:
     objects = chart_objects(values)
     grants = operator_grants(objects)
     assert not [g for g in grants if g[2] == "pods/exec"]
-    scopes = {g[0] for g in grants} - {"*"} or {"*"}
-    for scope in scopes:
-        expected = in_scope(scope, NAMESPACED_RIGHTS - EXEC)
-        assert expected <= grants
+    scopes = values.get("watchNamespaces") or ["*"]
+    assert grants == {CRD_CHECK} | LEASE | {
+        g for scope in scopes for g in in_scope(scope, NAMESPACED_RIGHTS - EXEC)}
     assert "--strategy=restart" in operator_container(objects)["args"]
 
 
-def test_standalone_has_no_peering_rights_or_objects() -> None:
-    objects = chart_objects({"peering": {"enabled": False}})
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_no_kopf_peering_anywhere(variant: str) -> None:
+    """Kopf runs standalone: no kopf.dev rights, objects or CRDs, no peering options."""
+    objects = chart_objects(VARIANTS[variant])
     assert not [g for g in operator_grants(objects) if g[1] == "kopf.dev"]
     assert not [o for o in objects if o["apiVersion"].startswith("kopf.dev/")]
     args = operator_container(objects)["args"]
-    assert "--standalone" in args
-    assert not [a for a in args if a.startswith("--peering")]
+    assert not [a for a in args if a.split("=")[0] in ("--peering", "--priority",
+                                                       "--standalone")]
+
+
+def test_nothing_still_talks_about_kopf_peering_objects_or_options() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    assert "peering" not in values
+    stale = re.compile(r"--peering|--priority|--standalone|KopfPeering|kopfpeerings|POD_ID")
+    files = [*CHART.rglob("*"), *(ROOT / "manifests").rglob("*.yaml"),
+             ROOT / "docs" / "install.md", ROOT / "docs" / "gitops.md",
+             ROOT / "tests" / "e2e" / "run.sh"]
+    hits = [f"{f.relative_to(ROOT)}: {m.group(0)}" for f in files if f.is_file()
+            for m in stale.finditer(f.read_text(encoding="utf-8"))]
+    assert hits == []
 
 
 def test_every_operator_rule_is_commented_as_framework_or_application() -> None:
@@ -206,13 +319,15 @@ def test_args_are_accepted_by_the_operators_own_command_line(variant: str) -> No
 
 def test_default_args() -> None:
     assert operator_container(chart_objects())["args"] == [
-        "run", "--all-namespaces", "--peering=mailtls-operator", "--priority=0",
+        "run", "--all-namespaces", "--leader-elect", "--lease-namespace=$(POD_NAMESPACE)",
+        "--lease-name=mailtls-operator",
         "--health=0.0.0.0:8080", "--metrics=0.0.0.0:9090", "--strategy=exec",
         "--debounce=0.5", "--max-delay=5", "--parallelism=1", "--max-exception-days=30",
         "--probe-interval=3600"]
     parsed = build_parser().parse_args(operator_container(chart_objects(NAMESPACED))["args"])
     assert parsed.namespace == ["mail", "relay2"]
-    assert parsed.peering == "mailtls-operator"
+    assert parsed.leader_elect is True
+    assert parsed.lease_name == "mailtls-operator"
 
 
 def test_restricted_security_context_probes_and_resources() -> None:
@@ -236,10 +351,38 @@ def test_restricted_security_context_probes_and_resources() -> None:
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]
-    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in \
-        container["env"]
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    for name, field in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")):
+        assert {"name": name, "valueFrom": {"fieldRef": {"fieldPath": field}}} in \
+            container["env"]
+
+
+def test_two_replicas_roll_one_at_a_time_spread_over_nodes_with_a_disruption_budget() -> None:
+    """Leader election is on by default: a standby, RollingUpdate (the new pod starts as a
+    standby before an old one stops), soft spreading, and a PDB that never blocks a drain."""
+    objects = chart_objects()
+    (deployment,) = find(objects, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate",
+                                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    (spread,) = spec["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    (pdb,) = find(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"] == spec["selector"]
+
+    mine = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+             "whenUnsatisfiable": "DoNotSchedule",
+             "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}}}]
+    (custom,) = find(chart_objects({"topologySpreadConstraints": mine}), "Deployment")
+    assert custom["spec"]["template"]["spec"]["topologySpreadConstraints"] == mine
+    (one,) = find(chart_objects({"replicaCount": 1}), "Deployment")
+    assert "topologySpreadConstraints" not in one["spec"]["template"]["spec"]
+    assert one["spec"]["strategy"]["type"] == "RollingUpdate"  # still elected: no overlap
+    (forced,) = find(chart_objects({"updateStrategy": {"type": "Recreate"}}), "Deployment")
+    assert forced["spec"]["strategy"] == {"type": "Recreate"}
 
 
 def test_metrics_service_and_service_monitor_select_the_operator() -> None:
@@ -297,9 +440,9 @@ def test_templated_crd_is_the_source_crd_plus_labels_and_keep() -> None:
     assert annotated["metadata"]["annotations"] == {**argo, "helm.sh/resource-policy": "keep"}
 
 
-def test_chart_crds_dir_holds_only_kopfs_shared_peering_crds() -> None:
-    names = sorted(o["metadata"]["name"] for o in chart_crd_objects())
-    assert names == ["clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"]
+def test_chart_has_no_crds_dir_now_that_kopf_peering_is_gone() -> None:
+    assert chart_crd_objects() == []
+    assert not (CHART / "crds").exists()
 
 
 # ------------------------------------------------------------------------- values
@@ -311,7 +454,11 @@ def test_values_yaml_validates_against_the_schema_and_bad_values_are_refused() -
         chart.validate_schema(values)
         for bad, where in [
             ({"strategy": "reboot"}, "/strategy"),
-            ({"replicaCount": 2}, "/replicaCount"),
+            ({"replicaCount": -1}, "/replicaCount"),
+            ({"leaderElection": {"enabled": False}, "replicaCount": 2}, "/replicaCount"),
+            ({"leaderElection": {"enabled": False}, "updateStrategy": {"type": "RollingUpdate"}},
+             "/updateStrategy/type"),
+            ({"peering": {"enabled": True}}, "peering"),
             ({"watchNamespaces": ["Mail_NS"]}, "/watchNamespaces/0"),
             ({"stratgy": "exec"}, "stratgy"),
             ({"image": {"digest": "latest"}}, "/image/digest"),
@@ -322,6 +469,11 @@ def test_values_yaml_validates_against_the_schema_and_bad_values_are_refused() -
                 chart.validate_schema(bad)
             with pytest.raises(helm.HelmValuesError):
                 chart.render(bad, name="x", namespace="y")
+        for good in ({"replicaCount": 5}, {"replicaCount": 0},
+                     {"leaderElection": {"enabled": False}, "replicaCount": 1},
+                     {"leaderElection": {"enabled": False}, "replicaCount": 0,
+                      "updateStrategy": {"type": "Recreate"}}):
+            chart.validate_schema(good)
 
 
 def _leaf_and_map_paths(node: Any, prefix: str = "") -> list[str]:
@@ -371,10 +523,16 @@ def test_every_value_has_a_prose_comment() -> None:
     assert missing == []
 
 
-@pytest.mark.parametrize("variant", ["default", "namespaced", "restart", "no-crd"])
+@pytest.mark.parametrize("variant", ["default", "namespaced", "restart", "no-crd",
+                                     "no-leader-election"])
 def test_notes_render(variant: str) -> None:
     text = notes(VARIANTS[variant])
     assert "mailtls.io/instance" in text
+    if variant == "no-leader-election":
+        assert "no leader election" in text and "get lease" not in text
+    else:
+        assert "leader election on the Lease mailtls-system/mailtls-operator" in text
+        assert "get lease mailtls-operator" in text
     if variant == "namespaced":
         assert "namespaces mail, relay2" in text
     if variant == "restart":

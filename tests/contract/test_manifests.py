@@ -16,9 +16,10 @@ from mailtls_operator.policy import validate_object
 from .checks import all_problems, problems
 from .kit import (
     BASE,
-    CHART_PEERING_CRDS,
     CRD_SOURCE,
     EXAMPLES,
+    NAMESPACE,
+    OBSOLETE,
     OVERLAY_NAMESPACED,
     OVERLAY_NAMESPACES,
     chart_crd_objects,
@@ -42,8 +43,8 @@ def test_generated_files_are_current() -> None:
 
 def test_crd_copies_are_byte_identical() -> None:
     assert (BASE / "crds" / CRD_SOURCE.name).read_bytes() == CRD_SOURCE.read_bytes()
-    assert (BASE / "crds" / CHART_PEERING_CRDS.name).read_bytes() == \
-        CHART_PEERING_CRDS.read_bytes()
+    assert sorted(p.name for p in (BASE / "crds").iterdir()) == [CRD_SOURCE.name]
+    assert [p for p in OBSOLETE if p.exists()] == []  # Kopf's peering objects and CRDs
 
 
 @pytest.mark.parametrize("tree", sorted(TREES))
@@ -57,9 +58,13 @@ def test_the_validator_refuses_what_the_api_server_would() -> None:
     (deployment,) = find(kustomize(BASE), "Deployment")
     deployment["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {}
     assert problems(deployment)
-    (peering,) = find(kustomize(BASE), "ClusterKopfPeering")
-    peering["metadata"]["namespace"] = "mailtls-system"
-    assert problems(peering)
+    (role,) = find(kustomize(BASE), "Role", "mailtls-operator-leader-election")
+    assert problems(role) == []
+    role["rules"][1]["resourceNames"] = "mailtls-operator"  # a string, not a list
+    assert problems(role)
+    (cluster_role,) = find(kustomize(BASE), "ClusterRole", "mailtls-operator")
+    cluster_role["metadata"]["namespace"] = "mailtls-system"
+    assert problems(cluster_role)
     policy = yaml.safe_load((POLICIES / "secure.yaml").read_text(encoding="utf-8"))
     policy["spec"]["level"] = "may"  # match and tafile are invalid with may
     assert problems(policy)
@@ -93,13 +98,14 @@ def test_namespaced_overlay_is_the_namespaced_chart_in_effect() -> None:
     chart = chart_objects({"watchNamespaces": OVERLAY_NAMESPACES})
     assert operator_grants(overlay) == operator_grants(chart)
     assert operator_container(overlay)["args"] == operator_container(chart)["args"]
-    assert {g[0] for g in operator_grants(overlay)} == {"*", *OVERLAY_NAMESPACES}
+    # The watched namespaces, and the release namespace for the Lease only.
+    assert {g[0] for g in operator_grants(overlay)} == {"*", NAMESPACE, *OVERLAY_NAMESPACES}
     assert [g for g in operator_grants(overlay) if g[0] == "*"] == [
         ("*", "apiextensions.k8s.io", "customresourcedefinitions", "get",
          "mailtls.io".join(["mailtlspolicies.", ""]))]
-    assert find(overlay, "ClusterKopfPeering") == []
-    assert [o["metadata"]["namespace"] for o in find(overlay, "KopfPeering")] == \
-        OVERLAY_NAMESPACES
+    assert {g[2] for g in operator_grants(overlay) if g[0] == NAMESPACE} == {"leases"}
+    assert {g for g in operator_grants(overlay) if g[2] == "leases"} == \
+        {g for g in operator_grants(kustomize(BASE)) if g[2] == "leases"}
 
 
 # ------------------------------------------------------------------------- examples

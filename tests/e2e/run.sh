@@ -21,6 +21,8 @@ TIMEOUT=${E2E_TIMEOUT:-180s}
 OPERATOR_IMAGE=ghcr.io/mailtls/mailtls-operator:0.1.0
 POSTFIX_IMAGE=mailtls-example-postfix:0.1.0
 NS_OPERATOR=mailtls-system
+# The operator's pods (the chart's selector labels; two replicas, one leader).
+OPERATOR_SELECTOR=app.kubernetes.io/name=mailtls-operator,app.kubernetes.io/instance=mailtls-operator
 NS_MAIL=mail
 TABLE_DIR=/var/lib/mailtls
 REVISION_KEY=mailtls-revision.invalid
@@ -42,7 +44,9 @@ diagnose() {
     echo "e2e FAILED (exit $rc); cluster state follows" >&2
     k get mailtlspolicies -A -o yaml >&2 || true
     k -n "$NS_MAIL" get pods,configmaps -o wide >&2 || true
-    k -n "$NS_OPERATOR" logs deploy/mailtls-operator --tail=200 >&2 || true
+    k -n "$NS_OPERATOR" get lease mailtls-operator -o yaml >&2 || true
+    # Every replica: the leader's log is the interesting one, the standby says so.
+    k -n "$NS_OPERATOR" logs -l "$OPERATOR_SELECTOR" --prefix --tail=200 >&2 || true
     k get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -n 40 >&2 || true
 }
 
@@ -71,17 +75,37 @@ deploy() {
             --wait --timeout "$TIMEOUT"
     else
         log "installing manifests/base with kubectl (no helm here)"
-        # CRDs first: the base also holds a ClusterKopfPeering, whose kind must exist.
-        k apply --server-side --field-manager=mailtls-e2e -f manifests/base/crds/
-        k wait --for=condition=Established --timeout="$TIMEOUT" \
-            crd/mailtlspolicies.mailtls.io crd/clusterkopfpeerings.kopf.dev \
-            crd/kopfpeerings.kopf.dev
         k apply --server-side --field-manager=mailtls-e2e -k manifests/base
     fi
     k -n "$NS_OPERATOR" rollout status deploy/mailtls-operator --timeout="$TIMEOUT"
+    check_leader
     log "deploying the example Postfix instance relay"
     k apply --server-side --field-manager=mailtls-e2e -k manifests/examples/postfix
     k -n "$NS_MAIL" rollout status deploy/relay --timeout="$TIMEOUT"
+}
+
+# Leader election: the Lease mailtls-operator is held by one of the operator pods (the
+# replicas elect on it; the holder's identity is its pod name).
+check_leader() {
+    local holder pods bound=${TIMEOUT%s} deadline
+    case $bound in *m) bound=$(( ${bound%m} * 60 )) ;; *[!0-9]*|'') bound=180 ;; esac
+    deadline=$((SECONDS + bound))
+    log "waiting for a leader (Lease $NS_OPERATOR/mailtls-operator)"
+    pods=" $(k -n "$NS_OPERATOR" get pods -l "$OPERATOR_SELECTOR" \
+        --field-selector=status.phase=Running -o jsonpath='{.items[*].metadata.name}') "
+    while :; do
+        holder=$(k -n "$NS_OPERATOR" get lease mailtls-operator \
+            -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
+        if [ -n "$holder" ] && [[ "$pods" == *" $holder "* ]]; then
+            echo "ok   leader $holder of:$pods"
+            return 0
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            echo "FAIL: Lease holder '$holder' is none of the operator pods:$pods" >&2
+            return 1
+        fi
+        sleep 2
+    done
 }
 
 # postmap -q KEY in one pod's table; prints the value, or nothing for a miss.

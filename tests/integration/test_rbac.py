@@ -29,10 +29,12 @@ NOT_RECORDABLE = {
     ("apps", "deployments", "get"): "restart strategy with a Deployment owner",
     ("apps", "deployments", "patch"): "restart strategy with a Deployment owner",
     ("apps", "replicasets", "get"): "a Deployment pod's owner is its ReplicaSet",
-    ("kopf.dev", "clusterkopfpeerings", "get"): "peering: tests run Kopf standalone",
-    ("kopf.dev", "clusterkopfpeerings", "list"): "peering: tests run Kopf standalone",
-    ("kopf.dev", "clusterkopfpeerings", "watch"): "peering: tests run Kopf standalone",
-    ("kopf.dev", "clusterkopfpeerings", "patch"): "peering: tests run Kopf standalone",
+    ("coordination.k8s.io", "leases", "get"): "leader election: tests/unit/test_leader.py / "
+                                              "the integration leader test",
+    ("coordination.k8s.io", "leases", "create"): "leader election: tests/unit/test_leader.py / "
+                                                 "the integration leader test",
+    ("coordination.k8s.io", "leases", "patch"): "leader election: tests/unit/test_leader.py / "
+                                                "the integration leader test",
 }
 
 

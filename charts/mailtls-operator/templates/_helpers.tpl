@@ -56,6 +56,30 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
+{{/*
+The Lease the replicas elect their leader on (leaderElection.enabled), in the release
+namespace: one per release, so two releases in one namespace never pause each other.
+*/}}
+{{- define "mailtls-operator.leaseName" -}}
+{{- include "mailtls-operator.fullname" . }}
+{{- end }}
+
+{{/* The Deployment's update strategy: updateStrategy.type, else derived from leader election. */}}
+{{- define "mailtls-operator.updateStrategy" -}}
+{{- $type := .Values.updateStrategy.type | default (ternary "RollingUpdate" "Recreate" .Values.leaderElection.enabled) }}
+{{- if and (eq $type "RollingUpdate") (not .Values.leaderElection.enabled) }}
+{{- fail "updateStrategy.type RollingUpdate needs leaderElection.enabled: without it the old and the new operator would both act during an upgrade" }}
+{{- end -}}
+type: {{ $type }}
+{{- if eq $type "RollingUpdate" }}
+rollingUpdate:
+  # The new pod starts as a standby before an old one stops; the Lease moves when the
+  # old leader releases it on shutdown.
+  maxSurge: 1
+  maxUnavailable: 0
+{{- end }}
+{{- end }}
+
 {{/* True (non-empty) when the operator watches every namespace. */}}
 {{- define "mailtls-operator.clusterwide" -}}
 {{- if not .Values.watchNamespaces }}true{{ end }}
@@ -74,11 +98,10 @@ same list (tests/contract checks it).
 {{- else }}
 - --all-namespaces
 {{- end }}
-{{- if .Values.peering.enabled }}
-- --peering={{ .Values.peering.name }}
-- --priority={{ .Values.peering.priority }}
-{{- else }}
-- --standalone
+{{- if .Values.leaderElection.enabled }}
+- --leader-elect
+- --lease-namespace=$(POD_NAMESPACE)
+- --lease-name={{ include "mailtls-operator.leaseName" . }}
 {{- end }}
 - --health=0.0.0.0:{{ .Values.health.port }}
 {{- if .Values.metrics.enabled }}

@@ -1,14 +1,14 @@
 {{/*
 THE list of API rights the operator needs: every rule the chart grants comes from the
-two templates below, and each says whose need it is, as Kopf's deployment-rbac.yaml
+three templates below, and each says whose need it is, as Kopf's deployment-rbac.yaml
 does: "Framework" (Kopf itself) or "Application" (mailtls-operator's own calls).
 The kustomize base is generated from this render (tests/contract checks it).
 
 Kopf's cluster observation (list/watch customresourcedefinitions, and list/watch
 namespaces when namespaces are given) is deliberately NOT granted: the operator watches
-exact namespaces (or the whole cluster) and only its own CRD, which must exist at start.
-The operator should set settings.scanning.disabled = True at startup; where it does not,
-Kopf logs "Not enough permissions ..." once and falls back to exactly that behaviour.
+exact namespaces (or the whole cluster) and only its own CRD, which must exist at start
+(the operator sets settings.scanning.disabled = True). Nor is anything of kopf.dev: Kopf
+always runs standalone (no peering); replicas coordinate through a Lease instead.
 */}}
 
 {{/* Rules needed in every watched namespace: a Role per namespace, or the ClusterRole. */}}
@@ -54,12 +54,6 @@ Kopf logs "Not enough permissions ..." once and falls back to exactly that behav
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-{{- if and .Values.peering.enabled .Values.watchNamespaces }}
-# Framework: Kopf peering in each watched namespace (watch the peers, keep-alive patch).
-- apiGroups: [kopf.dev]
-  resources: [kopfpeerings]
-  verbs: [get, list, watch, patch]
-{{- end }}
 {{- end }}
 
 {{/* Rules that only a ClusterRole can grant. */}}
@@ -70,10 +64,23 @@ Kopf logs "Not enough permissions ..." once and falls back to exactly that behav
   resources: [customresourcedefinitions]
   resourceNames: [mailtlspolicies.mailtls.io]
   verbs: [get]
-{{- if and .Values.peering.enabled (not .Values.watchNamespaces) }}
-# Framework: Kopf peering across the cluster (watch the peers, keep-alive patch).
-- apiGroups: [kopf.dev]
-  resources: [clusterkopfpeerings]
-  verbs: [get, list, watch, patch]
 {{- end }}
+
+{{/*
+Leader election (leaderElection.enabled), in the release namespace only, where the Lease
+lives ($(POD_NAMESPACE)): a Role of its own, whatever the namespaces watched.
+*/}}
+{{- define "mailtls-operator.rules.leaderElection" -}}
+# Application: leader election creates the Lease when it does not exist yet. Kubernetes
+# cannot restrict a create by resourceNames (the name is not part of the request URL
+# when it is authorized), so this is any Lease, but only in the release namespace.
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [create]
+# Application: leader election reads, renews, takes over and releases this release's
+# Lease only (get and patch with resourceNames).
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  resourceNames: [{{ include "mailtls-operator.leaseName" . }}]
+  verbs: [get, patch]
 {{- end }}
