@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                 summary.append(Summary(name, f"skipped: {result.skipped}", None))
             summary.extend(result.summary)
         timings[name] = time.perf_counter() - t0
+        leftovers = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+        if leftovers:
+            print(f"WARNING: {name} left threads running: {leftovers}")
+            failed.append(f"{name} (threads left: {', '.join(leftovers)})")
         sys.stdout.flush()
     wall = time.perf_counter() - started
     print("\n" + "=" * 78)

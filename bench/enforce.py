@@ -83,10 +83,14 @@ async def _scenario(result: Result) -> None:
         "debounce": "  debounce (setting)",
         "operator": "  operator overhead (the rest)",
     }
-    print(table(("per change (n=%d)" % len(samples), "p50 s", "p95 s", "max s",
+    print(table((f"per change (n={len(samples)})", "p50 s", "p95 s", "max s",
                  "share of p50 total"),
                 [(labels[k], s[k]["p50"], s[k]["p95"], s[k]["max"],
                   f"{s[k]['p50'] / s['total']['p50']:.0%}") for k in keys]))
+    per_pod = stats([x["pod_commands"] / PODS for x in samples])
+    print(f"pod commands per pod per rollout: {per_pod['p50']:.0f} (each one exec round trip "
+          "through the Kubernetes API in production)")
+    result.rows.append({"pod_commands_per_pod": per_pod})
     result.summary += [
         Summary(NAME, "write -> 3 pods enforced p50", s["total"]["p50"], "s",
                 s["postfix"]["p50"], "postmap+reload"),

@@ -70,7 +70,7 @@ async def _scenario(result: Result) -> None:
                         "samples": latencies})
     print(table(("policy write -> ConfigMap stored", "p50 s", "p95 s", "min s", "max s",
                  "p50 / debounce"),
-                [("latency (n=%d)" % s["n"], s["p50"], s["p95"], s["min"], s["max"],
+                [(f"latency (n={s['n']})", s["p50"], s["p95"], s["min"], s["max"],
                   f"{s['p50'] / DEBOUNCE:.3g}x"),
                  ("baseline: operator debounce setting", DEBOUNCE, DEBOUNCE, "-", "-", "1x"),
                  ("baseline: API write round trip", w["p50"], w["p95"], w["min"], w["max"],

@@ -1,65 +1,159 @@
-"""The ConfigMap ``<instance>-mailtls``: the readable, diff-able record of what is deployed.
+"""The ConfigMaps ``<instance>-mailtls``: the readable, diff-able record of what is deployed.
 
-Pure: builds the object and reads the revision back.  A table past the
-ConfigMap limit (1 MiB for the whole object) is stored gzip-compressed in
-``binaryData`` (``tls_policy.gz``) instead of being refused; gzip is written
-with mtime 0 so the same table always gives the same bytes.
+Pure: builds the objects and reads the tables back.  A table is never refused
+for its size (DESIGN.md §4); it takes one of three shapes, the smallest that fits
+the 1 MiB object limit (measured as the JSON the API server receives):
+
+1. **plain** (the usual case): ``data["tls_policy"]`` (and ``data["transport"]``)
+   in the one ConfigMap ``<instance>-mailtls``, when the text is at most
+   :data:`COMPRESS_ABOVE` bytes;
+2. **compressed**: past that, ``binaryData["tls_policy.gz"]`` (gzip) in the same
+   one ConfigMap, as long as it fits;
+3. **split**: past that, the gzip bytes (the whole table gzipped once) are cut
+   into chunks of :data:`CHUNK` bytes, ``binaryData["tls_policy.gz.000"]``,
+   ``.001``, ... held by *part* ConfigMaps ``<instance>-mailtls-part-1`` ...
+   ``-part-N`` (label ``mailtls.io/part: "N"``); the chunks follow each other in
+   part order, one per part for tls_policy.  The primary ``<instance>-mailtls``
+   then holds no chunk: only the manifest ``data["tls_policy.gz.chunks"]``::
+
+       chunks: 4
+       size: 2815642
+       sha256: <hex sha256 of the whole gzip>
+       chunk: 000 relay-mailtls-part-1
+       ...
+
+   and whatever plain table still fits (typically ``transport``).  The manifest is
+   in ``data`` because a pod reads the mounted files, not the annotations; the
+   primary also carries ``mailtls.io/parts`` (number of part ConfigMaps) and
+   ``mailtls.io/tls-policy-sha256`` for readers of the API.  To load: concatenate
+   the chunks in order, check the sha256, gunzip (:func:`reassemble` does exactly
+   that; so does ``manifests/examples/postfix/load-tables.sh``).
+
+Every object carries the revision annotation, so a reader can tell a
+half-updated set.  Write the parts first and the primary last (the primary's
+manifest is the commit point), then delete :func:`stale_parts`.  A reader that
+sees a new primary with old parts (or the reverse) finds a sha256 mismatch and
+retries; it never loads a mix.
+
+gzip is written with mtime 0: the same table always gives the same bytes, so
+an unchanged table is never rewritten.  Past :data:`MAX_PARTS` part ConfigMaps
+(~45 MiB of gzip, some 15 million destinations) the tables are refused with
+:class:`TableTooLarge`.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import gzip
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .render import Tables
 
 SUFFIX = "-mailtls"
+PART_INFIX = "-part-"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 OPERATOR = "mailtls-operator"
 LABEL_INSTANCE = "mailtls.io/instance"
+LABEL_PART = "mailtls.io/part"
+"""On part ConfigMaps only: their number, ``"1"`` ... ``"N"``."""
 ANN_REVISION = "mailtls.io/revision"
-COMPRESS_ABOVE = 900 * 1024  # leaves room for metadata under the 1 MiB object limit
+ANN_PARTS = "mailtls.io/parts"
+"""On a split primary only: how many part ConfigMaps the set has."""
+TABLES = ("tls_policy", "transport")
+ANN_SHA256 = {t: f"mailtls.io/{t.replace('_', '-')}-sha256" for t in TABLES}
+"""On a split primary only, per chunked table: the sha256 of its whole gzip."""
+OWNED_ANNOTATIONS = (ANN_REVISION, ANN_PARTS, *ANN_SHA256.values())
+"""Annotations this module sets (or removes: absent from a wanted body means absent)."""
+
 LIMIT = 1024 * 1024
+"""The API server's limit on a ConfigMap."""
+BODY_MAX = LIMIT - 16 * 1024
+"""Most a body we write may take, as JSON: room for what the server adds
+(uid, resourceVersion, timestamps, managedFields)."""
+COMPRESS_ABOVE = 900 * 1024
+"""A table text longer than this (bytes) is stored gzip-compressed."""
+CHUNK = 700 * 1024
+"""gzip bytes per chunk: ~933 KiB of base64, one chunk per part ConfigMap."""
+MAX_PARTS = 64
+"""Most part ConfigMaps one instance gets; beyond, :class:`TableTooLarge`."""
+MANIFEST = ".gz.chunks"
+"""Key suffix of a split table's manifest (``tls_policy.gz.chunks``)."""
 
 
 class TableTooLarge(Exception):
-    """Even compressed, the tables do not fit one ConfigMap."""
+    """Even compressed and split over :data:`MAX_PARTS` ConfigMaps, the tables do not fit."""
+
+
+class Unreadable(ValueError):
+    """:func:`reassemble`: the bodies do not make one consistent set."""
+
+
+# ----------------------------------------------------------------------------- names
 
 
 def configmap_name(instance: str) -> str:
+    """The primary ConfigMap of an instance."""
     return f"{instance}{SUFFIX}"
 
 
-def _pack(name: str, text: str, data: dict[str, str], binary: dict[str, str]) -> None:
-    if not text:
-        return
-    if len(text.encode("utf-8")) <= COMPRESS_ABOVE:
-        data[name] = text
-    else:
-        packed = gzip.compress(text.encode("utf-8"), compresslevel=9, mtime=0)
-        binary[f"{name}.gz"] = base64.b64encode(packed).decode("ascii")
+def part_name(instance: str, number: int) -> str:
+    """Part ConfigMap ``number`` (1-based) of an instance."""
+    return f"{instance}{SUFFIX}{PART_INFIX}{number}"
 
 
-def configmap_body(namespace: str, instance: str, tables: Tables) -> dict[str, Any]:
-    """The wanted ConfigMap for an instance's tables."""
-    data: dict[str, str] = {}
-    binary: dict[str, str] = {}
-    _pack("tls_policy", tables.tls_policy, data, binary)
-    _pack("transport", tables.transport, data, binary)
-    size = sum(len(v) for v in data.values()) + sum(len(v) for v in binary.values())
-    if size > LIMIT - 16 * 1024:
-        raise TableTooLarge(
-            f"{namespace}/{instance}: tables need {size} bytes even compressed; a ConfigMap "
-            f"holds {LIMIT}")
+def part_number(name: str, instance: str) -> int | None:
+    """``n`` if ``name`` is part ConfigMap ``n`` of ``instance``, else None."""
+    prefix = f"{instance}{SUFFIX}{PART_INFIX}"
+    if not name.startswith(prefix):
+        return None
+    tail = name[len(prefix):]
+    if not tail.isascii() or not tail.isdigit() or tail.startswith("0"):
+        return None
+    return int(tail)
+
+
+def is_own_name(name: str, instance: str) -> bool:
+    """Is ``name`` the primary or a part ConfigMap of ``instance``?"""
+    return name == configmap_name(instance) or part_number(name, instance) is not None
+
+
+# ---------------------------------------------------------------------------- bodies
+
+
+def _size(body: Mapping[str, Any]) -> int:
+    """Bytes of the body as JSON (UTF-8, no escaping of non-ASCII), as sent to the server."""
+    return len(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+def _entry_size(key: str, value: str) -> int:
+    """What one more data/binaryData entry adds to :func:`_size`."""
+    return _size({key: value}) - 1  # minus "{}", plus the ","
+
+
+def _gzip(raw: bytes) -> bytes:
+    return gzip.compress(raw, compresslevel=9, mtime=0)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _body(namespace: str, name: str, labels: dict[str, str], annotations: dict[str, str],
+          data: dict[str, str], binary: dict[str, str]) -> dict[str, Any]:
     body: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": configmap_name(instance),
+            "name": name,
             "namespace": namespace,
-            "labels": {MANAGED_BY: OPERATOR, LABEL_INSTANCE: instance},
-            "annotations": {ANN_REVISION: tables.revision},
+            "labels": labels,
+            "annotations": annotations,
         },
         "data": data,
     }
@@ -68,15 +162,250 @@ def configmap_body(namespace: str, instance: str, tables: Tables) -> dict[str, A
     return body
 
 
-def same_content(current: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
-    """Is what is stored exactly what we want (content, revision, our labels)?"""
+def _single(namespace: str, instance: str, tables: Tables,
+            gz: dict[str, bytes]) -> dict[str, Any]:
+    """Shapes 1 and 2: everything in the primary (it may not fit; the caller checks)."""
+    data: dict[str, str] = {}
+    binary: dict[str, str] = {}
+    for table in TABLES:
+        text = getattr(tables, table)
+        if not text:
+            continue
+        raw = text.encode("utf-8")
+        if len(raw) <= COMPRESS_ABOVE:
+            data[table] = text
+        else:
+            gz[table] = _gzip(raw)
+            binary[f"{table}.gz"] = _b64(gz[table])
+    return _body(namespace, configmap_name(instance),
+                 {MANAGED_BY: OPERATOR, LABEL_INSTANCE: instance},
+                 {ANN_REVISION: tables.revision}, data, binary)
+
+
+def _split(namespace: str, instance: str, tables: Tables,
+           gz: dict[str, bytes]) -> list[dict[str, Any]]:
+    """Shape 3: a primary with the manifests (and any plain table that fits) + parts."""
+    labels = {MANAGED_BY: OPERATOR, LABEL_INSTANCE: instance}
+    annotations = {ANN_REVISION: tables.revision, ANN_PARTS: str(MAX_PARTS)}
+    data: dict[str, str] = {}
+    chunked: list[tuple[str, bytes]] = []
+    reserve = 4096  # the manifests and the sha256 annotations, added below
+    room = BODY_MAX - _size(_body(namespace, configmap_name(instance), labels,
+                                  annotations, {}, {})) - reserve
+    for table in TABLES:
+        text = getattr(tables, table)
+        if not text:
+            continue
+        raw = text.encode("utf-8")
+        cost = _entry_size(table, text)
+        if len(raw) <= COMPRESS_ABOVE and cost <= room:
+            data[table] = text
+            room -= cost
+        else:
+            chunked.append((table, gz[table] if table in gz else _gzip(raw)))
+
+    # Chunks, in order, packed into parts: a new part when the next chunk does not fit.
+    part_labels = {**labels, LABEL_PART: str(MAX_PARTS)}
+    part_room = BODY_MAX - _size(_body(namespace, part_name(instance, MAX_PARTS),
+                                       part_labels, {ANN_REVISION: tables.revision},
+                                       {}, {}))
+    parts: list[dict[str, str]] = []
+    left = 0
+    locations: dict[str, list[str]] = {}
+    for table, packed in chunked:
+        locations[table] = []
+        for index, start in enumerate(range(0, len(packed), CHUNK)):
+            key, value = f"{table}.gz.{index:03d}", _b64(packed[start:start + CHUNK])
+            cost = _entry_size(key, value)
+            if not parts or cost > left:
+                parts.append({})
+                left = part_room
+            parts[-1][key] = value
+            left -= cost
+            locations[table].append(f"chunk: {index:03d} {part_name(instance, len(parts))}")
+        data[f"{table}{MANIFEST}"] = "".join(
+            line + "\n" for line in (f"chunks: {len(locations[table])}",
+                                     f"size: {len(packed)}",
+                                     f"sha256: {hashlib.sha256(packed).hexdigest()}",
+                                     *locations[table]))
+        annotations[ANN_SHA256[table]] = hashlib.sha256(packed).hexdigest()
+    if len(parts) > MAX_PARTS:
+        total = sum(len(packed) for _, packed in chunked)
+        raise TableTooLarge(
+            f"{namespace}/{instance}: the tables are {total} bytes even gzip-compressed and "
+            f"would need {len(parts)} part ConfigMaps of ~{CHUNK // 1024} KiB; at most "
+            f"{MAX_PARTS} are written. Split the destinations over more Postfix instances "
+            "(spec.instances) or use wildcard keys (.example.com)")
+    annotations[ANN_PARTS] = str(len(parts))
+    primary = _body(namespace, configmap_name(instance), labels, annotations, data, {})
+    out = [primary]
+    for number, chunks in enumerate(parts, start=1):
+        out.append(_body(namespace, part_name(instance, number),
+                         {**labels, LABEL_PART: str(number)},
+                         {ANN_REVISION: tables.revision}, {}, chunks))
+    for body in out:  # by construction; a break here is a bug, not a big table
+        if _size(body) > BODY_MAX:
+            raise RuntimeError(f"{body['metadata']['name']}: {_size(body)} bytes as JSON, "
+                               f"over {BODY_MAX}")
+    return out
+
+
+_CACHE: OrderedDict[tuple[str, str, str, int, int, int, int], tuple[dict[str, Any], ...]] = \
+    OrderedDict()
+_CACHE_SIZE = 4
+_CACHE_LOCK = threading.Lock()
+
+
+def _copy(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A fresh body (the strings are shared: immutable)."""
+    return {k: (_copy(v) if isinstance(v, Mapping) else v) for k, v in body.items()}
+
+
+def configmap_bodies(namespace: str, instance: str, tables: Tables) -> list[dict[str, Any]]:
+    """The wanted ConfigMaps of an instance: the primary first, then the parts in order
+    (none unless the tables are too large for one ConfigMap even compressed).
+
+    Deterministic: the same tables give byte-identical bodies.  Compressing a large
+    table takes a while (~2 s for 33 MiB), so the result for the last few large
+    revisions is remembered; each call still returns fresh dicts.
+
+    Raises :class:`TableTooLarge` past :data:`MAX_PARTS` parts.
+    """
+    key = (namespace, instance, tables.revision, len(tables.tls_policy),
+           hash(tables.tls_policy), len(tables.transport), hash(tables.transport))
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+    if hit is None:
+        gz: dict[str, bytes] = {}
+        primary = _single(namespace, instance, tables, gz)
+        bodies: tuple[dict[str, Any], ...] = (primary,) if _size(primary) <= BODY_MAX else tuple(
+            _split(namespace, instance, tables, gz))
+        if not gz:  # small: cheaper to rebuild than to remember
+            return [_copy(b) for b in bodies]
+        with _CACHE_LOCK:
+            _CACHE[key] = hit = bodies
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+    return [_copy(b) for b in hit]
+
+
+def configmap_body(namespace: str, instance: str, tables: Tables) -> dict[str, Any]:
+    """The wanted primary ConfigMap (``configmap_bodies(...)[0]``).
+
+    Kept for callers that handle one object; when the tables are split it holds only
+    the manifests, so writers must use :func:`configmap_bodies`.
+    """
+    return configmap_bodies(namespace, instance, tables)[0]
+
+
+def stale_parts(existing_names: Iterable[str],
+                wanted_bodies: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Part ConfigMaps among ``existing_names`` that the wanted set no longer has (after
+    the tables shrank), in part order: delete them once the primary is written.
+
+    The instance is the wanted primary's (``wanted_bodies[0]``); names that are not
+    parts of that instance (its primary, other instances, anything else) are never
+    named.  To delete every part (retiring the instance) pass
+    ``[n for n in names if part_number(n, instance)]`` directly.
+    """
+    if not wanted_bodies:
+        raise ValueError("stale_parts needs the wanted primary (wanted_bodies[0])")
+    instance = wanted_bodies[0]["metadata"]["labels"][LABEL_INSTANCE]
+    wanted = {b["metadata"]["name"] for b in wanted_bodies}
+    numbered = [(n, name) for name in set(existing_names)
+                if (n := part_number(name, instance)) is not None and name not in wanted]
+    return [name for _, name in sorted(numbered)]
+
+
+# ---------------------------------------------------------------------------- compare
+
+
+def same_content(current: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> bool:
+    """Is what is stored exactly what we want: content, our annotations (present or
+    absent alike), our labels?  Works for the primary and for each part."""
     if current is None:
         return False
     meta = current.get("metadata") or {}
     want_meta = wanted["metadata"]
+    have_ann = meta.get("annotations") or {}
+    want_ann = want_meta.get("annotations") or {}
     return (
-        (meta.get("annotations") or {}).get(ANN_REVISION) == want_meta["annotations"][ANN_REVISION]
+        all(have_ann.get(k) == want_ann.get(k) for k in OWNED_ANNOTATIONS)
         and all((meta.get("labels") or {}).get(k) == v for k, v in want_meta["labels"].items())
-        and (current.get("data") or {}) == wanted.get("data", {})
-        and (current.get("binaryData") or {}) == wanted.get("binaryData", {})
+        and (current.get("data") or {}) == (wanted.get("data") or {})
+        and (current.get("binaryData") or {}) == (wanted.get("binaryData") or {})
     )
+
+
+def merge_patch(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning ``current`` into ``wanted``: keys of ``data`` and
+    ``binaryData`` and our annotations that are no longer wanted are nulled (e.g. a
+    primary that was split and no longer is loses ``mailtls.io/parts``)."""
+    meta = current.get("metadata") or {}
+    patch = _copy(wanted)
+    annotations = patch["metadata"].setdefault("annotations", {})
+    for k in OWNED_ANNOTATIONS:
+        if k in (meta.get("annotations") or {}) and k not in annotations:
+            annotations[k] = None
+    for field in ("data", "binaryData"):
+        patch[field] = {**{k: None for k in current.get(field) or {}},
+                        **(wanted.get(field) or {})}
+    return patch
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def reassemble(bodies: Iterable[Mapping[str, Any]], table: str = "tls_policy") -> str:
+    """A table's text from a set of ConfigMaps (primary and parts, any order), the way a
+    pod's loader reads the mounted files: plain ``<table>``, or ``<table>.gz``, or the
+    chunks named by the manifest ``<table>.gz.chunks``, concatenated in order, checked
+    against its sha256, gunzipped.  ``""`` when the set has no such table.
+
+    Raises :class:`Unreadable` when the set is inconsistent: objects of different
+    revisions, a key in two objects, a missing chunk, a sha256 mismatch.
+    """
+    data: dict[str, str] = {}
+    binary: dict[str, str] = {}
+    revisions: dict[str, str] = {}
+    for body in bodies:
+        meta = body.get("metadata") or {}
+        revisions[str(meta.get("name"))] = (meta.get("annotations") or {}).get(ANN_REVISION, "")
+        for field, into in (("data", data), ("binaryData", binary)):
+            for k, v in (body.get(field) or {}).items():
+                if k in data or k in binary:
+                    raise Unreadable(f"key {k} is in more than one ConfigMap")
+                into[k] = v
+    if len(set(revisions.values())) > 1:
+        raise Unreadable(f"a half-updated set: revisions {sorted(revisions.items())}")
+    try:
+        if f"{table}{MANIFEST}" in data:
+            return _join(table, data[f"{table}{MANIFEST}"], binary)
+        if f"{table}.gz" in binary:
+            return gzip.decompress(base64.b64decode(binary[f"{table}.gz"],
+                                                    validate=True)).decode("utf-8")
+    except (OSError, EOFError, binascii.Error, UnicodeDecodeError) as exc:
+        raise Unreadable(f"{table}: {exc}") from exc
+    return data.get(table, "")
+
+
+def _join(table: str, manifest: str, binary: Mapping[str, str]) -> str:
+    fields: dict[str, str] = {}
+    for line in manifest.splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    if not fields.get("chunks", "").isdigit():
+        raise Unreadable(f"{table}{MANIFEST}: no chunk count")
+    packed = bytearray()
+    for index in range(int(fields["chunks"])):
+        key = f"{table}.gz.{index:03d}"
+        if key not in binary:
+            raise Unreadable(f"{key} is missing")
+        packed += base64.b64decode(binary[key], validate=True)
+    got = hashlib.sha256(packed).hexdigest()
+    if got != fields.get("sha256"):
+        raise Unreadable(f"{table}: sha256 of the joined chunks is {got}, the manifest says "
+                         f"{fields.get('sha256')}: parts of different revisions")
+    return gzip.decompress(bytes(packed)).decode("utf-8")

@@ -29,12 +29,9 @@ NOT_RECORDABLE = {
     ("apps", "deployments", "get"): "restart strategy with a Deployment owner",
     ("apps", "deployments", "patch"): "restart strategy with a Deployment owner",
     ("apps", "replicasets", "get"): "a Deployment pod's owner is its ReplicaSet",
-    ("coordination.k8s.io", "leases", "get"): "leader election: tests/unit/test_leader.py / "
-                                              "the integration leader test",
-    ("coordination.k8s.io", "leases", "create"): "leader election: tests/unit/test_leader.py / "
-                                                 "the integration leader test",
-    ("coordination.k8s.io", "leases", "patch"): "leader election: tests/unit/test_leader.py / "
-                                                "the integration leader test",
+    ("coordination.k8s.io", "leases", "get"): "leader election (--leader-elect): tests/integration/test_leader.py",
+    ("coordination.k8s.io", "leases", "create"): "leader election (--leader-elect): tests/integration/test_leader.py",
+    ("coordination.k8s.io", "leases", "patch"): "leader election (--leader-elect): tests/integration/test_leader.py",
 }
 
 
