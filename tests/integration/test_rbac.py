@@ -19,6 +19,8 @@ from tests.integration.helpers import Cluster, idle, operating, policy
 
 pytestmark = pytest.mark.integration
 
+LEADER = "leader election (--leader-elect): tests/integration/test_leader.py"
+
 # Granted but not exercised against the emulation, each for a stated reason.
 NOT_RECORDABLE = {
     ("", "pods/exec", "create"): "websocket exec: tested against a loopback server "
@@ -29,9 +31,9 @@ NOT_RECORDABLE = {
     ("apps", "deployments", "get"): "restart strategy with a Deployment owner",
     ("apps", "deployments", "patch"): "restart strategy with a Deployment owner",
     ("apps", "replicasets", "get"): "a Deployment pod's owner is its ReplicaSet",
-    ("coordination.k8s.io", "leases", "get"): "leader election (--leader-elect): tests/integration/test_leader.py",
-    ("coordination.k8s.io", "leases", "create"): "leader election (--leader-elect): tests/integration/test_leader.py",
-    ("coordination.k8s.io", "leases", "patch"): "leader election (--leader-elect): tests/integration/test_leader.py",
+    ("coordination.k8s.io", "leases", "get"): LEADER,
+    ("coordination.k8s.io", "leases", "create"): LEADER,
+    ("coordination.k8s.io", "leases", "patch"): LEADER,
 }
 
 
