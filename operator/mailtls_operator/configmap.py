@@ -189,7 +189,7 @@ def _split(namespace: str, instance: str, tables: Tables,
     annotations = {ANN_REVISION: tables.revision, ANN_PARTS: str(MAX_PARTS)}
     data: dict[str, str] = {}
     chunked: list[tuple[str, bytes]] = []
-    reserve = 4096  # the manifests and the sha256 annotations, added below
+    reserve = 16 * 1024  # the manifests (a line per chunk) and sha256 annotations, below
     room = BODY_MAX - _size(_body(namespace, configmap_name(instance), labels,
                                   annotations, {}, {})) - reserve
     for table in TABLES:

@@ -32,9 +32,13 @@ from .configmap import (
     MANAGED_BY,
     OPERATOR,
     TableTooLarge,
-    configmap_body,
+    configmap_bodies,
     configmap_name,
+    is_own_name,
+    merge_patch,
+    part_number,
     same_content,
+    stale_parts,
 )
 from .crd import GROUP, KIND, PLURAL, VERSION
 from .kube import Conflict, Kube, NotFound
@@ -336,7 +340,7 @@ class Operator:
         meta = body.get("metadata") or {}
         inst = (meta.get("labels") or {}).get(LABEL_INSTANCE)
         ns, name = meta.get("namespace", ""), meta.get("name", "")
-        if not inst or name != configmap_name(inst):
+        if not inst or not is_own_name(name, inst):
             return None
         self.world.configmaps[(ns, name)] = dict(body)
         return (ns, inst)
@@ -359,10 +363,13 @@ class Operator:
             self.wake({key})
             return
         try:
-            wanted = configmap_body(ns, key[1], state.tables)
+            wanted = {b["metadata"]["name"]: b
+                      for b in configmap_bodies(ns, key[1], state.tables)}
         except TableTooLarge:
             return
-        if not same_content(current, wanted):
+        restore = (not same_content(current, wanted[name]) if name in wanted
+                   else current is not None)  # a stale part: the worker deletes it
+        if restore:
             log.info("ConfigMap %s/%s was changed or deleted by hand; restoring", ns, name)
             self.wake({key})
 
@@ -410,11 +417,19 @@ class Operator:
         self._schedule_expiry(key, now)
         self.observe_soon(key)
 
+    def _own_configmaps(self, ns: str, inst: str) -> list[str]:
+        """Names of the instance's ConfigMaps we know of: the primary first, then parts."""
+        parts = sorted((n for (s, n) in self.world.configmaps
+                        if s == ns and part_number(n, inst)),
+                       key=lambda n: part_number(n, inst) or 0)
+        primary = configmap_name(inst)
+        return ([primary] if (ns, primary) in self.world.configmaps else []) + parts
+
     async def _retire(self, key: InstanceKey) -> None:
-        """An instance with neither pods nor policies naming it: remove its ConfigMap."""
+        """An instance with neither pods nor policies naming it: remove its ConfigMaps
+        (the primary first, so no manifest is left pointing at missing parts)."""
         ns, inst = key
-        name = configmap_name(inst)
-        if (ns, name) in self.world.configmaps:
+        for name in self._own_configmaps(ns, inst):
             log.info("instance %s/%s has no pods and no policies: deleting ConfigMap %s",
                      ns, inst, name)
             await self.kube.delete_configmap(ns, name)
@@ -424,17 +439,34 @@ class Operator:
 
     async def _write_configmap(self, key: InstanceKey, state: InstanceState,
                                tables: Tables) -> None:
+        """Store the tables: one ConfigMap, or past ~1 MiB compressed, parts written first and
+        the primary (the manifest a pod follows) last, then parts no longer needed removed."""
         ns, inst = key
         try:
-            wanted = configmap_body(ns, inst, tables)
+            bodies = await asyncio.to_thread(configmap_bodies, ns, inst, tables)
         except TableTooLarge as exc:
             state.failure = str(exc)
             log.error("%s", exc)
             return
-        name = configmap_name(inst)
+        wrote = 0
+        for wanted in [*bodies[1:], bodies[0]]:
+            wrote += await self._write_one(ns, wanted)
+        for name in stale_parts([n for (s, n) in self.world.configmaps if s == ns], bodies):
+            await self.kube.delete_configmap(ns, name)
+            self.world.configmaps.pop((ns, name), None)
+        if wrote:
+            state.configmap_writes += 1
+            self.metrics.configmap_writes.labels(ns, inst).inc()
+            log.info("ConfigMap %s/%s: revision %s (%d entries%s)", ns, configmap_name(inst),
+                     tables.short_revision, len(tables.tls_entries) - 1,
+                     f", {len(bodies) - 1} parts" if len(bodies) > 1 else "")
+
+    async def _write_one(self, ns: str, wanted: dict[str, Any]) -> int:
+        """Create or patch one ConfigMap unless it already holds exactly ``wanted``."""
+        name = wanted["metadata"]["name"]
         current = self.world.configmaps.get((ns, name))
         if same_content(current, wanted):
-            return
+            return 0
         if current is None:
             try:
                 current = await self.kube.get_configmap(ns, name)
@@ -448,17 +480,9 @@ class Operator:
         elif same_content(current, wanted):
             stored = current
         else:
-            patch = dict(wanted)
-            patch["data"] = {**{k: None for k in current.get("data") or {}}, **wanted["data"]}
-            patch["binaryData"] = {**{k: None for k in current.get("binaryData") or {}},
-                                   **wanted.get("binaryData", {})}
-            stored = await self.kube.replace_configmap_content(patch)
-        if stored is not current:
-            state.configmap_writes += 1
-            self.metrics.configmap_writes.labels(ns, inst).inc()
-            log.info("ConfigMap %s/%s: revision %s (%d entries)", ns, name,
-                     tables.short_revision, len(tables.tls_entries) - 1)
+            stored = await self.kube.replace_configmap_content(merge_patch(current, wanted))
         self.world.configmaps[(ns, name)] = stored
+        return int(stored is not current)
 
     async def _roll_out(self, key: InstanceKey, state: InstanceState, tables: Tables) -> None:
         ns, inst = key

@@ -47,6 +47,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from . import postfix
+from .configmap import COMPRESS_ABOVE
 from .podrunner import ExecResult, PodRef, PodRunner, PodRunnerError, StdinUnsupportedError
 from .render import REVISION_KEY
 
@@ -354,6 +355,12 @@ class _PodApply:
 
     async def _copy_from_configmap(self, table: _Table, data: bytes) -> None:
         """Stage without stdin: ``cp`` the mounted ConfigMap file, prove it is this revision."""
+        if len(data) > COMPRESS_ABOVE:
+            raise _Stop(Step.WRITE,
+                        f"the API server cannot close exec stdin (websocket v4) and the "
+                        f"{table.name} table ({len(data)} bytes) is stored gzip-compressed in "
+                        "the ConfigMap, which this fallback cannot copy: use Kubernetes 1.30+ "
+                        "(exec v5) or the restart strategy")
         src = posixpath.join(self.target.configmap_dir, table.name) if data else "/dev/null"
         res = await self._exec(Step.WRITE, postfix.copy_file(src, table.staged))
         if not res.ok:

@@ -9,6 +9,7 @@ real Postfix pods are in tests/postfix/.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -257,3 +258,36 @@ def op_loop_wake(op: Operator) -> None:
     worker = next(iter(op.workers.values()))
     assert worker.task is not None
     worker.task.get_loop().call_soon_threadsafe(op.wake_all)
+
+
+async def test_a_table_past_the_configmap_limit_is_split_and_shrinks_back(
+        cluster: Cluster, apiserver: ApiServer, run_operator: Any, kube_client: Any) -> None:
+    import hashlib
+
+    from mailtls_operator.configmap import reassemble
+
+    def dests(p: int) -> list[str]:  # hex names: gzip cannot shrink them much
+        return [hashlib.sha256(f"{p}-{i}".encode()).hexdigest()[:48] + ".example"
+                for i in range(1000)]
+
+    async with operating(run_operator, kube_client, debounce=0.3, max_delay=10.0) as op:
+        for p in range(40):
+            await cluster.apply(policy(f"bulk-{p}", destinations=dests(p), level="encrypt"))
+
+        def parts() -> list[dict[str, Any]]:
+            return sorted((cm for cm in apiserver.list_objects("v1/configmaps", "mail")
+                           if cm["metadata"]["name"].startswith("relay-mailtls")),
+                          key=lambda cm: cm["metadata"]["name"])
+
+        await cluster.until(lambda: idle(op) and len(parts()) > 1
+                            and op.states[("mail", "relay")].tables is not None
+                            and len(op.states[("mail", "relay")].tables.tls_entries) == 40001,
+                            60)
+        bodies = parts()
+        assert all(len(json.dumps(b)) < 1024 * 1024 for b in bodies)
+        text = reassemble(bodies)
+        assert text == op.states[("mail", "relay")].tables.tls_policy
+        for p in range(1, 40):
+            await cluster.delete("mail", f"bulk-{p}")
+        await cluster.until(lambda: len(parts()) == 1 and len(cluster.table("mail", "relay")
+                                                              or []) == 1000, 60)
