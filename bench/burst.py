@@ -33,6 +33,7 @@ NAME = "burst_coalescing"
 POLICIES = 1000
 PODS = 2
 IN_FLIGHT = 32
+PROBE_WINDOW = 5.0
 MAX_WRITES = 3
 MAX_ROLLOUTS = 2
 
@@ -49,7 +50,7 @@ def run() -> Result:
 
 
 async def _scenario(result: Result) -> None:
-    config = Config()  # production defaults: debounce 0.5 s, max_delay 5 s, parallelism 1
+    config = Config()  # production defaults (debounce 0.5 s, max_delay 5 s, probes on)
     result.config = {"policies": POLICIES, "pods": PODS, "client_in_flight": IN_FLIGHT,
                      "debounce_s": config.debounce, "max_delay_s": config.max_delay,
                      "parallelism": config.parallelism}
@@ -76,8 +77,15 @@ async def _scenario(result: Result) -> None:
             await env.until(lambda: env.entries() == 2 * POLICIES
                             and env.pods_on(env.revision() or "", pods.names), 180)
             enforced = time.perf_counter()
+            writes_enforced = env.cm_writes()
+            statuses_enforced = env.server.request_count("patch", "mailtlspolicies",
+                                                         subresource="status")
             await env.settle(timeout=180)
             settled = time.perf_counter()
+            # Then the observer: queue reads and (production default) a posttls-finger
+            # probe of every changed destination.  Sampled for PROBE_WINDOW s, not awaited.
+            await asyncio.sleep(PROBE_WINDOW)
+            window_end = time.perf_counter()
 
             writes = env.cm_writes()
             compiles = {p: runner.table_compiles(p) - before["compiles"][p] for p in pods.names}
@@ -87,6 +95,12 @@ async def _scenario(result: Result) -> None:
                                                       subresource="status")
             events = env.server.request_count("create", "events")
             spans = runner.spans[spans_before:]
+    probes = [sp for sp in spans if sp.kind == "posttls-finger"]
+    observer = [sp for sp in spans if not sp.rollout and sp.kind != "posttls-finger"]
+    in_window = [sp for sp in probes if settled <= sp.end <= window_end]
+    probe_rate = len(in_window) / (window_end - settled)
+    probe_run = sum(sp.seconds for sp in in_window) / len(in_window) if in_window else None
+    backlog_s = POLICIES / probe_rate if probe_rate else None  # one probeable key each
 
     # One rollout of the final table (all pods, one after the other), as measured here:
     # a naive operator pays it once per event.
@@ -99,7 +113,13 @@ async def _scenario(result: Result) -> None:
         "rollouts_operator": rollouts, "rollouts_per_pod": compiles,
         "status_patches": status_patches, "events_posted": events,
         "apply_s": applied - started, "apply_to_enforced_s": enforced - started,
-        "apply_to_settled_s": settled - started,
+        "apply_to_settled_s": settled - started, "probe_window_s": PROBE_WINDOW,
+        "probes_per_s": probe_rate, "probe_run_mean_s": probe_run, "probe_all_estimate_s": backlog_s,
+        "configmap_writes_at_enforced": writes_enforced,
+        "status_patches_at_enforced": statuses_enforced,
+        "probes_posttls_finger": len(probes),
+        "probe_seconds_sum": sum(sp.seconds for sp in probes),
+        "observer_other_commands": len(observer),
         "one_rollout_all_pods_s": per_rollout, "naive_rollouts_s_estimate": naive_s,
         "naive_configmap_writes": POLICIES, "naive_rollouts_per_pod": POLICIES,
     }
@@ -112,11 +132,15 @@ async def _scenario(result: Result) -> None:
         ("rollouts (InstanceState.rollouts)", rollouts, POLICIES,
          f"{rollouts / POLICIES:.3g}x", f"<= {MAX_ROLLOUTS}"),
         ("status patches / events posted", f"{status_patches} / {events}", "-", "-", "-"),
+        ("posttls-finger probes (observer)", len(probes), "-", "-", "-"),
     ]))
     print(table(("timeline (s from first apply)", "seconds"), [
         ("client finished 1,000 creates", applied - started),
         ("ConfigMap complete and every pod verified on it", enforced - started),
-        ("operator idle (statuses written)", settled - started),
+        ("worker idle (statuses written)", settled - started),
+        (f"observer: posttls-finger probes/s (sampled {PROBE_WINDOW:g} s)", probe_rate),
+        ("observer: mean run time of one posttls-finger", probe_run),
+        ("observer: time to probe all 1,000 (estimate)", backlog_s),
         ("one rollout, all pods (measured)", per_rollout),
         ("naive: 1,000 rollouts (estimate)", naive_s),
     ]))
@@ -127,6 +151,10 @@ async def _scenario(result: Result) -> None:
                 f"<= {MAX_ROLLOUTS}", rollout_max <= MAX_ROLLOUTS),
         Summary(NAME, "1,000 applies -> all pods enforced", enforced - started, "s", naive_s,
                 "naive est."),
+        Summary(NAME, "1,000 applies -> statuses written", settled - started, "s",
+                enforced - started, "enforced"),
+        Summary(NAME, "then: probing 1,000 destinations (est.)", backlog_s, "s",
+                enforced - started, "enforced"),
     ]
     result.notes.append("rollouts per pod = postmap compiles of the staged TLS policy table "
                         "in that pod (LocalPodRunner calls); naive time = 1,000 x one measured "
@@ -142,5 +170,4 @@ def _last_rollout(spans: list[Any], pods: list[str]) -> list[Any]:
     first = compiles[-1]
     while first > 0 and spans[first - 1].pod == pods[0] and spans[first - 1].kind == "write":
         first -= 1
-    tail = [s for s in spans[first:] if s.kind != "postconf"]
-    return tail
+    return [s for s in spans[first:] if s.rollout]

@@ -21,8 +21,16 @@ import asyncio
 from typing import Any
 
 from bench.common import Result, Summary, postfix_available, stats, table
-from bench.harness import NAMESPACE, Env, Pods, TimingRunner, emulation, local_pods, policy
-from mailtls_operator.controller import Config
+from bench.harness import (
+    NAMESPACE,
+    Env,
+    Pods,
+    TimingRunner,
+    bench_config,
+    emulation,
+    local_pods,
+    policy,
+)
 from mailtls_operator.render import REVISION_KEY, revision_value
 
 NAME = "enforce_latency"
@@ -49,7 +57,7 @@ def run() -> Result:
 
 
 async def _scenario(result: Result) -> None:
-    config = Config(debounce=DEBOUNCE, max_delay=1.0)
+    config = bench_config(debounce=DEBOUNCE, max_delay=1.0)
     result.config = {"pods": PODS, "changes": CHANGES, "policies": POLICIES,
                      "debounce_s": DEBOUNCE, "parallelism": config.parallelism,
                      "map_type": "lmdb"}
@@ -133,12 +141,13 @@ async def _change(env: Env, pods: Pods, runner: TimingRunner, i: int,
         live = await asyncio.to_thread(inst.query, REVISION_KEY)
         if live != want:
             raise RuntimeError(f"{name}: live revision {live!r}, expected {want!r}")
-    spans = runner.between(returned, end)
+    spans = [sp for sp in runner.between(returned, end) if sp.rollout]
     postmap = sum(sp.seconds for sp in spans if sp.kind in ("postmap", "query"))
     reload = sum(sp.seconds for sp in spans if sp.kind == "reload")
     cmds = sum(sp.seconds for sp in spans)
+    others = [sp for sp in runner.between(returned, end) if not sp.rollout]
     total = end - returned
     return {"total": total, "postmap": postmap, "reload": reload,
             "postfix": postmap + reload, "other_cmds": cmds - postmap - reload,
             "debounce": DEBOUNCE, "operator": total - cmds - DEBOUNCE,
-            "pod_commands": float(len(spans))}
+            "pod_commands": float(len(spans)), "other_pod_commands": float(len(others))}

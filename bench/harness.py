@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -62,6 +63,19 @@ class BenchServer(ApiServer):
         super()._commit(spec, key, new, old, kind)
         if spec.plural in self.track:
             self.commits.append(Commit(time.perf_counter(), spec.plural, key[1], key[2], new))
+
+
+def bench_config(*, probes: bool = False, **settings: Any) -> Config:
+    """The operator's Config for a benchmark: production defaults, ``settings`` applied.
+
+    Unless ``probes``, enforce-mode policies are not probed (``probe_enforced=False``):
+    after every change the observer would run ``posttls-finger`` for each changed
+    destination, a cost of its own that burst_coalescing measures with the defaults.
+    """
+    names = {f.name for f in dataclasses.fields(Config)}
+    if not probes and "probe_enforced" in names:
+        settings.setdefault("probe_enforced", False)
+    return Config(**{k: v for k, v in settings.items() if k in names})
 
 
 def policy(name: str, namespace: str = NAMESPACE, **spec: Any) -> dict[str, Any]:
@@ -199,10 +213,14 @@ async def emulation(config: Config, runner: PodRunner,
             if not start_operator:
                 yield env
                 return
-            async with run_operator(server, build_registry(),
-                                    memo=kopf.Memo(operator=op)) as running:
-                env.running = running
-                yield env
+            try:
+                async with run_operator(server, build_registry(),
+                                        memo=kopf.Memo(operator=op)) as running:
+                    env.running = running
+                    yield env
+            finally:
+                if env.running is not None:  # Kopf's executor for sync handlers (the login)
+                    env.running.settings.execution.executor.shutdown(wait=True)
 
 
 # ------------------------------------------------------------------------------- pods
@@ -226,15 +244,20 @@ class Span:
     def kind(self) -> str:
         """postmap (compile), query (postmap -q), reload, write, swap, other."""
         a = self.argv
+        if a and a[0] == "sh" and "mailtls-write" in a:
+            return "write"
         if a and a[0] == "postmap":
             return "query" if "-q" in a else "postmap"
         if a and a[0] == "postfix" and "reload" in a:
             return "reload"
-        if a and a[0] == "sh":
-            return "write"
         if a and a[0] == "mv":
             return "swap"
         return a[0] if a else "?"
+
+    @property
+    def rollout(self) -> bool:
+        """A command of the exec rollout itself (stage, compile, swap, reload, verify)."""
+        return self.kind in ("write", "postmap", "query", "swap", "reload", "rm")
 
 
 class TimingRunner:
@@ -243,16 +266,19 @@ class TimingRunner:
     def __init__(self, inner: PodRunner) -> None:
         self.inner = inner
         self.spans: list[Span] = []
+        self.in_flight = 0
 
     async def run(self, pod: PodRef, argv: Sequence[str], *, stdin: bytes | None = None,
                   timeout: float = 60.0) -> ExecResult:
         start = time.perf_counter()
         code: int | None = None
+        self.in_flight += 1
         try:
             res = await self.inner.run(pod, argv, stdin=stdin, timeout=timeout)
             code = res.returncode
             return res
         finally:
+            self.in_flight -= 1
             self.spans.append(Span(start, time.perf_counter(), pod.name, tuple(argv), code))
 
     def between(self, start: float, end: float) -> list[Span]:

@@ -17,8 +17,7 @@ import time
 from typing import Any
 
 from bench.common import Result, Summary, stats, table
-from bench.harness import NAMESPACE, Env, emulation, policy
-from mailtls_operator.controller import Config
+from bench.harness import NAMESPACE, Env, bench_config, emulation, policy
 
 NAME = "configmap_latency"
 CHANGES = 100
@@ -45,7 +44,7 @@ def run() -> Result:
 
 
 async def _scenario(result: Result) -> None:
-    config = Config(debounce=DEBOUNCE, max_delay=1.0)
+    config = bench_config(debounce=DEBOUNCE, max_delay=1.0)
     result.config = {"changes": CHANGES, "policies": POLICIES, "debounce_s": config.debounce,
                      "max_delay_s": config.max_delay}
 
