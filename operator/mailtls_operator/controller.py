@@ -127,6 +127,28 @@ class InstanceState:
     observer: asyncio.Task[None] | None = None
     observe_again: bool = False
     check_live: bool = False
+    seq: dict[str, int] = field(default_factory=dict)
+    """Order of the revisions rendered since start (revision -> sequence number)."""
+    since: dict[str, tuple[tuple[str, ...], str]] = field(default_factory=dict)
+    """policy ref -> (its lines, the revision that first carried them): a policy is live in
+    a pod whose revision is that one or later, so a change to *another* policy neither
+    makes it Pending nor rewrites its status."""
+
+    def note_revision(self, tables: Tables) -> None:
+        if tables.revision not in self.seq:
+            self.seq[tables.revision] = len(self.seq)
+        for ref, lines in tables.contributors.items():
+            key = tuple(lines)
+            if self.since.get(ref, ((), ""))[0] != key or ref not in self.since:
+                self.since[ref] = (key, tables.revision)
+        for ref in set(self.since) - set(tables.contributors):
+            del self.since[ref]
+
+    def live_in(self, pod_revision: str | None, revision: str) -> bool:
+        """Does a pod on ``pod_revision`` carry what ``revision`` introduced?"""
+        if pod_revision is None or pod_revision not in self.seq:
+            return False
+        return self.seq[pod_revision] >= self.seq.get(revision, len(self.seq))
     """Verify pods' live revision on the next rollout (set by the periodic resync)."""
     observe_timer: asyncio.TimerHandle | None = None
 
@@ -403,6 +425,7 @@ class Operator:
         tables = render(policies, instance=key, now=now)
         self.metrics.render_seconds.observe(time.perf_counter() - started)
         state.renders += 1
+        state.note_revision(tables)
         if state.tables is not None:
             old, new = state.tables.tls_entries, tables.tls_entries
             state.unreleased |= {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
@@ -724,9 +747,15 @@ class Operator:
                 views.append(InstanceView(key[1], "", len(self.world.pods_of(key)), 0))
                 continue
             t = state.tables
+            revision = state.since.get(rec.ref, ((), t.revision))[1]
+            pods = self.world.pods_of(key)
+            annotation = ANN_TEMPLATE_REVISION if pods and pods[0].annotation(
+                ANN_STRATEGY, self.config.default_strategy) == "restart" else ANN_APPLIED
+            updated = sum(1 for p in pods if (p.ready or annotation == ANN_APPLIED)
+                          and state.live_in(p.annotations.get(annotation), revision))
             views.append(InstanceView(
-                name=key[1], revision=t.revision, pods_total=state.pods_total,
-                pods_updated=state.pods_updated, failure=state.failure,
+                name=key[1], revision=revision, pods_total=len(pods), pods_updated=updated,
+                failure=state.failure if updated < len(pods) else None,
                 losses=t.losses.get(rec.ref, []), lines=t.contributors.get(rec.ref, []),
                 warnings=state.warnings.get(rec.ref, []), note=state.note))
         return views
@@ -786,9 +815,12 @@ class Operator:
             except NotFound:
                 return  # deleted meanwhile
             rec.status = {**rec.status, **status}
-            for cond in changed:
-                await self._event(rec, event_type(cond), cond["reason"],
-                                  f"{cond['type']}={cond['status']}: {cond['message']}")
+            if changed:  # one Event per change of the policy, led by its weightiest condition
+                warnings = [c for c in changed if event_type(c) == "Warning"]
+                lead = (warnings or changed)[0]
+                await self._event(rec, event_type(lead), lead["reason"], "; ".join(
+                    f"{c['type']}={c['status']} {c['reason']}: {c['message']}"
+                    for c in changed))
 
     async def _event(self, rec: PolicyRecord, kind: str, reason: str, message: str) -> None:
         try:

@@ -387,3 +387,34 @@ async def test_a_table_changed_by_hand_inside_a_pod_is_rolled_again_on_resync(
         assert inst.query("a.example") == "none"
         await poll(lambda: inst.query("a.example") == "encrypt", timeout=10)
         assert inst.query(REVISION_KEY) == good
+
+
+async def test_a_change_to_one_policy_leaves_the_others_status_alone(
+        make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
+        run_operator: Any, kube_client: Any) -> None:
+    pods = [make_pod(f"relay-{i}") for i in range(2)]
+    for (pod, inst) in pods:
+        apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    async with operator(run_operator, kube_client, runner):
+        for i in range(5):
+            await kubectl.apply(f"p{i}", destinations=[f"d{i}.example"], level="encrypt")
+        for i in range(5):
+            await kubectl.until_ready(f"p{i}")
+        before = kubectl.status("p1")
+
+        def p1_events() -> int:
+            return sum(1 for e in apiserver.list_objects("v1/events", "mail")
+                       if e["involvedObject"]["name"] == "p1")
+
+        events = p1_events()
+        apiserver.reset_log()
+        await kubectl.apply("p0", destinations=["d0.example"], level="may")
+        await poll(lambda: kubectl.status("p0")["observedGeneration"] == 2)
+        await kubectl.until_ready("p0")
+        await poll(lambda: pods[1][1].query("d0.example") == "may")
+        await asyncio.sleep(0.3)
+        patched = {r.name for r in apiserver.request_log
+                   if r.verb == "patch" and r.resource == PLURAL and r.subresource == "status"}
+        assert patched == {"p0"}
+        assert kubectl.status("p1") == before  # same revision, same time stamps
+        assert p1_events() == events  # no Event either
