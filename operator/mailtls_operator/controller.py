@@ -127,6 +127,9 @@ class InstanceState:
     observer: asyncio.Task[None] | None = None
     observe_again: bool = False
     check_live: bool = False
+    rendered: dict[str, int] = field(default_factory=dict)
+    """policy ref -> the generation the current tables were rendered from: a policy newer
+    than the render is Pending, whatever the pods say."""
     seq: dict[str, int] = field(default_factory=dict)
     """Order of the revisions rendered since start (revision -> sequence number)."""
     since: dict[str, tuple[tuple[str, ...], str]] = field(default_factory=dict)
@@ -134,19 +137,34 @@ class InstanceState:
     a pod whose revision is that one or later, so a change to *another* policy neither
     makes it Pending nor rewrites its status."""
 
-    def note_revision(self, tables: Tables) -> None:
+    def note_revision(self, tables: Tables,
+                      recorded: Callable[[str], tuple[list[str], str] | None]) -> None:
+        """Record which revision introduced each policy's current lines.  A policy seen for
+        the first time (e.g. after a restart) keeps the revision its status recorded when
+        its lines are still the same, so a restart rewrites no status."""
         if tables.revision not in self.seq:
             self.seq[tables.revision] = len(self.seq)
         for ref, lines in tables.contributors.items():
             key = tuple(lines)
-            if self.since.get(ref, ((), ""))[0] != key or ref not in self.since:
-                self.since[ref] = (key, tables.revision)
+            if ref in self.since and self.since[ref][0] == key:
+                continue
+            known = recorded(ref) if ref not in self.since else None
+            revision = tables.revision
+            if known is not None and known[1] and set(key) <= set(known[0]):
+                revision = known[1]
+            self.since[ref] = (key, revision)
         for ref in set(self.since) - set(tables.contributors):
             del self.since[ref]
 
     def live_in(self, pod_revision: str | None, revision: str) -> bool:
-        """Does a pod on ``pod_revision`` carry what ``revision`` introduced?"""
-        if pod_revision is None or pod_revision not in self.seq:
+        """Does a pod on ``pod_revision`` carry the lines ``revision`` introduced?  The
+        current revision carries every current line; otherwise revisions are ordered by
+        when this operator rendered them (unknown ones are not trusted)."""
+        if pod_revision is None:
+            return False
+        if self.tables is not None and pod_revision == self.tables.revision:
+            return True
+        if pod_revision not in self.seq:
             return False
         return self.seq[pod_revision] >= self.seq.get(revision, len(self.seq))
     """Verify pods' live revision on the next rollout (set by the periodic resync)."""
@@ -417,6 +435,7 @@ class Operator:
             return
         state.warnings = {}
         policies = self.world.policies_for(key)
+        rendered = {p.ref: p.generation for p in policies}
         held = await self._missing_trust_anchors(key, state, policies)
         for ref, message in held.items():
             state.warnings.setdefault(ref, []).append(("TrustAnchorMissing", message))
@@ -425,7 +444,8 @@ class Operator:
         tables = render(policies, instance=key, now=now)
         self.metrics.render_seconds.observe(time.perf_counter() - started)
         state.renders += 1
-        state.note_revision(tables)
+        state.rendered = rendered
+        state.note_revision(tables, lambda ref: self._recorded(ref, inst))
         if state.tables is not None:
             old, new = state.tables.tls_entries, tables.tls_entries
             state.unreleased |= {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
@@ -739,6 +759,17 @@ class Operator:
 
     # ------------------------------------------------------------------ status
 
+    def _recorded(self, ref: str, instance: str) -> tuple[list[str], str] | None:
+        """(entries, revision for ``instance``) as the policy's stored status says."""
+        ns, _, name = ref.partition("/")
+        rec = self.world.policies.get(ns, {}).get(name)
+        if rec is None:
+            return None
+        for item in rec.status.get("instances") or []:
+            if isinstance(item, dict) and item.get("name") == instance:
+                return list(rec.status.get("entries") or []), str(item.get("revision") or "")
+        return None
+
     def views_for(self, rec: PolicyRecord) -> list[InstanceView]:
         views = []
         for key in self.world.instances_targeted_by(rec):
@@ -753,6 +784,9 @@ class Operator:
                 ANN_STRATEGY, self.config.default_strategy) == "restart" else ANN_APPLIED
             updated = sum(1 for p in pods if (p.ready or annotation == ANN_APPLIED)
                           and state.live_in(p.annotations.get(annotation), revision))
+            if rec.policy is not None and \
+                    state.rendered.get(rec.ref) != rec.policy.generation:
+                updated = 0  # this generation is not in the tables yet
             views.append(InstanceView(
                 name=key[1], revision=revision, pods_total=len(pods), pods_updated=updated,
                 failure=state.failure if updated < len(pods) else None,

@@ -395,11 +395,13 @@ async def test_a_change_to_one_policy_leaves_the_others_status_alone(
     pods = [make_pod(f"relay-{i}") for i in range(2)]
     for (pod, inst) in pods:
         apiserver.seed("v1/pods", pod_object(pod.name, inst))
-    async with operator(run_operator, kube_client, runner):
+    async with operator(run_operator, kube_client, runner) as op:
         for i in range(5):
             await kubectl.apply(f"p{i}", destinations=[f"d{i}.example"], level="encrypt")
         for i in range(5):
             await kubectl.until_ready(f"p{i}")
+        await poll(lambda: all(w.idle.is_set() for w in op.workers.values()))
+        await asyncio.sleep(0.3)  # the last status write's Event is posted after the write
         before = kubectl.status("p1")
 
         def p1_events() -> int:
@@ -418,3 +420,23 @@ async def test_a_change_to_one_policy_leaves_the_others_status_alone(
         assert patched == {"p0"}
         assert kubectl.status("p1") == before  # same revision, same time stamps
         assert p1_events() == events  # no Event either
+
+
+async def test_a_restart_after_several_changes_rewrites_no_status(
+        make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
+        run_operator: Any, kube_client: Any) -> None:
+    pods = [make_pod(f"relay-{i}") for i in range(2)]
+    for (pod, inst) in pods:
+        apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    async with operator(run_operator, kube_client, runner):
+        for i in range(3):
+            await kubectl.apply(f"p{i}", destinations=[f"d{i}.example"], level="encrypt")
+            await kubectl.until_ready(f"p{i}")  # three revisions, each policy its own
+    revisions = {kubectl.status(f"p{i}")["instances"][0]["revision"] for i in range(3)}
+    assert len(revisions) == 3
+    apiserver.reset_log()
+    async with operator(run_operator, kube_client, runner) as op:
+        await poll(lambda: op.states and all(w.idle.is_set() for w in op.workers.values()))
+        await asyncio.sleep(0.3)
+    assert apiserver.request_count("patch", PLURAL, subresource="status") == 0
+    assert apiserver.request_count(("create", "patch"), "configmaps") == 0
