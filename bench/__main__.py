@@ -1,8 +1,8 @@
 """``python -m bench [NAME ...]``: run the benchmarks, print each table and one summary.
 
-Every benchmark writes ``bench/results/<name>.json``; the summary also goes to
-``bench/results/summary.json``.  Exit status 1 if a benchmark failed to run
-(a missed target is reported, not an error).
+Every benchmark writes ``bench/results/<name>.json``; the summary of a full run also
+goes to ``bench/results/summary.json`` (of a partial run: ``summary-partial.json``).
+Exit status 1 if a benchmark failed to run (a missed target is reported, not an error).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench.common import RESULTS, Result, Summary, machine, print_summary, write_json
+from bench.common import RESULTS, RUN, Result, Summary, machine, print_summary, write_json
 
 Runner = Callable[[], Result]
 
@@ -45,6 +45,7 @@ def run_one(run: Runner) -> Result:
     start = time.perf_counter()
     result = run()
     result.seconds = time.perf_counter() - start
+    RUN[result.name] = result
     path = write_json(result)
     for note in result.notes:
         print(f"  note: {note}")
@@ -88,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + "=" * 78)
     print_summary(summary, f"SUMMARY (wall {wall:.0f} s on {machine().get('cpus')} CPUs)")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "summary.json").write_text(json.dumps(
+    # The summary of a full run only: running a few benchmarks keeps the last full summary.
+    summary_file = RESULTS / ("summary-partial.json" if args.names else "summary.json")
+    summary_file.write_text(json.dumps(
         {"wall_seconds": round(wall, 1), "machine": machine(),
          "seconds": {k: round(v, 1) for k, v in timings.items()}, "failed": failed,
          "summary": [s.as_dict() for s in summary]}, indent=2, default=str) + "\n")

@@ -57,6 +57,10 @@ class Result:
     skipped: str | None = None
 
 
+RUN: dict[str, Result] = {}
+"""Results of the benchmarks already run in this process (one may use another's figure)."""
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     """A number as people read it in a table."""
     if value is None:

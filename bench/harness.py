@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import shutil
 import tempfile
 import time
@@ -27,6 +28,7 @@ import kopf
 import kubernetes.client
 from tests.integration.apiserver import ApiServer, RunningOperator, run_operator
 
+from mailtls_operator import configmap
 from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.kube import Kube
 from mailtls_operator.local import InstanceSettings, LocalInstance, LocalPodRunner
@@ -34,6 +36,8 @@ from mailtls_operator.podrunner import ExecResult, PodRef, PodRunner
 from mailtls_operator.render import REVISION_KEY
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
+# Kopf warns that it cannot install signal handlers outside the main thread: by design here.
+logging.getLogger("kopf._core.reactor.running").setLevel(logging.ERROR)
 NAMESPACE = "mail"
 INSTANCE = "relay"
 CM_NAME = f"{INSTANCE}-mailtls"
@@ -141,11 +145,15 @@ class Env:
         return rev
 
     def entries(self) -> int:
-        """Policy lines in the stored ConfigMap (without the revision key)."""
-        cm = self.configmap()
-        if cm is None:
-            return 0
-        text = (cm.get("data") or {}).get("tls_policy", "")
+        """Policy lines in the stored table (without the revision key), whatever its shape:
+        plain, gzip-compressed or split over part ConfigMaps; -1 for a half-written set."""
+        bodies = [cm for cm in self.server.list_objects("v1/configmaps", NAMESPACE)
+                  if ((cm.get("metadata") or {}).get("labels") or {}).get(
+                      "mailtls.io/instance") == INSTANCE]
+        try:
+            text = configmap.reassemble(bodies)
+        except ValueError:
+            return -1
         return sum(1 for ln in text.splitlines()
                    if ln and not ln.startswith("#") and not ln.startswith(REVISION_KEY))
 

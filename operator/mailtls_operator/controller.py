@@ -246,6 +246,7 @@ class Operator:
         self.leader = leader
         self._leader_task: asyncio.Task[None] | None = None
         self._resync: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.runner = runner
         self.config = config or Config()
         self.clock = clock
@@ -322,6 +323,8 @@ class Operator:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._leader_task
         await asyncio.gather(*(w.stop() for w in self.workers.values()))
+        for task in list(self._background):
+            task.cancel()
         for state in self.states.values():
             if state.observe_timer is not None:
                 state.observe_timer.cancel()
@@ -540,9 +543,12 @@ class Operator:
         behind = [p for p in pods if p.annotations.get(
             ANN_TEMPLATE_REVISION if strategy == "restart" else ANN_APPLIED) != tables.revision]
         if behind and not state.failure:
-            # say so before a long rollout starts: Pending, with the pods still to do
+            # say so while a long rollout runs (Pending, pods still to do), without making
+            # the rollout wait for thousands of status writes
             state.pods_updated = len(pods) - len(behind)
-            await self.write_statuses(ns)
+            task = asyncio.get_running_loop().create_task(self.write_statuses(ns))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         started = time.perf_counter()
         if strategy == "restart":
             result = await restart_rollout(self.kube, pods, tables.revision)

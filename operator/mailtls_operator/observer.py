@@ -13,6 +13,7 @@ No Kubernetes imports: the controller passes pods and writes status.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -129,14 +130,19 @@ async def probe_policies(runner: PodRunner, pod: PodRef, policies: Sequence[Poli
     except Exception as exc:
         log.warning("%s: cannot read the client's TLS defaults, no probes: %s", pod, exc)
         return out
-    for policy in due:
-        try:
-            outcomes = await probe.probe_policy(runner, pod, policy, concurrency=concurrency,
-                                                timeouts=timeouts, defaults=defaults)
-        except Exception as exc:
-            log.warning("%s: probing %s failed: %s", pod, policy.ref, exc)
-            continue
-        out[policy.ref] = PolicyProbes(policy.value, now, outcomes)
+    sem = asyncio.Semaphore(concurrency)  # policies in parallel, not only a policy's keys
+
+    async def one(policy: Policy) -> None:
+        async with sem:
+            try:
+                outcomes = await probe.probe_policy(runner, pod, policy, concurrency=2,
+                                                    timeouts=timeouts, defaults=defaults)
+            except Exception as exc:
+                log.warning("%s: probing %s failed: %s", pod, policy.ref, exc)
+                return
+            out[policy.ref] = PolicyProbes(policy.value, now, outcomes)
+
+    await asyncio.gather(*(one(p) for p in due))
     return out
 
 

@@ -103,7 +103,7 @@ class World:
         self.policies: dict[str, dict[str, PolicyRecord]] = {}  # ns -> name -> record
         self.pods: dict[tuple[str, str], PodRecord] = {}
         self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
-        self._verdicts: dict[tuple[str, int, str], Policy | list[FieldError]] = {}
+        self._verdicts: dict[str, tuple[tuple[int, str], Policy | list[FieldError]]] = {}
         self.validations = 0
         # reference counts, so instance discovery is O(1) per event, not O(policies)
         self._named: Counter[InstanceKey] = Counter()
@@ -112,19 +112,24 @@ class World:
     # ------------------------------------------------------------------ policies
 
     def _verdict(self, obj: Mapping[str, Any]) -> Policy | list[FieldError]:
+        """The model's verdict, cached per object: one entry per uid (the latest generation
+        and spec), so the cache never outgrows the policies that exist."""
         meta = _meta(obj)
         spec = obj.get("spec")
-        key = (str(meta.get("uid", "")), int(meta.get("generation") or 0),
+        uid = str(meta.get("uid", "")) or f"{meta.get('namespace')}/{meta.get('name')}"
+        key = (int(meta.get("generation") or 0),
                spec_hash(spec) if isinstance(spec, Mapping) else repr(spec))
-        cached = self._verdicts.get(key)
-        if cached is None:
-            self.validations += 1
-            try:
-                cached = load_policy(obj, now=self.clock(), max_exception=self.max_exception)
-            except PolicyInvalid as exc:
-                cached = exc.errors
-            self._verdicts[key] = cached
-        return cached
+        cached = self._verdicts.get(uid)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self.validations += 1
+        verdict: Policy | list[FieldError]
+        try:
+            verdict = load_policy(obj, now=self.clock(), max_exception=self.max_exception)
+        except PolicyInvalid as exc:
+            verdict = exc.errors
+        self._verdicts[uid] = (key, verdict)
+        return verdict
 
     def upsert_policy(self, obj: Mapping[str, Any]) -> set[InstanceKey]:
         """Record a policy; return the instances whose table input changed."""
@@ -155,6 +160,8 @@ class World:
     def delete_policy(self, namespace: str, name: str) -> set[InstanceKey]:
         old = self.policies.get(namespace, {}).pop(name, None)
         self._count_named(old, -1)
+        if old is not None:
+            self._verdicts.pop(old.uid or f"{namespace}/{name}", None)
         return self._affected(namespace, old) if old else set()
 
     def _count_named(self, rec: PolicyRecord | None, delta: int) -> None:

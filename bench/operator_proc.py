@@ -1,0 +1,91 @@
+"""The real operator alone in a process, for measuring its footprint (RSS, CPU).
+
+``python -m bench.operator_proc --url URL --pods PODS.json``: Kopf with the
+operator's handlers, logged in to the API server at URL (the emulation, run by
+the parent), pods served by a LocalPodRunner over the local Postfix instances
+listed in PODS.json (``[{"name": ..., "root": ...}, ...]``, started by the
+parent).  Settings as ``mailtls run`` has them, plus the fast timeouts of the
+integration tests.  Stops on SIGTERM/SIGINT (Kopf's own handlers: main thread).
+Imports nothing of the tests or of kmock, so its RSS is the operator's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--pods", required=True)
+    parser.add_argument("--debounce", type=float, default=0.5)
+    parser.add_argument("--max-delay", type=float, default=5.0)
+    parser.add_argument("--probes", action="store_true",
+                        help="probe enforce-mode policies too (the operator's default)")
+    parser.add_argument("--report", help="write the RSS after each import stage here (JSON)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+
+    stages = {"interpreter": _rss_mib()}
+    import kopf
+    import kubernetes.client
+
+    from mailtls_operator.controller import Config, Operator, register
+    from mailtls_operator.kube import Kube
+
+    stages["operator imports"] = _rss_mib()
+    # The local harness (LocalPodRunner) pulls in aiosmtpd and cryptography, which the
+    # production operator (KubernetesExecRunner) does not load: reported separately.
+    from mailtls_operator.local.instance import InstanceSettings, LocalInstance
+    from mailtls_operator.local.runner import LocalPodRunner
+    from mailtls_operator.podrunner import PodRef
+
+    stages["+ local pod runner imports"] = _rss_mib()
+    if args.report:
+        Path(args.report).write_text(json.dumps(stages))
+    runner = LocalPodRunner()
+    for pod in json.loads(Path(args.pods).read_text()):
+        runner.add(PodRef("mail", pod["name"]),
+                   LocalInstance(pod["root"], InstanceSettings(name=pod["name"])))
+    configuration = kubernetes.client.Configuration()
+    configuration.host = args.url
+    api = kubernetes.client.ApiClient(configuration)
+    fields = {f.name for f in dataclasses.fields(Config)}
+    settings_: dict[str, Any] = {"debounce": args.debounce, "max_delay": args.max_delay}
+    if not args.probes and "probe_enforced" in fields:
+        settings_["probe_enforced"] = False  # as bench.harness.bench_config
+    operator = Operator(Kube(api), runner, Config(**settings_))
+    registry = kopf.OperatorRegistry()
+    register(registry)
+
+    @kopf.on.login(registry=registry)
+    def _login(**_: Any) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=args.url, default_namespace="default")
+
+    settings = kopf.OperatorSettings()
+    settings.posting.level = logging.WARNING
+    settings.peering.standalone = True
+    settings.scanning.disabled = True
+    settings.networking.error_backoffs = [0.1, 0.2, 0.5]
+    settings.networking.request_timeout = 30
+    settings.watching.connect_timeout = 2
+    settings.queueing.exit_timeout = 2
+    asyncio.run(kopf.operator(registry=registry, settings=settings, standalone=True,
+                              clusterwide=True, memo=kopf.Memo(operator=operator)))
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+if __name__ == "__main__":
+    main()
