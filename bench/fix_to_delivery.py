@@ -1,0 +1,58 @@
+"""Policy fix -> stuck message at the sink, through the whole operator (issue 8's figure).
+
+One real Postfix pod, a sink without STARTTLS, the API emulation and the operator: ten times,
+enforce ``encrypt`` (mail is deferred for TLS), then relax the policy to ``may`` and time until
+the deferred message arrives; printed next to Postfix's own retry delay on the same instance.
+Run: ``.venv/bin/python -m bench.fix_to_delivery``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from demo.__main__ import Demo
+
+
+async def main(rounds: int = 10) -> int:
+    base = Path(tempfile.mkdtemp(prefix="mailtls-fix-"))
+    base.chmod(0o755)
+    took: list[float] = []
+    try:
+        async with AsyncExitStack() as stack:
+            demo = Demo(stack, base)
+            await demo.start_apiserver()
+            demo.start_sinks()
+            demo.start_pods()
+            await demo.start_operator()
+            inst = demo.pods["relay-0"]
+            for i in range(rounds):
+                await demo.apply(demo.policy("plain", destinations=[demo.plain.nexthop],
+                                             level="encrypt"))
+                await demo.settled(["plain"])
+                qid = inst.submit([f"u{i}@plain.example.test"])
+                await asyncio.to_thread(inst.wait_for_delivery, qid, status="deferred")
+                await demo.server.wait_until(lambda: demo.deferred("plain"), 20)
+                start = time.monotonic()
+                await demo.apply(demo.policy("plain", destinations=[demo.plain.nexthop],
+                                             level="may"))
+                await asyncio.to_thread(demo.plain.wait_for, i + 1, 30)
+                took.append(time.monotonic() - start)
+            retry = inst.postconf("minimal_backoff_time", "queue_run_delay")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"policy fix -> stuck message at the sink, {rounds} rounds, 2 pods: "
+          f"p50 {statistics.median(took):.3f} s, min {min(took):.3f} s, max {max(took):.3f} s")
+    print(f"Postfix's own retry on that instance: minimal_backoff_time="
+          f"{retry['minimal_backoff_time']}, queue_run_delay={retry['queue_run_delay']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
