@@ -17,7 +17,7 @@ import asyncio
 import time
 from typing import Any
 
-from bench.common import Result, Summary, postfix_available, table
+from bench.common import Result, Summary, run_with_postfix, table
 from bench.harness import (
     INSTANCE,
     NAMESPACE,
@@ -39,14 +39,8 @@ MAX_ROLLOUTS = 2
 
 
 def run() -> Result:
-    result = Result(NAME, "Burst coalescing: 1,000 applies at once, 2 Postfix pods")
-    why = postfix_available()
-    if why:
-        result.skipped = why
-        print(f"skipped: {why}")
-        return result
-    asyncio.run(_scenario(result))
-    return result
+    return run_with_postfix(
+        NAME, "Burst coalescing: 1,000 applies at once, 2 Postfix pods", _scenario)
 
 
 async def _scenario(result: Result) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,3 +230,16 @@ def postfix_available() -> str | None:
     if not any(Path("/usr/lib/postfix").glob("postfix-lmdb.so*")):
         return "postfix-lmdb not installed (make system-deps)"
     return None
+
+
+def run_with_postfix(name: str, title: str,
+                     scenario: Callable[[Result], Coroutine[Any, Any, None]]) -> Result:
+    """Run an asyncio scenario that needs real Postfix, or record why it was skipped."""
+    result = Result(name, title)
+    why = postfix_available()
+    if why:
+        result.skipped = why
+        print(f"skipped: {why}")
+        return result
+    asyncio.run(scenario(result))
+    return result

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from bench.common import Result, Summary, postfix_available, stats, table
+from bench.common import Result, Summary, run_with_postfix, stats, table
 from bench.harness import (
     NAMESPACE,
     Env,
@@ -46,14 +46,8 @@ def _spec(i: int, level: str) -> dict[str, Any]:
 
 
 def run() -> Result:
-    result = Result(NAME, "Apply-to-enforced latency, 3 local Postfix pods (exec)")
-    why = postfix_available()
-    if why:
-        result.skipped = why
-        print(f"skipped: {why}")
-        return result
-    asyncio.run(_scenario(result))
-    return result
+    return run_with_postfix(
+        NAME, "Apply-to-enforced latency, 3 local Postfix pods (exec)", _scenario)
 
 
 async def _scenario(result: Result) -> None:

@@ -35,9 +35,9 @@ from bench.common import (
     Summary,
     cpu_seconds,
     hwm_mib,
-    postfix_available,
     reset_hwm,
     rss_mib,
+    run_with_postfix,
     table,
 )
 from bench.harness import (
@@ -75,14 +75,8 @@ def _policy(i: int, level: str | None = None) -> dict[str, Any]:
 
 
 def run() -> Result:
-    result = Result(NAME, "Operator footprint with 10,000 policies (operator in a subprocess)")
-    why = postfix_available()
-    if why:
-        result.skipped = why
-        print(f"skipped: {why}")
-        return result
-    asyncio.run(_scenario(result))
-    return result
+    return run_with_postfix(
+        NAME, "Operator footprint with 10,000 policies (operator in a subprocess)", _scenario)
 
 
 class Child:

@@ -40,6 +40,15 @@ def pod_object(name: str, inst: LocalInstance, instance: str = "relay") -> dict[
                        "conditions": [{"type": "Ready", "status": "True"}]}}
 
 
+def seed_pods(make_pod: PodFactory, apiserver: ApiServer, count: int,
+              **settings: Any) -> list[tuple[Any, LocalInstance]]:
+    """``count`` real Postfix pods relay-0.. of instance relay, known to the API server."""
+    pods = [make_pod(f"relay-{i}", **settings) for i in range(count)]
+    for pod, inst in pods:
+        apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    return pods
+
+
 class Kubectl:
     def __init__(self, server: ApiServer, client: kubernetes.client.ApiClient) -> None:
         self.server = server
@@ -105,9 +114,7 @@ async def test_encrypt_defers_until_may_is_rolled_out_to_every_pod(
         make_pod: PodFactory, plain: SmtpSink, runner: LocalPodRunner, apiserver: ApiServer,
         kubectl: Kubectl, run_operator: Any, kube_client: Any) -> None:
     routes = {"plain.example": f"smtp:{plain.nexthop}"}
-    pods = [make_pod(f"relay-{i}", routes=routes) for i in range(2)]
-    for (pod, inst) in pods:
-        apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    pods = seed_pods(make_pod, apiserver, 2, routes=routes)
     async with operator(run_operator, kube_client, runner):
         await kubectl.apply("plain-partner", destinations=[plain.nexthop], level="encrypt")
         ready = await kubectl.until_ready("plain-partner")
@@ -142,9 +149,7 @@ async def test_encrypt_defers_until_may_is_rolled_out_to_every_pod(
 async def test_pods_are_updated_one_at_a_time_and_reapplying_runs_nothing(
         make_pod: PodFactory, plain: SmtpSink, runner: LocalPodRunner, apiserver: ApiServer,
         kubectl: Kubectl, run_operator: Any, kube_client: Any) -> None:
-    pods = [make_pod(f"relay-{i}") for i in range(3)]
-    for (pod, inst) in pods:
-        apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    seed_pods(make_pod, apiserver, 3)
     async with operator(run_operator, kube_client, runner) as op:
         await kubectl.apply("p", destinations=["a.example"], level="encrypt")
         await kubectl.until_ready("p")
@@ -172,9 +177,7 @@ async def test_pods_are_updated_one_at_a_time_and_reapplying_runs_nothing(
 async def test_a_failing_pod_stops_the_rollout_and_the_status_says_why(
         make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
         run_operator: Any, kube_client: Any) -> None:
-    pods = [make_pod(f"relay-{i}") for i in range(2)]
-    for (pod, inst) in pods:
-        apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    pods = seed_pods(make_pod, apiserver, 2)
     async with operator(run_operator, kube_client, runner, retry_base=0.5):
         await kubectl.apply("p", destinations=["a.example"], level="may")
         await kubectl.until_ready("p")
@@ -199,8 +202,7 @@ async def test_audit_probes_report_each_sink_and_write_nothing_until_enforced(
         make_pod: PodFactory, plain: SmtpSink, self_signed: SmtpSink, ca_signed: SmtpSink,
         ca: Any, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
         run_operator: Any, kube_client: Any) -> None:
-    pod, inst = make_pod("relay-0")
-    apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    [(_, inst)] = seed_pods(make_pod, apiserver, 1)
     async with operator(run_operator, kube_client, runner, observe_interval=0):
         await kubectl.apply("plain", destinations=[plain.nexthop], level="encrypt",
                             mode="audit")
@@ -245,8 +247,7 @@ async def test_stuck_mail_is_reported_and_released_when_the_policy_is_fixed(
         make_pod: PodFactory, plain: SmtpSink, runner: LocalPodRunner, apiserver: ApiServer,
         kubectl: Kubectl, run_operator: Any, kube_client: Any) -> None:
     routes = {"plain.example": f"smtp:{plain.nexthop}"}
-    pod, inst = make_pod("relay-0", routes=routes)
-    apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    [(_, inst)] = seed_pods(make_pod, apiserver, 1, routes=routes)
     retry = inst.postconf("minimal_backoff_time", "queue_run_delay")
     async with operator(run_operator, kube_client, runner, observe_interval=0.3):
         await kubectl.apply("plain", destinations=[plain.nexthop], level="encrypt")
@@ -285,8 +286,7 @@ def _seconds(value: str) -> float:
 async def test_lint_warns_dane_without_dnssec_and_holds_back_a_missing_tafile(
         make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
         run_operator: Any, kube_client: Any) -> None:
-    pod, inst = make_pod("relay-0")
-    apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    [(_, inst)] = seed_pods(make_pod, apiserver, 1)
     async with operator(run_operator, kube_client, runner):
         await kubectl.apply("dane", destinations=["dane.example"], level="dane")
         await kubectl.apply("missing-ca", destinations=["partner.example"], level="secure",
@@ -324,9 +324,7 @@ class GatedRunner:
 async def test_an_operator_killed_mid_rollout_is_finished_by_the_next_one(
         make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
         run_operator: Any, kube_client: Any) -> None:
-    pods = [make_pod(f"relay-{i}") for i in range(3)]
-    for (pod, inst) in pods:
-        apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    pods = seed_pods(make_pod, apiserver, 3)
     async with operator(run_operator, kube_client, runner):
         await kubectl.apply("p", destinations=["a.example"], level="may")
         await kubectl.until_ready("p")
@@ -354,9 +352,7 @@ async def test_an_operator_killed_mid_rollout_is_finished_by_the_next_one(
 async def test_a_pod_deleted_mid_rollout_ends_in_a_truthful_status(
         make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
         run_operator: Any, kube_client: Any) -> None:
-    pods = [make_pod(f"relay-{i}") for i in range(3)]
-    for (pod, inst) in pods:
-        apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    pods = seed_pods(make_pod, apiserver, 3)
     gated = GatedRunner(runner, "relay-1")
     core = kubernetes.client.CoreV1Api(kube_client)
     async with operator(run_operator, kube_client, gated):  # type: ignore[arg-type]
@@ -376,8 +372,7 @@ async def test_a_pod_deleted_mid_rollout_ends_in_a_truthful_status(
 async def test_a_table_changed_by_hand_inside_a_pod_is_rolled_again_on_resync(
         make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
         run_operator: Any, kube_client: Any) -> None:
-    pod, inst = make_pod("relay-0")
-    apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    [(_, inst)] = seed_pods(make_pod, apiserver, 1)
     async with operator(run_operator, kube_client, runner, resync_interval=0.5):
         await kubectl.apply("p", destinations=["a.example"], level="encrypt")
         await kubectl.until_ready("p")
@@ -392,9 +387,7 @@ async def test_a_table_changed_by_hand_inside_a_pod_is_rolled_again_on_resync(
 async def test_a_change_to_one_policy_leaves_the_others_status_alone(
         make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
         run_operator: Any, kube_client: Any) -> None:
-    pods = [make_pod(f"relay-{i}") for i in range(2)]
-    for (pod, inst) in pods:
-        apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    pods = seed_pods(make_pod, apiserver, 2)
     async with operator(run_operator, kube_client, runner) as op:
         for i in range(5):
             await kubectl.apply(f"p{i}", destinations=[f"d{i}.example"], level="encrypt")
@@ -425,9 +418,7 @@ async def test_a_change_to_one_policy_leaves_the_others_status_alone(
 async def test_a_restart_after_several_changes_rewrites_no_status(
         make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
         run_operator: Any, kube_client: Any) -> None:
-    pods = [make_pod(f"relay-{i}") for i in range(2)]
-    for (pod, inst) in pods:
-        apiserver.seed("v1/pods", pod_object(pod.name, inst))
+    seed_pods(make_pod, apiserver, 2)
     async with operator(run_operator, kube_client, runner):
         for i in range(3):
             await kubectl.apply(f"p{i}", destinations=[f"d{i}.example"], level="encrypt")
