@@ -676,8 +676,12 @@ class Operator:
             missing = set()
         for path in paths:
             try:
-                res = await self.runner.run(ref, ["test", "-r", postfix.check_map_path(path)],
+                res = await self.runner.run(ref, postfix.readable_by(path),
                                             timeout=self.config.exec_timeout)
+                if not res.ok and (res.returncode != 1 or res.stderr.strip()):
+                    # no setpriv or no user postfix in this image: at least it must exist
+                    res = await self.runner.run(ref, ["test", "-r", postfix.check_map_path(path)],
+                                                timeout=self.config.exec_timeout)
             except Exception as exc:
                 log.warning("%s/%s: cannot check tafile %s: %s", *key, path, exc)
                 continue
@@ -686,8 +690,8 @@ class Operator:
         if paths:
             state.trust_anchors = (tuple(paths), pod.uid, frozenset(missing))
         return {p.ref: f"tafile {', '.join(sorted(set(p.tafile) & missing))} does not exist in "
-                       f"pod {pod.name}: this policy's lines are held back from {key[1]} "
-                       "(Postfix would defer all its mail)"
+                       f"pod {pod.name} or user postfix cannot read it: this policy's lines "
+                       f"are held back from {key[1]} (Postfix would defer all its mail)"
                 for p in policies if set(p.tafile) & missing}
 
     def _schedule_expiry(self, key: InstanceKey, now: datetime) -> None:

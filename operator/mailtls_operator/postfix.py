@@ -236,3 +236,13 @@ def queue_id_from_reply(reply: str) -> str | None:
         return check_queue_id(m.group(1))
     except InvalidArgument:
         return None
+
+
+def readable_by(path: str, user: str = "postfix") -> list[str]:
+    """``test -r PATH`` as ``user`` (util-linux ``setpriv``, no PAM, no shell): smtp(8) opens
+    a ``tafile`` after dropping to ``mail_owner``, so root being able to read it proves
+    nothing.  Exit 0 readable, 1 with empty stderr not readable; anything else: no verdict."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user):
+        raise InvalidArgument(f"not a user name: {user!r}")
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--",
+            "test", "-r", check_map_path(path)]

@@ -431,3 +431,25 @@ async def test_a_restart_after_several_changes_rewrites_no_status(
         await asyncio.sleep(0.3)
     assert apiserver.request_count("patch", PLURAL, subresource="status") == 0
     assert apiserver.request_count(("create", "patch"), "configmaps") == 0
+
+
+async def test_a_tafile_only_root_can_read_is_held_back_like_a_missing_one(
+        make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
+        run_operator: Any, kube_client: Any, ca_signed: SmtpSink, ca: Any, pods_dir: Any
+        ) -> None:
+    """smtp(8) opens a tafile as user postfix: a Secret mounted 0400 defers all mail to the
+    key ("client TLS configuration problem"), so the operator must not roll it out."""
+    secret = pods_dir / "secret-ca.pem"
+    secret.write_bytes(ca.pem_path.read_bytes())
+    secret.chmod(0o400)
+    [(_, inst)] = seed_pods(make_pod, apiserver, 1)
+    async with operator(run_operator, kube_client, runner):
+        await kubectl.apply("root-only", destinations=["root-only.example"], level="secure",
+                            match=["nexthop"], tafile=[str(secret)])
+        await kubectl.apply("readable", destinations=[ca_signed.nexthop], level="secure",
+                            match=["sink.mailtls.test"], tafile=[str(ca.pem_path)])
+        held = await kubectl.until_ready("root-only", reason="TrustAnchorMissing")
+        assert "user postfix cannot read it" in held["message"]
+        await kubectl.until_ready("readable")
+        assert inst.query("root-only.example") is None
+        assert inst.query(ca_signed.nexthop) is not None
