@@ -220,16 +220,9 @@ def cpu_seconds(pid: int | str = "self") -> float:
 
 def postfix_available() -> str | None:
     """None if real Postfix instances can run here, else why not."""
-    for tool in ("postfix", "postmap", "postconf", "postqueue"):
-        if shutil.which(tool, path="/usr/sbin:/usr/bin") is None:
-            return f"{tool} not installed (make system-deps)"
-    if not Path("/usr/lib/postfix/sbin/master").exists():
-        return "Postfix master not found"
-    if os.geteuid() != 0:
-        return "starting Postfix instances needs root"
-    if not any(Path("/usr/lib/postfix").glob("postfix-lmdb.so*")):
-        return "postfix-lmdb not installed (make system-deps)"
-    return None
+    from mailtls_operator.local import postfix_unavailable
+
+    return postfix_unavailable()
 
 
 def run_with_postfix(name: str, title: str,

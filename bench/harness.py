@@ -31,7 +31,7 @@ from tests.integration.apiserver import ApiServer, RunningOperator, run_operator
 from mailtls_operator import configmap
 from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.kube import Kube
-from mailtls_operator.local import InstanceSettings, LocalInstance, LocalPodRunner
+from mailtls_operator.local import InstanceSettings, LocalInstance, LocalPodRunner, stop_all
 from mailtls_operator.podrunner import ExecResult, PodRef, PodRunner
 from mailtls_operator.render import REVISION_KEY
 
@@ -335,12 +335,7 @@ def local_pods(count: int, prefix: str = "relay",
             pods.runner.add(PodRef(NAMESPACE, name), inst)
         yield pods
     finally:
-        errors = []
-        for inst in reversed(started):
-            try:
-                inst.stop()
-            except Exception as exc:  # keep stopping the others
-                errors.append(f"{inst.root}: {exc}")
+        errors = stop_all(started)
         shutil.rmtree(base, ignore_errors=True)
         if any(i.running for i in started):
             raise RuntimeError("a Postfix master survived the benchmark")

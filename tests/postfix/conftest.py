@@ -7,7 +7,6 @@ master's process group), every sink thread is joined.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -23,20 +22,11 @@ from mailtls_operator.local import (
     LocalPodRunner,
     SmtpSink,
     plain_sink,
+    postfix_unavailable,
     starttls_sink,
+    stop_all,
 )
 from mailtls_operator.podrunner import PodRef
-
-
-def _postfix_missing() -> str | None:
-    for tool in ("postfix", "postmap", "postconf", "postqueue"):
-        if shutil.which(tool, path="/usr/sbin:/usr/bin") is None:
-            return f"{tool} not installed (apt-get install postfix postfix-lmdb postfix-cdb)"
-    if not Path("/usr/lib/postfix/sbin/master").exists():
-        return "Postfix master not found"
-    if os.geteuid() != 0:
-        return "starting Postfix instances needs root"
-    return None
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +34,7 @@ def _require_postfix(request: pytest.FixtureRequest) -> None:
     """Skip tests marked ``postfix`` (not the pure ones) where Postfix cannot run."""
     if request.node.get_closest_marker("postfix") is None:
         return
-    reason = _postfix_missing()
+    reason = postfix_unavailable()
     if reason is not None:
         pytest.skip(reason)
 
@@ -84,12 +74,7 @@ def make_pod(pods_dir: Path, runner: LocalPodRunner) -> Iterator[PodFactory]:
         return pod, inst
 
     yield make
-    errors = []
-    for inst in reversed(started):
-        try:
-            inst.stop()
-        except Exception as exc:  # keep stopping the others
-            errors.append(f"{inst.root}: {exc}")
+    errors = stop_all(started)
     assert not any(i.running for i in started), "a Postfix master survived teardown"
     assert not errors, errors
 

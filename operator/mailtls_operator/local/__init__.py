@@ -16,7 +16,9 @@ from .instance import (
     LocalInstance,
     PostfixError,
     free_port,
+    postfix_unavailable,
     running_instance,
+    stop_all,
     wait_until,
 )
 from .runner import LocalPodRunner, RecordedCall
@@ -34,7 +36,9 @@ __all__ = [
     "SmtpSink",
     "free_port",
     "plain_sink",
+    "postfix_unavailable",
     "running_instance",
     "starttls_sink",
+    "stop_all",
     "wait_until",
 ]

@@ -579,6 +579,32 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+def postfix_unavailable() -> str | None:
+    """None if throwaway Postfix instances can run on this machine, else why not (tests
+    skip with it, benchmarks report it)."""
+    for tool in ("postfix", "postmap", "postconf", "postqueue"):
+        if shutil.which(tool, path="/usr/sbin:/usr/bin") is None:
+            return f"{tool} not installed (make system-deps: postfix postfix-lmdb postfix-cdb)"
+    if not Path("/usr/lib/postfix/sbin/master").exists():
+        return "Postfix master not found"
+    if os.geteuid() != 0:
+        return "starting Postfix instances needs root"
+    if not any(Path("/usr/lib/postfix").glob("postfix-lmdb.so*")):
+        return "postfix-lmdb not installed (make system-deps)"
+    return None
+
+
+def stop_all(instances: Sequence[LocalInstance]) -> list[str]:
+    """Stop every instance, newest first, even when some fail; return what went wrong."""
+    errors = []
+    for inst in reversed(instances):
+        try:
+            inst.stop()
+        except Exception as exc:  # keep stopping the others
+            errors.append(f"{inst.root}: {exc}")
+    return errors
+
+
 @contextlib.contextmanager
 def running_instance(root: Path, settings: InstanceSettings | None = None, *, tls_policy: str = "",
             transport: str = "") -> Iterator[LocalInstance]:
