@@ -24,13 +24,10 @@ from . import mailqueue, postfix, probe
 from .podrunner import PodRef, PodRunner
 from .policy import Policy
 from .rollout import InstanceConfig
-from .status import Condition
+from .status import PROBE_FAILED, PROBES_PASSED, VERIFIED, Condition
 
 log = logging.getLogger("mailtls.observer")
 
-VERIFIED = "Verified"
-PROBES_PASSED = "ProbesPassed"
-PROBE_FAILED = "ProbeFailed"
 
 
 @dataclass
