@@ -28,8 +28,8 @@ from typing import Any
 from bench.common import Result, Summary, postfix_available, stats, table
 from bench.harness import NAMESPACE, Env, TimingRunner, bench_config, emulation, local_pods, policy
 from mailtls_operator import postfix
-from mailtls_operator.local import LocalInstance, Received, SmtpSink
 from mailtls_operator.podrunner import ExecResult, PodRef
+from testbed import LocalInstance, Received, SmtpSink
 
 NAME = "reload_under_load"
 BASELINE_S = 6.0

@@ -14,7 +14,7 @@ from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.kube import Kube
 from mailtls_operator.podrunner import ExecResult, PodRef
 from mailtls_operator.render import REVISION_KEY
-from tests.integration.apiserver import ApiServer
+from testbed.apiserver import ApiServer
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
 

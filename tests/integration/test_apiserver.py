@@ -24,7 +24,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from mailtls_operator.crd import validate_with_crd
-from tests.integration.apiserver import (
+from testbed.apiserver import (
     WRITE_VERBS,
     ApiRequest,
     ApiServer,

@@ -21,7 +21,7 @@ import pytest
 from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.kube import Kube
 from mailtls_operator.render import REVISION_KEY
-from tests.integration.apiserver import ApiServer
+from testbed.apiserver import ApiServer
 from tests.integration.helpers import (
     PLURAL,
     Cluster,

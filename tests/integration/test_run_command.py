@@ -13,7 +13,7 @@ from pathlib import Path
 import kubernetes.client
 import pytest
 
-from tests.integration.apiserver import ApiServer
+from testbed.apiserver import ApiServer
 
 pytestmark = pytest.mark.integration
 MAILTLS = str(Path(sys.executable).with_name("mailtls"))

@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import pytest
 
-from mailtls_operator.local import LocalPodRunner, SmtpSink, plain_sink
 from mailtls_operator.rollout import (
     PodTarget,
     bypassed_keys,
@@ -21,6 +20,7 @@ from mailtls_operator.rollout import (
     roll_out,
     table_problems,
 )
+from testbed import LocalPodRunner, SmtpSink, plain_sink
 
 from .conftest import PodFactory
 from .helpers import policy, tables, target

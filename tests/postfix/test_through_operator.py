@@ -19,9 +19,9 @@ import pytest
 
 from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.kube import Kube
-from mailtls_operator.local import LocalInstance, LocalPodRunner, SmtpSink
 from mailtls_operator.render import REVISION_KEY
-from tests.integration.apiserver import ApiServer
+from testbed import LocalInstance, LocalPodRunner, SmtpSink
+from testbed.apiserver import ApiServer
 
 from .conftest import PodFactory
 

@@ -38,7 +38,7 @@ from email.policy import SMTP, SMTPUTF8
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from .. import postfix
+from mailtls_operator import postfix
 
 MASTER_EXE = "/usr/lib/postfix/sbin/master"
 META_DIRECTORY = Path("/etc/postfix")
