@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import hashlib
 import posixpath
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -535,98 +534,3 @@ async def roll_out(runner: PodRunner, targets: Iterable[PodTarget], tables: Tabl
     outcomes = tuple(results[t.pod] for t in order if t.pod in results)
     untouched = tuple(t.pod for t in order if t.pod not in results)
     return RolloutOutcome(tables.revision, len(order), outcomes, untouched)
-
-
-# -- the instance's routing (DESIGN.md §5) ----------------------------------------
-
-
-@dataclass(frozen=True)
-class InstanceConfig:
-    """The routing-relevant main.cf values of a running instance (``postconf -x``)."""
-
-    relayhost: str = ""
-    transport_maps: str = ""
-    smtp_tls_policy_maps: str = ""
-    smtp_dns_support_level: str = ""
-    default_transport: str = "smtp"
-
-    @property
-    def relay_nexthops(self) -> tuple[str, ...]:
-        """Next-hops every non-routed message goes to: ``relayhost`` (a list since
-        Postfix 3.5), or the next-hop of ``default_transport = smtp:[host]``."""
-        hops = _split_list(self.relayhost)
-        if not hops:
-            _, sep, nexthop = self.default_transport.partition(":")
-            if sep and nexthop.strip():
-                hops = _split_list(nexthop)
-        return tuple(h.lower() for h in hops)
-
-    @property
-    def transport_tables(self) -> tuple[str, ...]:
-        return _split_list(self.transport_maps)
-
-
-def _split_list(value: str) -> tuple[str, ...]:
-    return tuple(p for p in re.split(r"[\s,]+", value.strip()) if p)
-
-
-class PostfixCommandError(Exception):
-    """A read-only Postfix command in a pod failed; the message is Postfix's."""
-
-
-async def read_instance_config(runner: PodRunner, pod: PodRef, *,
-                               timeout: float = 30.0) -> InstanceConfig:
-    """Read a pod's effective routing settings with ``postconf -x``."""
-    params = (*postfix.INSTANCE_PARAMS, "default_transport")
-    res = await runner.run(pod, postfix.postconf_get(params), timeout=timeout)
-    if not res.ok:
-        raise PostfixCommandError(f"{pod}: postconf: {res.message()}")
-    values = postfix.parse_postconf(res.stdout.decode("utf-8", "replace"))
-    return InstanceConfig(
-        relayhost=values.get("relayhost", ""),
-        transport_maps=values.get("transport_maps", ""),
-        smtp_tls_policy_maps=values.get("smtp_tls_policy_maps", ""),
-        smtp_dns_support_level=values.get("smtp_dns_support_level", ""),
-        default_transport=values.get("default_transport", "smtp"),
-    )
-
-
-def table_problems(config: InstanceConfig, target: PodTarget) -> list[str]:
-    """Why the tables written to ``target`` would not be used by this instance, if so.
-
-    A rollout into a pod whose main.cf does not name the managed table
-    "succeeds" and changes nothing; say so instead.  ``proxy:`` is looked
-    through (``proxy:lmdb:/path`` uses ``/path``).  The transport table only
-    matters when there are routes, so it is checked by ``bypassed_keys``.
-    """
-    wanted = postfix.map_spec(target.map_type, target.map_path)
-    used = [t.removeprefix("proxy:") for t in _split_list(config.smtp_tls_policy_maps)]
-    if wanted in used:
-        return []
-    return [f"smtp_tls_policy_maps is {config.smtp_tls_policy_maps or '(empty)'!r}, "
-            f"not {wanted}: the instance never reads the table the operator writes"]
-
-
-def bypassed_keys(keys: Iterable[str], config: InstanceConfig,
-                  routed_keys: Iterable[str] = (), *,
-                  transport_table: str | None = None) -> list[str]:
-    """Policy keys this instance can never look up (the relayhost trap).
-
-    The TLS policy table is looked up with the next-hop verbatim.  With a
-    relay next-hop (``relayhost``, or ``default_transport`` with a next-hop),
-    every message not routed by ``transport_maps`` has that next-hop, so a key
-    is used only if it *is* a relay next-hop verbatim (``[host]:port`` as
-    written in main.cf) or it is in ``routed_keys`` (keys whose next-hop a
-    transport entry makes equal to the key: ``route: direct``).  Routed keys
-    count only if the instance has ``transport_maps`` at all, and, when
-    ``transport_table`` (``TYPE:PATH``) is given, only if that table is in it.
-    Without a relay next-hop nothing is bypassed here.  Sorted, without duplicates.
-    """
-    relays = set(config.relay_nexthops)
-    if not relays:
-        return []
-    tables = [t.removeprefix("proxy:") for t in config.transport_tables]
-    routing = bool(tables) and (transport_table is None or transport_table in tables)
-    routed = set(routed_keys) if routing else set()
-    return sorted({k for k in keys
-                   if k != REVISION_KEY and k.lower() not in relays and k not in routed})
