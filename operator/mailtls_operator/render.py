@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .policy import Policy
+from .policy import LEVELS, Policy
+from .safetext import shown, unsafe_character
 
 REVISION_KEY = "mailtls-revision.invalid"
 """A key that can never be a real next-hop (RFC 2606 ``.invalid``): its value
@@ -47,6 +48,9 @@ class Tables:
     """namespace/name -> keys it declared but did not get."""
     contributors: dict[str, list[str]] = field(default_factory=dict)
     """namespace/name -> table lines it contributes (``KEY VALUE``)."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """namespace/name -> why its lines were not written (an unsafe key or value that
+    no validator should have let through: defence in depth)."""
 
     @property
     def short_revision(self) -> str:
@@ -101,10 +105,45 @@ def select(policies: Iterable[Policy], instance: tuple[str, str] | None,
     return out
 
 
+def unsafe_entry(policy: Policy) -> str | None:
+    """Why ``policy``'s lines must not be written, or None.
+
+    The last gate before Postfix, whatever the validators said: a key is one
+    token, a value is a known level and single-space-separated tokens; none holds
+    whitespace, a control or format character, and no key starts a comment.
+    Postfix's table reader would otherwise start a new entry or cut attributes
+    off (a silent downgrade).
+    """
+    for key in policy.keys:
+        bad = unsafe_character(key)
+        if not key or bad is not None or key.startswith("#"):
+            return f"key {shown(key)} is not one table token ({bad or 'empty or #'})"
+    tokens = policy.value.split(" ")
+    for token in tokens:
+        bad = unsafe_character(token)
+        if not token or bad is not None:
+            return f"value {shown(policy.value)} is not single-space-separated tokens " \
+                   f"({bad or 'empty token'})"
+    if tokens[0] not in LEVELS:
+        return f"value {shown(policy.value)} does not start with a TLS security level"
+    return None
+
+
 def render(policies: Iterable[Policy], *, instance: tuple[str, str] | None = None,
            now: datetime | None = None) -> Tables:
-    """Render the tables for ``instance`` from every policy that targets it."""
-    chosen = select(policies, instance, now)
+    """Render the tables for ``instance`` from every policy that targets it.
+
+    A policy with an unsafe key or value (see :func:`unsafe_entry`) writes
+    nothing and is reported in ``Tables.refused``; the rest of the table stands.
+    """
+    chosen: list[Policy] = []
+    refused: dict[str, str] = {}
+    for p in select(policies, instance, now):
+        why = unsafe_entry(p)
+        if why is None:
+            chosen.append(p)
+        else:
+            refused[p.ref] = why
     winner: dict[str, Policy] = {}
     for p in chosen:
         for key in p.keys:
@@ -140,7 +179,7 @@ def render(policies: Iterable[Policy], *, instance: tuple[str, str] | None = Non
     tls_entries_all = {REVISION_KEY: revision_value(revision), **tls_entries}
     return Tables(revision=revision, tls_policy=tls_text, transport=transport_text,
                   tls_entries=tls_entries_all, transport_entries=transport_entries,
-                  owners=owners, losses=losses, contributors=contributors)
+                  owners=owners, losses=losses, contributors=contributors, refused=refused)
 
 
 def _nexthop(key: str) -> str:

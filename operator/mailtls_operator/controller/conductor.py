@@ -30,7 +30,7 @@ from ..leader import LeaderElector
 from ..metrics import Metrics
 from ..podrunner import PodRunner
 from ..render import Tables, render
-from ..status import TRUST_ANCHOR_MISSING
+from ..status import UNSAFE_ENTRY
 from ..world import INSTANCE_LABEL, InstanceKey, World
 from .context import RESTART, Config, Context, utcnow
 from .observing import Observations
@@ -38,7 +38,7 @@ from .rollouts import PodRollouts, RolloutResult
 from .state import InstanceState
 from .statuses import StatusWriter
 from .store import ConfigMapStore
-from .trust import missing_trust_anchors
+from .trust import check_trust_anchors
 from .worker import InstanceWorker
 
 log = logging.getLogger("mailtls.controller")
@@ -67,7 +67,6 @@ class Operator:
         self.started = False
         self._leader_task: asyncio.Task[None] | None = None
         self._resync: asyncio.TimerHandle | None = None
-        self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
 
     @property
@@ -144,9 +143,8 @@ class Operator:
             self._leader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._leader_task
+        self.statuses.stop()
         await asyncio.gather(*(w.stop() for w in self.workers.values()))
-        for task in list(self._background):
-            task.cancel()
         await self.observations.stop()
         if self.leader is not None:
             await self.leader.release()
@@ -228,12 +226,17 @@ class Operator:
         state.warnings = {}
         policies = self.world.policies_for(key)
         rendered = {p.ref: p.generation for p in policies}
-        held = await missing_trust_anchors(self.ctx, key, state, policies)
-        for ref, message in held.items():
-            state.warnings.setdefault(ref, []).append((TRUST_ANCHOR_MISSING, message))
-        policies = [p for p in policies if p.ref not in held]
+        trust = await check_trust_anchors(self.ctx, key, state, policies)
+        for ref, found in trust.found.items():
+            state.warnings.setdefault(ref, []).append(found)
+        if trust.retry:
+            self.workers[key].wake_later(self.config.retry_base)
+        policies = [p for p in policies if not trust.held(p.ref)]
         started = time.perf_counter()
         tables = render(policies, instance=key, now=now)
+        for ref, why in tables.refused.items():
+            log.error("%s: lines not written to %s/%s: %s", ref, ns, inst, why)
+            state.warnings.setdefault(ref, []).append((UNSAFE_ENTRY, why))
         metrics.render_seconds.observe(time.perf_counter() - started)
         state.renders += 1
         state.rendered = rendered
@@ -265,9 +268,7 @@ class Operator:
             # say so while a long rollout runs (Pending, pods still to do), without making
             # the rollout wait for thousands of status writes
             state.pods_updated = updated
-            task = asyncio.get_running_loop().create_task(self.statuses.write_statuses(ns))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self.statuses.spawn(self.statuses.write_statuses(ns))
 
         started = time.perf_counter()
         result = await self.rollouts.roll(key, tables, check_live=state.check_live,

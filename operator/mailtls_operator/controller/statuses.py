@@ -4,7 +4,9 @@ only when it changed, with one Event per change."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 from .. import mailqueue
@@ -31,6 +33,10 @@ class StatusWriter:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self._locks: dict[str, asyncio.Lock] = {}
+        self._failures: dict[str, int] = {}
+        self._retry: dict[str, asyncio.TimerHandle] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self._io = asyncio.Semaphore(16)
 
     def recorded(self, ref: str, instance: str) -> tuple[list[str], str] | None:
@@ -71,12 +77,17 @@ class StatusWriter:
         return views
 
     async def write_statuses(self, namespace: str) -> None:
-        """Patch the status of every policy of the namespace whose status changed."""
+        """Patch the status of every policy of the namespace whose status changed.
+
+        One policy's refused or failed write never stops the others (nor the
+        caller's probes and expiry scheduling): it is logged by name and the
+        namespace retried with backoff."""
         lock = self._locks.setdefault(namespace, asyncio.Lock())
         async with lock:
             now = self.ctx.clock()
             metrics = self.ctx.metrics
             writes = []
+            written: list[PolicyRecord] = []
             counts: dict[str, int] = {}
             for rec in self.ctx.world.records(namespace):
                 extra_conditions, extra_fields = self._observed(rec)
@@ -86,12 +97,49 @@ class StatusWriter:
                 counts[ready] = counts.get(ready, 0) + 1
                 if status != {k: rec.status.get(k) for k in status}:
                     writes.append(self._write_status(rec, status))
+                    written.append(rec)
             for reason, n in counts.items():
                 metrics.policies.labels(namespace, reason).set(n)
             metrics.exceptions_active.labels(namespace).set(sum(
                 1 for rec in self.ctx.world.records(namespace) if rec.policy is not None
                 and rec.policy.exception is not None and not rec.policy.is_expired(now)))
-            await asyncio.gather(*writes)
+            results = await asyncio.gather(*writes, return_exceptions=True)
+        failed = [(rec, r) for rec, r in zip(written, results, strict=True)
+                  if isinstance(r, BaseException)]
+        for _, result in failed:
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+        if not failed:
+            self._failures.pop(namespace, None)
+            return
+        cfg = self.ctx.config
+        n = self._failures[namespace] = self._failures.get(namespace, 0) + 1
+        delay = min(cfg.retry_max, cfg.retry_base * 2 ** (n - 1))
+        for rec, exc in failed:
+            log.warning("status of %s not written (%s); retrying in %.1fs", rec.ref,
+                        one_line(exc), delay)
+        metrics.status_write_failures.labels(namespace).inc(len(failed))
+        if not self._stopping:
+            handle = asyncio.get_running_loop().call_later(
+                delay, lambda: self.spawn(self.write_statuses(namespace)))
+            old = self._retry.pop(namespace, None)
+            if old is not None:
+                old.cancel()
+            self._retry[namespace] = handle
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in the background, kept alive until it ends, cancelled at stop."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def stop(self) -> None:
+        """No more retries; background writes are cancelled."""
+        self._stopping = True
+        for handle in self._retry.values():
+            handle.cancel()
+        for task in list(self._background):
+            task.cancel()
 
     def _observed(self, rec: PolicyRecord) -> tuple[list[Condition], dict[str, Any]]:
         """Verified, status.probes and status.deferred of a policy, over its instances."""
@@ -140,3 +188,15 @@ class StatusWriter:
                  "name": rec.name, "uid": rec.uid}, kind, reason, message)
         except Exception as exc:  # events are best effort; never block status
             log.debug("event for %s not posted: %s", rec.ref, exc)
+
+
+def one_line(exc: BaseException) -> str:
+    """An API error as one log line: its status and the server's message when it has one."""
+    status, body = getattr(exc, "status", None), getattr(exc, "body", None)
+    if status is not None:
+        try:
+            message = json.loads(body or "{}").get("message") or ""
+        except (ValueError, AttributeError):
+            message = ""
+        return f"HTTP {status}: {message or getattr(exc, 'reason', '')}"
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
