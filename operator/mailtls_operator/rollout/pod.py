@@ -1,233 +1,20 @@
-"""The ``exec`` rollout strategy: rendered tables into running Postfix pods, verified.
-
-Independent of Kubernetes: everything happens through a
-:class:`~.podrunner.PodRunner` with argv from :mod:`.postfix`; the controller
-calls :func:`roll_out` and turns the outcome into annotations, status and
-events.  Per pod (:func:`apply_to_pod`, DESIGN.md §7):
-
-1. **stage** each table next to the live one (``<path>.mailtls-new``): the
-   text on stdin, its byte count checked (a transport that cut stdin short
-   must not compile half a table), then ``postmap`` it.  Both tables are
-   staged before either goes live, so a failure in the second leaves the
-   pod entirely on the old revision.
-2. **swap**: ``mv`` the compiled database over the live one, then the text
-   (rename(2) in one directory: Postfix sees the old or the new table,
-   never a partial one).  The TLS policy goes first: a new ``route: direct``
-   transport entry must never be live before the policy that protects it.
-3. ``postfix reload`` (cheap, ~30 ms; picks up texthash and restarts
-   processes that cached the old table).
-4. **verify** with ``postmap -q`` that the live table returns exactly the
-   rendered values for the revision key (``mailtls-revision.invalid``) and a
-   deterministic sample of keys.
-
-A step that fails stops the pod with the step's name and Postfix's own
-message; a table whose ``postmap`` failed is never swapped and the staged
-files are removed.  :func:`roll_out` takes pods in a stable order, at most
-``parallelism`` at a time, and stops at the first pod that does not verify,
-leaving the rest on the old table.
-
-Exec transports that cannot close stdin (``v4.channel.k8s.io``) raise
-:class:`~.podrunner.StdinUnsupportedError`; the table is then staged with
-``cp`` from the ConfigMap mounted in the pod once its sha256 shows the kubelet
-has synced the new revision (until then the pod outcome is ``waiting``, which
-is retryable and not an error).
-"""
+"""One pod brought to a revision: stage, swap, reload, verify (each step's failure stops
+the pod with Postfix's own message)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import posixpath
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
-from typing import Protocol
+from dataclasses import dataclass
 
-from . import postfix
-from .configmap import COMPRESS_ABOVE
-from .podrunner import ExecResult, PodRef, PodRunner, PodRunnerError, StdinUnsupportedError
-from .render import REVISION_KEY
-
-DEFAULT_MAP_PATH = "/var/lib/mailtls/tls_policy"
-DEFAULT_MAP_TYPE = "lmdb"
-DEFAULT_CONFIGMAP_DIR = "/etc/mailtls"
-DEFAULT_SAMPLE = 5
-DEFAULT_TIMEOUT = 60.0
-
-
-class Step(StrEnum):
-    """Where a pod's rollout stopped; also the keys of :attr:`PodOutcome.timings`."""
-
-    WRITE = "write"
-    POSTMAP = "postmap"
-    SWAP = "swap"
-    RELOAD = "reload"
-    VERIFY = "verify"
-    ANNOTATE = "annotate"
-
-
-class PodStatus(StrEnum):
-    APPLIED = "applied"
-    """The revision was installed and verified now."""
-    UNCHANGED = "unchanged"
-    """The pod already had the revision: no command was run."""
-    WAITING = "waiting"
-    """Not an error: the mounted ConfigMap does not show the revision yet; retry soon."""
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class PodTarget:
-    """A pod to bring to a revision, and where its tables live in it.
-
-    ``transport_path`` defaults to ``transport`` beside ``map_path``.
-    ``applied_revision`` is the pod's ``mailtls.io/applied-revision``
-    annotation: equal to the wanted revision, the pod is left alone.
-    """
-
-    pod: PodRef
-    map_path: str = DEFAULT_MAP_PATH
-    map_type: str = DEFAULT_MAP_TYPE
-    applied_revision: str | None = None
-    transport_path: str | None = None
-    configmap_dir: str = DEFAULT_CONFIGMAP_DIR
-
-    def __post_init__(self) -> None:
-        postfix.check_map_type(self.map_type)
-        postfix.check_map_path(self.map_path)
-        postfix.check_map_path(self.configmap_dir)
-        if self.transport_map_path == self.map_path:
-            raise postfix.InvalidArgument(
-                f"transport table and TLS policy table are the same file: {self.map_path}")
-
-    @property
-    def transport_map_path(self) -> str:
-        path = self.transport_path or posixpath.join(posixpath.dirname(self.map_path),
-                                                     "transport")
-        return postfix.check_map_path(path)
-
-
-class Rendered(Protocol):
-    """What :func:`TableSet.of` needs from a render result (``render.Tables``)."""
-
-    @property
-    def revision(self) -> str: ...
-    @property
-    def tls_policy(self) -> str: ...
-    @property
-    def transport(self) -> str | None: ...
-    @property
-    def tls_entries(self) -> Mapping[str, str]: ...
-    @property
-    def transport_entries(self) -> Mapping[str, str]: ...
-
-
-@dataclass(frozen=True)
-class TableSet:
-    """The tables of one revision, as rendered, plus the entries to verify against.
-
-    ``tls_entries`` maps every key to its exact rendered value and includes
-    the revision key.  ``transport`` None or empty means "no routes": an
-    empty transport table is still installed, so routes that were removed
-    leave the pod too.
-    """
-
-    revision: str
-    tls_policy: str
-    transport: str | None
-    tls_entries: Mapping[str, str]
-    transport_entries: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.revision:
-            raise ValueError("a TableSet needs a revision")
-        if REVISION_KEY not in self.tls_entries:
-            raise ValueError(f"tls_entries lacks the revision key {REVISION_KEY}")
-
-    @classmethod
-    def of(cls, rendered: Rendered) -> TableSet:
-        """Adopt a render result (``mailtls_operator.render.Tables``)."""
-        return cls(rendered.revision, rendered.tls_policy, rendered.transport,
-                   dict(rendered.tls_entries), dict(rendered.transport_entries))
-
-    @property
-    def revision_value(self) -> str:
-        return self.tls_entries[REVISION_KEY]
-
-
-@dataclass(frozen=True)
-class PodOutcome:
-    """What happened in one pod.  ``message`` is Postfix's own words on failure."""
-
-    pod: PodRef
-    revision: str
-    status: PodStatus
-    step: Step | None = None
-    message: str = ""
-    notes: tuple[str, ...] = ()
-    timings: Mapping[str, float] = field(default_factory=dict)
-    """Seconds per step (``write``, ``postmap``, ``swap``, ``reload``, ``verify``)."""
-
-    @property
-    def ok(self) -> bool:
-        return self.status in (PodStatus.APPLIED, PodStatus.UNCHANGED)
-
-    @property
-    def retryable(self) -> bool:
-        """Every stop is retried with backoff; ``waiting`` is expected to clear soon."""
-        return not self.ok
-
-    @property
-    def duration(self) -> float:
-        return sum(self.timings.values())
-
-    def describe(self) -> str:
-        """One line for status messages and events."""
-        if self.ok:
-            return f"{self.pod}: {self.status.value}"
-        return f"{self.pod}: {self.status.value} at {self.step}: {self.message}"
-
-
-@dataclass(frozen=True)
-class RolloutOutcome:
-    """The result of :func:`roll_out` for one instance."""
-
-    revision: str
-    total: int
-    outcomes: tuple[PodOutcome, ...]
-    """One per attempted pod, in rollout order."""
-    untouched: tuple[PodRef, ...]
-    """Pods not attempted because the rollout stopped: still on their old table."""
-
-    @property
-    def updated(self) -> int:
-        """Pods on the revision now (applied or already there)."""
-        return sum(1 for o in self.outcomes if o.ok)
-
-    @property
-    def failures(self) -> tuple[PodOutcome, ...]:
-        return tuple(o for o in self.outcomes if not o.ok)
-
-    @property
-    def failure(self) -> PodOutcome | None:
-        """The (first) pod that stopped the rollout, if any."""
-        return next(iter(self.failures), None)
-
-    @property
-    def ok(self) -> bool:
-        return self.updated == self.total
-
-    def message(self) -> str:
-        """``2/3 pods at revision 9f2c…; mail/relay-1: failed at postmap: …``."""
-        head = f"{self.updated}/{self.total} pods at revision {self.revision[:16]}"
-        failure = self.failure
-        return head if failure is None else f"{head}; {failure.describe()}"
-
-    def failure_message(self) -> str | None:
-        """None when every pod is on the revision, else :meth:`message` (for status)."""
-        return None if self.failure is None else self.message()
+from .. import postfix
+from ..configmap import COMPRESS_ABOVE
+from ..podrunner import ExecResult, PodRunner, PodRunnerError, StdinUnsupportedError
+from ..render import REVISION_KEY
+from .model import DEFAULT_SAMPLE, DEFAULT_TIMEOUT, PodOutcome, PodStatus, PodTarget, Step, TableSet
 
 
 class _Stop(Exception):
@@ -252,7 +39,7 @@ class _Table:
         return self.live + postfix.NEW_SUFFIX
 
 
-class _PodApply:
+class PodApply:
     """One pod's apply; state (stdin support, timings, notes) lives for one call."""
 
     def __init__(self, runner: PodRunner, target: PodTarget, tables: TableSet,
@@ -437,7 +224,7 @@ class _PodApply:
             else:
                 if not res.ok and res.stderr.strip():
                     raise _Stop(Step.VERIFY, res.message())
-                return _parse_query_output(res.stdout)
+                return parse_query_output(res.stdout)
         found: dict[str, str] = {}
         for key in keys:
             res = await self._exec(Step.VERIFY,
@@ -449,7 +236,7 @@ class _PodApply:
         return found
 
 
-def _parse_query_output(stdout: bytes) -> dict[str, str]:
+def parse_query_output(stdout: bytes) -> dict[str, str]:
     found: dict[str, str] = {}
     for line in stdout.decode("utf-8", "replace").splitlines():
         key, sep, value = line.partition("\t")
@@ -486,51 +273,7 @@ async def apply_to_pod(runner: PodRunner, target: PodTarget, tables: TableSet, *
     """
     if target.applied_revision == tables.revision:
         return PodOutcome(target.pod, tables.revision, PodStatus.UNCHANGED)
-    return await _PodApply(runner, target, tables, timeout, sample).run()
+    return await PodApply(runner, target, tables, timeout, sample).run()
 
 
 PodDone = Callable[[PodTarget], Awaitable[None]]
-
-
-async def roll_out(runner: PodRunner, targets: Iterable[PodTarget], tables: TableSet, *,
-                   parallelism: int = 1, timeout: float = DEFAULT_TIMEOUT,
-                   sample: int = DEFAULT_SAMPLE,
-                   on_pod_done: PodDone | None = None) -> RolloutOutcome:
-    """Apply ``tables`` to every target, ``parallelism`` pods at a time, in pod order.
-
-    Stops starting pods at the first one that does not end ``applied`` or
-    ``unchanged``; pods already in flight finish.  ``on_pod_done(target)`` is
-    awaited after each pod that was applied and verified (the controller
-    annotates the pod there); if it raises, that pod counts as failed at
-    ``annotate`` (its table is live, and re-applying it later is a no-op for mail).
-    """
-    if parallelism < 1:
-        raise ValueError("parallelism must be at least 1")
-    order = sorted(targets, key=lambda t: t.pod)
-    if len({t.pod for t in order}) != len(order):
-        raise ValueError("a pod is listed twice")
-    results: dict[PodRef, PodOutcome] = {}
-    pending = iter(order)
-    stopped = False
-
-    async def worker() -> None:
-        nonlocal stopped
-        for target in pending:
-            if stopped:
-                return
-            outcome = await apply_to_pod(runner, target, tables, timeout=timeout,
-                                         sample=sample)
-            if outcome.status is PodStatus.APPLIED and on_pod_done is not None:
-                try:
-                    await on_pod_done(target)
-                except Exception as exc:  # the controller's failure, reported, not raised
-                    outcome = replace(outcome, status=PodStatus.FAILED, step=Step.ANNOTATE,
-                                      message=f"{type(exc).__name__}: {exc}")
-            results[target.pod] = outcome
-            if not outcome.ok:
-                stopped = True
-
-    await asyncio.gather(*(worker() for _ in range(min(parallelism, len(order)) or 1)))
-    outcomes = tuple(results[t.pod] for t in order if t.pod in results)
-    untouched = tuple(t.pod for t in order if t.pod not in results)
-    return RolloutOutcome(tables.revision, len(order), outcomes, untouched)
