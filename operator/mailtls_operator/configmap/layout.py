@@ -215,6 +215,12 @@ _CACHE_SIZE = 4
 _CACHE_LOCK = threading.Lock()
 
 
+def clear_cache() -> None:
+    """Forget remembered bodies (tests that change CHUNK or MAX_PARTS)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
 def _copy(body: Mapping[str, Any]) -> dict[str, Any]:
     """A fresh body (the strings are shared: immutable)."""
     return {k: (_copy(v) if isinstance(v, Mapping) else v) for k, v in body.items()}
