@@ -169,8 +169,7 @@ class Env:
 
     def idle(self) -> bool:
         """The operator has nothing pending (read from this thread: flags only)."""
-        op = self.operator
-        return op.started and all(w.idle.is_set() for w in list(op.workers.values()))
+        return self.operator.idle
 
     async def until(self, predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
         return await self.server.wait_until(predicate, timeout)

@@ -157,7 +157,7 @@ class Demo:
                 if status.get("observedGeneration") != obj["metadata"].get("generation") or \
                         cond is None or cond["reason"] == "Pending":
                     return False
-            return all(w.idle.is_set() for w in self.operator.workers.values())
+            return self.operator.idle
         await self.server.wait_until(done, timeout)
 
     def status(self, name: str) -> dict[str, Any]:

@@ -68,6 +68,7 @@ class Operator:
         self._leader_task: asyncio.Task[None] | None = None
         self._resync: asyncio.TimerHandle | None = None
         self._stopping = False
+        self._seen: dict[tuple[str, str], str] = {}
 
     @property
     def config(self) -> Config:
@@ -164,8 +165,20 @@ class Operator:
 
     @property
     def idle(self) -> bool:
-        """The operator's idle signal: started, and no worker has pending work."""
-        return self.started and all(w.idle.is_set() for w in list(self.workers.values()))
+        """The operator's idle signal: started, no worker with pending work, and no status
+        write (with its Event) or observation in flight.  Tests, the demo and the bench
+        wait on it instead of sleeping."""
+        return (self.started and all(w.idle.is_set() for w in list(self.workers.values()))
+                and not self.statuses.busy() and not self.observations.busy())
+
+    def has_seen(self, namespace: str, name: str, resource_version: str) -> bool:
+        """Has the policy event of ``resource_version`` (or a later one) been handled?"""
+        seen = self._seen.get((namespace, name))
+        if seen is None:
+            return False
+        if seen.isdigit() and resource_version.isdigit():
+            return int(seen) >= int(resource_version)
+        return seen == resource_version
 
     async def wait_idle(self, timeout: float = 30.0) -> None:
         """Until no worker has pending work (tests and the demo use this)."""
@@ -184,6 +197,8 @@ class Operator:
 
     def on_policy(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
+        self._seen[(meta.get("namespace", ""), meta.get("name", ""))] = str(
+            meta.get("resourceVersion") or "")
         if event_type == "DELETED":
             keys = self.world.delete_policy(meta.get("namespace", ""), meta.get("name", ""))
         else:

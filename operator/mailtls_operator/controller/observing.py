@@ -51,7 +51,7 @@ class Observations:
     def busy(self) -> bool:
         """Is an observation running (tests wait for quiet)?"""
         return any(s.observer is not None and not s.observer.done()
-                   for s in self.ctx.states.values())
+                   for s in list(self.ctx.states.values()))
 
     async def stop(self) -> None:
         self.stopping = True

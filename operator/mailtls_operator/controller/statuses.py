@@ -133,6 +133,12 @@ class StatusWriter:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def busy(self) -> bool:
+        """Is a background status write running (the idle signal waits for it)?"""
+        # copies: the test's and the bench's threads read this flag too
+        return any(not t.done() for t in list(self._background)) or any(
+            lock.locked() for lock in list(self._locks.values()))
+
     def stop(self) -> None:
         """No more retries; background writes are cancelled."""
         self._stopping = True
