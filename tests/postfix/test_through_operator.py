@@ -11,7 +11,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import kubernetes.client
@@ -66,7 +66,7 @@ class Kubectl:
                 self.custom.patch_namespaced_custom_object, GROUP, VERSION, "mail", PLURAL, name,
                 [{"op": "replace", "path": "/spec", "value": spec}],
                 _content_type="application/json-patch+json")
-        return str(stored["metadata"]["resourceVersion"])
+        return str(cast(dict[str, Any], stored)["metadata"]["resourceVersion"])
 
     def ready(self, name: str) -> dict[str, Any] | None:
         obj = self.server.get_object(PLURAL, "mail", name) or {}
