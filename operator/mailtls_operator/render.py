@@ -83,10 +83,16 @@ def beats(a: Policy, b: Policy) -> bool:
     return a.age_key() < b.age_key()
 
 
+LOST_TO_EXCEPTION = "Overridden"
+"""A key taken by a break-glass exception (the loser's status says Overridden)."""
+LOST_TO_CONFLICT = "Conflict"
+"""A key taken by a stronger or older policy (the loser's Accepted says Conflict)."""
+
+
 def _loss_reason(winner: Policy, loser: Policy) -> str:
     if winner.exception is not None and loser.exception is None:
-        return "Overridden"
-    return "Conflict"
+        return LOST_TO_EXCEPTION
+    return LOST_TO_CONFLICT
 
 
 def select(policies: Iterable[Policy], instance: tuple[str, str] | None,

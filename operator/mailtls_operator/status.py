@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from .render import Loss
+from .render import LOST_TO_CONFLICT, LOST_TO_EXCEPTION, Loss
 from .world import PolicyRecord
 
 # Condition types
@@ -91,7 +91,7 @@ def _accepted(rec: PolicyRecord, views: Sequence[InstanceView]) -> Condition:
     if rec.errors:
         return Condition(ACCEPTED, "False", INVALID, "; ".join(str(e) for e in rec.errors))
     conflicts = sorted({(lo.key, lo.winner) for v in views for lo in v.losses
-                        if lo.reason == CONFLICT})
+                        if lo.reason == LOST_TO_CONFLICT})
     if conflicts:
         shown = ", ".join(f"{key}: {winner} wins" for key, winner in conflicts[:5])
         more = f" (+{len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
@@ -104,7 +104,7 @@ def _accepted(rec: PolicyRecord, views: Sequence[InstanceView]) -> Condition:
 
 def _overridden(views: Sequence[InstanceView]) -> Condition | None:
     beaten = sorted({(lo.key, lo.winner) for v in views for lo in v.losses
-                     if lo.reason == OVERRIDDEN})
+                     if lo.reason == LOST_TO_EXCEPTION})
     if not beaten:
         return None
     shown = ", ".join(f"{key} by {winner}" for key, winner in beaten[:5])
