@@ -14,7 +14,6 @@ end the same way.  No finalizers: deleting a policy never waits for the operator
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +31,7 @@ from ..podrunner import PodRunner
 from ..render import Tables, render
 from ..status import UNSAFE_ENTRY
 from ..world import INSTANCE_LABEL, InstanceKey, World
-from .context import RESTART, Config, Context, utcnow
+from .context import RESTART, Config, Context, cancel_and_wait, utcnow
 from .observing import Observations
 from .rollouts import PodRollouts, RolloutResult
 from .state import InstanceState
@@ -140,10 +139,7 @@ class Operator:
         self._stopping = True
         if self._resync is not None:
             self._resync.cancel()
-        if self._leader_task is not None:
-            self._leader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._leader_task
+        await cancel_and_wait(self._leader_task)
         self.statuses.stop()
         await asyncio.gather(*(w.stop() for w in self.workers.values()))
         await self.observations.stop()

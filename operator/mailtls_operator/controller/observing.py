@@ -9,7 +9,6 @@ A request while a run is in flight makes it run once more.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -17,7 +16,7 @@ from ..facts import read_facts
 from ..observer import due_probes, observe_queues, probe_policies
 from ..render import Tables
 from ..world import InstanceKey
-from .context import Context
+from .context import Context, cancel_and_wait
 from .state import InstanceState
 
 log = logging.getLogger("mailtls.controller")
@@ -58,10 +57,7 @@ class Observations:
         for state in self.ctx.states.values():
             if state.observe_timer is not None:
                 state.observe_timer.cancel()
-            if state.observer is not None:
-                state.observer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await state.observer
+            await cancel_and_wait(state.observer)
 
     async def _observe(self, key: InstanceKey) -> None:
         state = self.ctx.states.get(key)

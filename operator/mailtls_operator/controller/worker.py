@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from ..world import InstanceKey
-from .context import Config
+from .context import Config, cancel_and_wait
 
 log = logging.getLogger("mailtls.controller")
 
@@ -77,7 +76,4 @@ class InstanceWorker:
     async def stop(self) -> None:
         if self.retry_handle is not None:
             self.retry_handle.cancel()
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
+        await cancel_and_wait(self.task)
