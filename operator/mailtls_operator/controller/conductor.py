@@ -81,6 +81,15 @@ class Operator:
     def states(self) -> dict[InstanceKey, InstanceState]:
         return self.ctx.states
 
+    @property
+    def runner(self) -> PodRunner:
+        return self.ctx.runner
+
+    @runner.setter
+    def runner(self, runner: PodRunner) -> None:
+        """Swap the pod runner before start (tests put a refusing or recording one)."""
+        self.ctx.runner = runner
+
     # --------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
