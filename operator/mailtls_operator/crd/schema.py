@@ -1,0 +1,208 @@
+"""The CRD's OpenAPI schema as a JSON Schema validator with the API server's semantics:
+RE2 patterns, list-type set/map, formats, messages as kubectl prints them."""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import jsonschema
+import re2
+
+from .source import FieldError, version_schema
+
+# --------------------------------------------------------------------------- schema
+
+
+def _to_json_schema(node: Any, *, strict_objects: bool) -> Any:
+    """OpenAPI v3 (Kubernetes structural) schema -> JSON Schema.
+
+    Drops ``x-kubernetes-*`` extensions but the list types (CEL rules are run
+    separately; ``x-kubernetes-list-type`` is a keyword of our validator) and, with
+    ``strict_objects``, refuses unknown properties where Kubernetes would prune
+    them: kubectl's server-side field validation (Strict, the default since
+    1.27) refuses them too, and silently losing a misspelt ``tafile`` is worse.
+    """
+    if isinstance(node, list):
+        return [_to_json_schema(item, strict_objects=strict_objects) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _LIST_KEYWORDS:
+            out[key] = value
+            continue
+        if key.startswith("x-kubernetes-") or key == "description":
+            continue
+        if key == "properties":
+            out[key] = {
+                name: _to_json_schema(sub, strict_objects=strict_objects)
+                for name, sub in value.items()
+            }
+        else:
+            out[key] = _to_json_schema(value, strict_objects=strict_objects)
+    if (
+        strict_objects
+        and node.get("type") == "object"
+        and "properties" in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+_LIST_KEYWORDS = ("x-kubernetes-list-type", "x-kubernetes-list-map-keys")
+
+
+@functools.cache
+def _compiled(pattern: str) -> Any:
+    return re2.compile(pattern)
+
+
+def pattern_matches(pattern: str, value: str) -> bool:
+    """The API server's ``pattern``: Go RE2, unanchored search, ``$`` only at the very end.
+
+    A string that is not valid UTF-8 (a lone surrogate) matches nothing: the API
+    server never sees one, as JSON decoding replaces it.
+    """
+    try:
+        return _compiled(pattern).search(value) is not None
+    except UnicodeEncodeError:
+        return False
+
+
+def _re2_pattern(validator: Any, pattern: str, instance: Any, schema: Any
+                 ) -> Iterator[jsonschema.ValidationError]:
+    if isinstance(instance, str) and not pattern_matches(pattern, instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _list_type(validator: Any, list_type: str, instance: Any, schema: Any
+               ) -> Iterator[jsonschema.ValidationError]:
+    """``set``: every item unique; ``map``: every item's key fields unique (the first
+    duplicate is reported at its index, as ``Duplicate value``)."""
+    if not isinstance(instance, list) or list_type not in ("set", "map"):
+        return
+    keys = schema.get("x-kubernetes-list-map-keys") or []
+    seen: set[str] = set()
+    for index, item in enumerate(instance):
+        if list_type == "map" and isinstance(item, dict):
+            ident: Any = {k: item.get(k) for k in keys}
+            shown = "map[string]interface {}{" + ", ".join(
+                f'"{k}":{_json(v)}' for k, v in ident.items()) + "}"
+        else:
+            ident, shown = item, _json(item)
+        token = _json(ident)
+        if token in seen:
+            yield jsonschema.ValidationError(f"Duplicate value: {shown}", path=(index,))
+        seen.add(token)
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+_SCHEMA_FORMATS = jsonschema.FormatChecker(formats=())
+
+
+@_SCHEMA_FORMATS.checks("regex", raises=re2.error)
+def _is_re2(value: object) -> bool:
+    """A schema's patterns must compile in RE2 (Python's ``re`` cannot read ``\\p{Cc}``)."""
+    return not isinstance(value, str) or _compiled(value) is not None
+
+
+_FORMATS = jsonschema.FormatChecker(formats=())
+
+
+@_FORMATS.checks("date-time", raises=ValueError)
+def _is_datetime(value: object) -> bool:
+    if not isinstance(value, str):
+        return True
+    if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", value):
+        raise ValueError("not an RFC 3339 date-time")
+    datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return True
+
+
+@functools.cache
+def _validator(part: str) -> jsonschema.protocols.Validator:
+    """A validator of ``spec`` or ``status`` with the API server's pattern and list rules.
+
+    ``spec`` refuses unknown fields (as kubectl's Strict field validation does);
+    ``status`` is written by the operator with the default (Warn), where unknown
+    fields are pruned, so they are not errors there.
+    """
+    schema = _to_json_schema(version_schema()["properties"][part],
+                             strict_objects=part == "spec")
+    base: Any = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+    base.check_schema(schema, format_checker=_SCHEMA_FORMATS)
+    extend: Any = jsonschema.validators.extend
+    cls = extend(base, {"pattern": _re2_pattern, "x-kubernetes-list-type": _list_type})
+    validator: jsonschema.protocols.Validator = cls(schema, format_checker=_FORMATS)
+    return validator
+
+
+def _path(prefix: str, parts: Any) -> str:
+    out = prefix
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _quote(value: Any) -> str:
+    text = repr(value) if not isinstance(value, str) else '"' + value.encode(
+        "unicode_escape").decode("ascii").replace('"', '\\"') + '"'
+    return text if len(text) <= 80 else text[:77] + '..."'
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    """jsonschema's wording -> the API server's wording, so both read the same."""
+    v: Any = error.validator
+    value: Any = error.validator_value
+    instance: Any = error.instance
+    schema: Any = error.schema
+    if v == "enum":
+        allowed = ", ".join(f'"{a}"' for a in value)
+        return f"Unsupported value: {_quote(instance)}: supported values: {allowed}"
+    if v == "required":
+        return "Required value"
+    if v == "pattern":
+        return f"Invalid value: {_quote(instance)}: must match the allowed syntax"
+    if v in ("maxItems", "maxLength"):
+        what = "items" if v == "maxItems" else "bytes"
+        return f"Too long: must have at most {value} {what}"
+    if v in ("minItems", "minLength"):
+        what = "item" if v == "minItems" else "character"
+        n = value
+        return f"Invalid value: must have at least {n} {what}{'s' if n != 1 else ''}"
+    if v == "type":
+        return f"Invalid value: {_quote(instance)}: must be of type {value}"
+    if v == "format":
+        return f"Invalid value: {_quote(instance)}: must be an RFC 3339 date-time"
+    if v == "x-kubernetes-list-type":
+        return error.message
+    if v == "additionalProperties":
+        extra = sorted(set(instance) - set(schema.get("properties", {})))
+        return "unknown field " + ", ".join(f'"{e}"' for e in extra)
+    return f"Invalid value: {error.message}"
+
+
+def schema_errors(spec: Any, part: str = "spec") -> list[FieldError]:
+    """Every schema violation of ``spec`` (or of a ``status``), each naming its field."""
+    out = []
+    for err in _validator(part).iter_errors(spec):
+        field = _path(part, err.absolute_path)
+        if err.validator == "required":
+            required: Any = err.validator_value
+            instance: Any = err.instance
+            missing = [r for r in required if r not in (instance or {})]
+            for name in missing:
+                out.append(FieldError(f"{field}.{name}", "Required value"))
+            continue
+        out.append(FieldError(field, _schema_message(err)))
+    return sorted(set(out))
