@@ -34,8 +34,10 @@ from .cel import (
     cel_rules,
 )
 from .schema import (
+    detailed_schema_errors,
     pattern_matches,
     schema_errors,
+    schema_valid,
 )
 from .source import (
     CRD_FILENAME,
@@ -68,10 +70,12 @@ __all__ = [
     "cel_errors",
     "cel_rules",
     "crd_path",
+    "detailed_schema_errors",
     "iter_rule_texts",
     "load_crd",
     "pattern_matches",
     "schema_errors",
+    "schema_valid",
     "status_errors",
     "validate_with_crd",
     "version_schema",

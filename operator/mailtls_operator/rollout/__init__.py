@@ -14,8 +14,14 @@ events.  Per pod (:func:`apply_to_pod`, DESIGN.md §7):
    (rename(2) in one directory: Postfix sees the old or the new table,
    never a partial one).  The TLS policy goes first: a new ``route: direct``
    transport entry must never be live before the policy that protects it.
-3. ``postfix reload`` (cheap, ~30 ms; picks up texthash and restarts
-   processes that cached the old table).
+3. ``postfix reload`` only for ``texthash`` (read once per process), when the
+   transport table changed (trivial-rewrite keeps routing with the old one on
+   its long-lived connections: measured), or when the pod asks for it
+   (``mailtls.io/reload: "true"``).  A TLS-policy-only change of an indexed
+   table (lmdb, cdb, hash, btree) needs none: the smtp client notices the
+   renamed file before its next connection ("table ... has changed --
+   restarting"), while a reload stalls deliveries (DESIGN.md §7; ``make
+   bench`` measures it).
 4. **verify** with ``postmap -q`` that the live table returns exactly the
    rendered values for the revision key (``mailtls-revision.invalid``) and a
    deterministic sample of keys.
@@ -47,6 +53,7 @@ from .model import (
     DEFAULT_MAP_TYPE,
     DEFAULT_SAMPLE,
     DEFAULT_TIMEOUT,
+    INDEXED_TYPES,
     PodOutcome,
     PodStatus,
     PodTarget,
@@ -67,6 +74,7 @@ __all__ = [
     "DEFAULT_MAP_TYPE",
     "DEFAULT_SAMPLE",
     "DEFAULT_TIMEOUT",
+    "INDEXED_TYPES",
     "PodDone",
     "PodOutcome",
     "PodStatus",

@@ -41,6 +41,10 @@ class PodStatus(StrEnum):
     FAILED = "failed"
 
 
+INDEXED_TYPES = frozenset({"lmdb", "cdb", "hash", "btree"})
+"""Table types whose file Postfix re-opens by itself when it is replaced."""
+
+
 @dataclass(frozen=True)
 class PodTarget:
     """A pod to bring to a revision, and where its tables live in it.
@@ -56,6 +60,12 @@ class PodTarget:
     applied_revision: str | None = None
     transport_path: str | None = None
     configmap_dir: str = DEFAULT_CONFIGMAP_DIR
+    reload: bool = False
+    """Run ``postfix reload`` after the swap even for an indexed table type."""
+
+    @property
+    def needs_reload(self) -> bool:
+        return self.reload or self.map_type not in INDEXED_TYPES
 
     def __post_init__(self) -> None:
         postfix.check_map_type(self.map_type)
