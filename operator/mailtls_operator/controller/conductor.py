@@ -298,7 +298,7 @@ class Operator:
             return
         if result.strategy != RESTART:
             state.check_live = False
-            await self.lint(key, state, result, tables)
+            await self._lint(key, state, result, tables)
         metrics.rollout_seconds.observe(time.perf_counter() - started)
         metrics.pods_behind.labels(ns, inst).set(state.pods_total - state.pods_updated)
         if state.failure:
@@ -318,7 +318,7 @@ class Operator:
         if result.changed:
             state.rollouts += 1
 
-    async def lint(self, key: InstanceKey, state: InstanceState, result: RolloutResult,
+    async def _lint(self, key: InstanceKey, state: InstanceState, result: RolloutResult,
                    tables: Tables) -> None:
         """After a clean exec rollout: re-read the instance's facts if a pod changed (one
         ``postconf``), then warn about keys its routing never looks up."""
