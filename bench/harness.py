@@ -169,7 +169,7 @@ class Env:
 
     def idle(self) -> bool:
         """The operator has nothing pending (read from this thread: flags only)."""
-        return self.operator.idle
+        return self.operator.converged
 
     async def until(self, predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
         return await self.server.wait_until(predicate, timeout)

@@ -169,12 +169,17 @@ class Operator:
         self.wake(self.world.instances() | set(self.states) | self.store.instances())
 
     @property
+    def converged(self) -> bool:
+        """Started, and no worker has pending work (observations may still run: the bench
+        waits on this while thousands of probes go on in the background)."""
+        return self.started and all(w.idle.is_set() for w in list(self.workers.values()))
+
+    @property
     def idle(self) -> bool:
-        """The operator's idle signal: started, no worker with pending work, and no status
-        write (with its Event) or observation in flight.  Tests, the demo and the bench
-        wait on it instead of sleeping."""
-        return (self.started and all(w.idle.is_set() for w in list(self.workers.values()))
-                and not self.statuses.busy() and not self.observations.busy())
+        """The operator's idle signal: :attr:`converged`, and no status write (with its
+        Event) or observation in flight.  Tests and the demo wait on it instead of
+        sleeping."""
+        return self.converged and not self.statuses.busy() and not self.observations.busy()
 
     def has_seen(self, namespace: str, name: str, resource_version: str) -> bool:
         """Has the policy event of ``resource_version`` (or a later one) been handled?"""
