@@ -342,8 +342,9 @@ async def test_an_operator_killed_mid_rollout_is_finished_by_the_next_one(
             await asyncio.to_thread(gated.reached.wait, 15)
             assert pods[0][1].query("a.example") == "encrypt"
             assert pods[2][1].query("a.example") == "may"
-            pending = kubectl.ready("p")  # written before the rollout began
-            assert pending is not None and pending["reason"] == "Pending"
+            # offered as the rollout began, written once the pending grace has passed
+            pending = await poll(lambda: (r := kubectl.ready("p")) and r["reason"] == "Pending"
+                                 and r)
             assert "relay: 0/3 pods on revision" in pending["message"]
         # the operator is gone mid-rollout: relay-1 swapped, not verified; relay-2 untouched
     finally:

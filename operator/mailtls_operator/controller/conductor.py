@@ -35,7 +35,7 @@ from .context import RESTART, Config, Context, cancel_and_wait, utcnow
 from .observing import Observations
 from .rollouts import PodRollouts, RolloutResult
 from .state import InstanceState
-from .statuses import StatusWriter
+from .statuses import Statuses
 from .store import ConfigMapStore
 from .trust import check_trust_anchors
 from .worker import InstanceWorker
@@ -59,7 +59,7 @@ class Operator:
         self.leader = leader
         self.store = ConfigMapStore(kube, self.ctx.world)
         self.rollouts = PodRollouts(self.ctx)
-        self.statuses = StatusWriter(self.ctx)
+        self.statuses = Statuses(self.ctx)
         self.observations = Observations(self.ctx, self.statuses.write_statuses,
                                          lambda: self.may_act)
         self.workers: dict[InstanceKey, InstanceWorker] = {}
@@ -149,8 +149,8 @@ class Operator:
         if self._resync is not None:
             self._resync.cancel()
         await cancel_and_wait(self._leader_task)
-        self.statuses.stop()
         await asyncio.gather(*(w.stop() for w in self.workers.values()))
+        await self.statuses.stop()
         await self.observations.stop()
         if self.leader is not None:
             await self.leader.release()
@@ -170,13 +170,14 @@ class Operator:
 
     @property
     def converged(self) -> bool:
-        """Started, and no worker has pending work (observations may still run: the bench
-        waits on this while thousands of probes go on in the background)."""
-        return self.started and all(w.idle.is_set() for w in list(self.workers.values()))
+        """Started, no worker with pending work and every status written (observations
+        may still run: the bench waits on this while thousands of probes go on)."""
+        return (self.started and all(w.idle.is_set() for w in list(self.workers.values()))
+                and self.statuses.writer.idle.is_set())
 
     @property
     def idle(self) -> bool:
-        """The operator's idle signal: :attr:`converged`, and no status write (with its
+        """The operator's idle signal: :attr:`converged`, and no status offer (with its
         Event) or observation in flight.  Tests and the demo wait on it instead of
         sleeping."""
         return self.converged and not self.statuses.busy() and not self.observations.busy()
@@ -191,17 +192,18 @@ class Operator:
         return seen == resource_version
 
     async def wait_idle(self, timeout: float = 30.0) -> None:
-        """Until no worker has pending work (tests and the demo use this)."""
+        """Until no worker has pending work and every status is written."""
         deadline = time.monotonic() + timeout
         while True:
-            busy = [w for w in self.workers.values() if not w.idle.is_set()]
+            busy = [w.idle for w in self.workers.values() if not w.idle.is_set()]
+            if not self.statuses.writer.idle.is_set():
+                busy.append(self.statuses.writer.idle)
             if not busy:
                 return
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"workers still busy: {[w.key for w in busy]}")
-            await asyncio.wait([asyncio.ensure_future(w.idle.wait()) for w in busy],
-                               timeout=left)
+                raise TimeoutError(f"workers or status writes still busy: {len(busy)}")
+            await asyncio.wait([asyncio.ensure_future(e.wait()) for e in busy], timeout=left)
 
     # ------------------------------------------------------------------ events
 
@@ -211,6 +213,7 @@ class Operator:
             meta.get("resourceVersion") or "")
         if event_type == "DELETED":
             keys = self.world.delete_policy(meta.get("namespace", ""), meta.get("name", ""))
+            self.statuses.forget(f"{meta.get('namespace', '')}/{meta.get('name', '')}")
         else:
             keys = self.world.upsert_policy(body)
         self.wake(keys)

@@ -62,6 +62,13 @@ class Config:
     probe_enforced: bool = True
     """Probe enforce-mode policies too (audit-mode ones are always probed)."""
     probe_concurrency: int = 4
+    status_qps: float = 100.0
+    """Status patches per second at most (a token bucket of ``status_burst``): a bulk
+    load's statuses follow its enforcement instead of flooding the API server."""
+    status_burst: int = 500
+    pending_grace: float = 2.0
+    """Seconds a Pending status waits before it is written: a rollout that is done by
+    then writes its policies once (RolledOut)."""
     probe_timeouts: probe.ProbeTimeouts = field(default_factory=probe.ProbeTimeouts)
 
 

@@ -1,5 +1,6 @@
-"""The status writer: each policy's status from the pure chain (:mod:`..status`), written
-only when it changed, with one Event per change."""
+"""Statuses: each policy's status from the pure chain (:mod:`..status`), offered to the
+status writer (:mod:`.statuswriter`) only when it changed; a Warning transition gets
+one Event."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .. import mailqueue
 from ..crd import GROUP, KIND, VERSION
 from ..kube import NotFound
 from ..status import (
+    PENDING,
     Condition,
     InstanceView,
     event_type,
@@ -23,21 +25,26 @@ from ..status import (
 )
 from ..world import ANN_APPLIED, ANN_TEMPLATE_REVISION, PolicyRecord
 from .context import RESTART, Context
+from .statuswriter import StatusWriter
 
 log = logging.getLogger("mailtls.controller")
 
 
-class StatusWriter:
-    """Turns the world and the instances' states into policy statuses and Events."""
+class Statuses:
+    """Turns the world and the instances' states into policy statuses, offered to the
+    :class:`~.statuswriter.StatusWriter` (coalesced, rate-limited, retried), which calls
+    back :meth:`_write_status` for each patch and its Warning Event."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._failures: dict[str, int] = {}
-        self._retry: dict[str, asyncio.TimerHandle] = {}
-        self._background: set[asyncio.Task[None]] = set()
-        self._stopping = False
+        cfg = ctx.config
+        self.writer = StatusWriter(
+            self._write_status, qps=cfg.status_qps, burst=cfg.status_burst,
+            retry_base=cfg.retry_base, retry_max=cfg.retry_max, describe=one_line,
+            on_failure=lambda rec: ctx.metrics.status_write_failures.labels(
+                rec.namespace).inc())
         self._io = asyncio.Semaphore(16)
+        self._background: set[asyncio.Task[None]] = set()
 
     def recorded(self, ref: str, instance: str) -> tuple[list[str], str] | None:
         """(entries, revision for ``instance``) as the policy's stored status says."""
@@ -77,55 +84,34 @@ class StatusWriter:
         return views
 
     async def write_statuses(self, namespace: str) -> None:
-        """Patch the status of every policy of the namespace whose status changed.
+        """Offer the status of every policy of the namespace whose status changed to the
+        status writer.  Never blocks on the API: enforcement goes on while statuses
+        drain.  A ``Pending`` status waits ``pending_grace`` seconds, so a rollout that
+        finishes first costs its policies one write, not two."""
+        now = self.ctx.clock()
+        metrics = self.ctx.metrics
+        counts: dict[str, int] = {}
+        for rec in self.ctx.world.records(namespace):
+            extra_conditions, extra_fields = self._observed(rec)
+            status = policy_status(rec, self.views_for(rec), now, extra_conditions,
+                                   extra_fields)
+            ready = status["conditions"][0]["reason"]
+            counts[ready] = counts.get(ready, 0) + 1
+            if status != {k: rec.status.get(k) for k in status}:
+                self.writer.offer(rec.ref, rec, status,
+                                  delay=self.ctx.config.pending_grace if ready == PENDING
+                                  else 0.0)
+            else:
+                self.writer.forget(rec.ref)  # already stored: nothing to write
+        for reason, n in counts.items():
+            metrics.policies.labels(namespace, reason).set(n)
+        metrics.exceptions_active.labels(namespace).set(sum(
+            1 for rec in self.ctx.world.records(namespace) if rec.policy is not None
+            and rec.policy.exception is not None and not rec.policy.is_expired(now)))
 
-        One policy's refused or failed write never stops the others (nor the
-        caller's probes and expiry scheduling): it is logged by name and the
-        namespace retried with backoff."""
-        lock = self._locks.setdefault(namespace, asyncio.Lock())
-        async with lock:
-            now = self.ctx.clock()
-            metrics = self.ctx.metrics
-            writes = []
-            written: list[PolicyRecord] = []
-            counts: dict[str, int] = {}
-            for rec in self.ctx.world.records(namespace):
-                extra_conditions, extra_fields = self._observed(rec)
-                status = policy_status(rec, self.views_for(rec), now, extra_conditions,
-                                       extra_fields)
-                ready = status["conditions"][0]["reason"]
-                counts[ready] = counts.get(ready, 0) + 1
-                if status != {k: rec.status.get(k) for k in status}:
-                    writes.append(self._write_status(rec, status))
-                    written.append(rec)
-            for reason, n in counts.items():
-                metrics.policies.labels(namespace, reason).set(n)
-            metrics.exceptions_active.labels(namespace).set(sum(
-                1 for rec in self.ctx.world.records(namespace) if rec.policy is not None
-                and rec.policy.exception is not None and not rec.policy.is_expired(now)))
-            results = await asyncio.gather(*writes, return_exceptions=True)
-        failed = [(rec, r) for rec, r in zip(written, results, strict=True)
-                  if isinstance(r, BaseException)]
-        for _, result in failed:
-            if isinstance(result, asyncio.CancelledError):
-                raise result
-        if not failed:
-            self._failures.pop(namespace, None)
-            return
-        cfg = self.ctx.config
-        n = self._failures[namespace] = self._failures.get(namespace, 0) + 1
-        delay = min(cfg.retry_max, cfg.retry_base * 2 ** (n - 1))
-        for rec, exc in failed:
-            log.warning("status of %s not written (%s); retrying in %.1fs", rec.ref,
-                        one_line(exc), delay)
-        metrics.status_write_failures.labels(namespace).inc(len(failed))
-        if not self._stopping:
-            handle = asyncio.get_running_loop().call_later(
-                delay, lambda: self.spawn(self.write_statuses(namespace)))
-            old = self._retry.pop(namespace, None)
-            if old is not None:
-                old.cancel()
-            self._retry[namespace] = handle
+    def forget(self, ref: str) -> None:
+        """The policy is gone: drop any status still waiting to be written."""
+        self.writer.forget(ref)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in the background, kept alive until it ends, cancelled at stop."""
@@ -134,18 +120,16 @@ class StatusWriter:
         task.add_done_callback(self._background.discard)
 
     def busy(self) -> bool:
-        """Is a background status write running (the idle signal waits for it)?"""
-        # copies: the test's and the bench's threads read this flag too
-        return any(not t.done() for t in list(self._background)) or any(
-            lock.locked() for lock in list(self._locks.values()))
+        """Is a status write pending or running (the idle signal waits for it)?"""
+        # a copy: the test's and the bench's threads read this flag too
+        return not self.writer.idle.is_set() or any(
+            not t.done() for t in list(self._background))
 
-    def stop(self) -> None:
-        """No more retries; background writes are cancelled."""
-        self._stopping = True
-        for handle in self._retry.values():
-            handle.cancel()
+    async def stop(self) -> None:
+        """No more writes: background offers are cancelled, the writer stops."""
         for task in list(self._background):
             task.cancel()
+        await self.writer.stop()
 
     def _observed(self, rec: PolicyRecord) -> tuple[list[Condition], dict[str, Any]]:
         """Verified, status.probes and status.deferred of a policy, over its instances."""
@@ -173,19 +157,19 @@ class StatusWriter:
         return conditions, fields
 
     async def _write_status(self, rec: PolicyRecord, status: dict[str, Any]) -> None:
+        """One status patch (the status writer calls it; a failure raises to it), then an
+        Event when a condition changed to something a person should act on."""
         changed = transitions(rec.status.get("conditions") or [], status["conditions"])
         async with self._io:
             try:
                 await self.ctx.kube.patch_policy_status(rec.namespace, rec.name, status)
             except NotFound:
                 return  # deleted meanwhile
-            rec.status = {**rec.status, **status}
-            if changed:  # one Event per change of the policy, led by its weightiest condition
-                warnings = [c for c in changed if event_type(c) == "Warning"]
-                lead = (warnings or changed)[0]
-                await self._event(rec, event_type(lead), lead["reason"], "; ".join(
-                    f"{c['type']}={c['status']} {c['reason']}: {c['message']}"
-                    for c in changed))
+        rec.status = {**rec.status, **status}
+        warnings = [c for c in changed if event_type(c) == "Warning"]
+        if warnings:  # one Event per change, led by its weightiest condition
+            await self._event(rec, "Warning", warnings[0]["reason"], "; ".join(
+                f"{c['type']}={c['status']} {c['reason']}: {c['message']}" for c in warnings))
 
     async def _event(self, rec: PolicyRecord, kind: str, reason: str, message: str) -> None:
         try:
