@@ -3,7 +3,8 @@
 Read top-down: :mod:`.handlers` (the only kopf import) -> :mod:`.conductor`
 (:class:`Operator`: lifecycle, events, one convergence) -> :mod:`.worker`
 (debounce per instance) -> :mod:`.trust`, :mod:`.store` (ConfigMaps),
-:mod:`.rollouts` (pods), :mod:`.statuses` (status and Events),
+:mod:`.rollouts` (pods), :mod:`.statuses` (status and Events, written by
+:mod:`.statuswriter`),
 :mod:`.observing` (probes and queues); :mod:`.context` and :mod:`.state` hold
 what they share.
 """
