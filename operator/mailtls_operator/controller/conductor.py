@@ -26,6 +26,7 @@ from ..crd import GROUP, PLURAL
 from ..facts import read_facts
 from ..kube import Kube
 from ..leader import LeaderElector
+from ..memory import Trimmer
 from ..metrics import Metrics
 from ..podrunner import PodRunner
 from ..render import Tables, render
@@ -60,6 +61,8 @@ class Operator:
         self.store = ConfigMapStore(kube, self.ctx.world)
         self.rollouts = PodRollouts(self.ctx)
         self.statuses = Statuses(self.ctx)
+        self.trimmer = Trimmer()
+        self.statuses.writer.on_idle = self.after_work
         self.observations = Observations(self.ctx, self.statuses.write_statuses,
                                          lambda: self.may_act)
         self.workers: dict[InstanceKey, InstanceWorker] = {}
@@ -161,7 +164,8 @@ class Operator:
         for key in keys:
             worker = self.workers.get(key)
             if worker is None:
-                worker = self.workers[key] = InstanceWorker(key, self.config, self.converge)
+                worker = self.workers[key] = InstanceWorker(key, self.config, self.converge,
+                                                            self.after_work)
             worker.wake()
 
     def wake_all(self) -> None:
@@ -174,6 +178,12 @@ class Operator:
         may still run: the bench waits on this while thousands of probes go on)."""
         return (self.started and all(w.idle.is_set() for w in list(self.workers.values()))
                 and self.statuses.writer.idle.is_set())
+
+    def after_work(self) -> None:
+        """A worker or the status writer went idle: once everything is idle, hand the
+        burst's freed memory back to the system (at most every 30 s; see memory.py)."""
+        if self.converged:
+            self.trimmer.after_burst()
 
     @property
     def idle(self) -> bool:

@@ -33,7 +33,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
         settings.persistence.diffbase_storage = _NoDiffBase()
         # Thousands of long-lived policy records make every full collection walk them
         # all; young collections stay frequent enough for the event churn.
-        gc.set_threshold(20_000, 20, 100)
+        gc.set_threshold(10_000, 10, 10)
 
     @kopf.on.startup(registry=registry, backoff=2.0)  # e.g. the API server answered 503
     async def _startup(memo: kopf.Memo, **_: Any) -> None:

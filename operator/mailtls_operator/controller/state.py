@@ -47,7 +47,7 @@ class InstanceState:
     than the render is Pending, whatever the pods say."""
     seq: dict[str, int] = field(default_factory=dict)
     """Order of the revisions rendered since start (revision -> sequence number)."""
-    since: dict[str, tuple[tuple[str, ...], str]] = field(default_factory=dict)
+    since: dict[str, tuple[tuple[tuple[str, ...], str], str]] = field(default_factory=dict)
     """policy ref -> (its lines, the revision that first carried them): a policy is live in
     a pod whose revision is that one or later, so a change to *another* policy neither
     makes it Pending nor rewrites its status."""
@@ -63,13 +63,14 @@ class InstanceState:
         its lines are still the same, so a restart rewrites no status."""
         if tables.revision not in self.seq:
             self.seq[tables.revision] = len(self.seq)
-        for ref, lines in tables.contributors.items():
-            key = tuple(lines)
+        for ref in tables.contributors:
+            key = tables.contributors.entry(ref)  # the policy's own keys and value, shared
             if ref in self.since and self.since[ref][0] == key:
                 continue
             known = recorded(ref) if ref not in self.since else None
             revision = tables.revision
-            if known is not None and known[1] and set(key) <= set(known[0]):
+            if known is not None and known[1] and \
+                    set(tables.contributors[ref]) <= set(known[0]):
                 revision = known[1]
             self.since[ref] = (key, revision)
         for ref in set(self.since) - set(tables.contributors):

@@ -67,7 +67,7 @@ class Statuses:
                 views.append(InstanceView(key[1], "", len(world.pods_of(key)), 0))
                 continue
             t = state.tables
-            revision = state.since.get(rec.ref, ((), t.revision))[1]
+            revision = state.since.get(rec.ref, (((), ""), t.revision))[1]
             pods = world.pods_of(key)
             annotation = ANN_TEMPLATE_REVISION if self.ctx.strategy(pods) == RESTART \
                 else ANN_APPLIED

@@ -18,10 +18,12 @@ class InstanceWorker:
     becomes one convergence; a failed run is retried after ``retry_base`` seconds."""
 
     def __init__(self, key: InstanceKey, config: Config,
-                 converge: Callable[[InstanceKey], Awaitable[None]]) -> None:
+                 converge: Callable[[InstanceKey], Awaitable[None]],
+                 on_idle: Callable[[], None] = lambda: None) -> None:
         self.key = key
         self.config = config
         self.converge = converge
+        self.on_idle = on_idle
         self.dirty = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.retry_handle: asyncio.TimerHandle | None = None
@@ -70,6 +72,7 @@ class InstanceWorker:
                 self.wake_later(self.config.retry_base)
             if not self.dirty.is_set():
                 self.idle.set()
+                self.on_idle()
                 await self.dirty.wait()
                 self.idle.clear()
 
