@@ -1,0 +1,83 @@
+"""The operator image under the chart's own securityContext and volumes: read-only root,
+uid/gid 65532, every capability dropped, no privilege escalation, an emptyDir at /tmp.
+``mailtls --version`` works, and ``mailtls run`` converges a policy into its ConfigMap
+through the API emulation on the host, then exits 0 on SIGTERM (``podman stop``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import kubernetes.client
+import pytest
+
+from mailtls_operator import __version__
+from tests.images.harness import operator_pod
+from tests.images.operator import OperatorContainer
+from tests.images.podexec import ExecApiServer
+from tests.images.pods import OPERATOR_IMAGE, Volumes, container_args, podman
+
+pytestmark = pytest.mark.images
+
+
+@pytest.fixture
+def operator(apiserver: ExecApiServer, tmp_path: Path) -> Iterator[OperatorContainer]:
+    op = OperatorContainer(tmp_path, str(apiserver.url).rstrip("/"))
+    try:
+        yield op
+    finally:
+        op.remove()
+
+
+def test_version_under_the_charts_security_context(images: None, tmp_path: Path) -> None:
+    spec, main = operator_pod()
+    volumes = Volumes(tmp_path, spec["volumes"])
+    volumes.materialise()
+    args = container_args(spec, main, volumes)
+    assert {"--read-only", "--cap-drop=ALL", "no-new-privileges"} <= set(args)
+    assert args[args.index("--user") + 1] == "65532:65532"
+    result = podman("run", "--rm", *args, OPERATOR_IMAGE, "--version")
+    assert result.stdout.decode().strip() == f"mailtls {__version__}"
+
+
+def test_image_runs_as_nonroot_without_pip(images: None) -> None:
+    config = podman("image", "inspect", "--format", "{{.Config.User}} {{.Config.Entrypoint}}",
+                    OPERATOR_IMAGE).stdout.decode().strip()
+    assert config == "65532:65532 [mailtls]"
+    result = podman("run", "--rm", "--entrypoint", "python", OPERATOR_IMAGE, "-c",
+                    "import importlib.util as u; print(u.find_spec('pip'), "
+                    "u.find_spec('kubernetes.aio'))")
+    assert result.stdout.decode().split() == ["None", "None"]
+
+
+async def test_run_converges_a_policy_and_stops_cleanly_on_sigterm(
+        apiserver: ExecApiServer, kube_client: kubernetes.client.ApiClient,
+        operator: OperatorContainer) -> None:
+    container = await asyncio.to_thread(operator.start, "--debounce", "0.1")
+    probe = await asyncio.to_thread(container.exec, "sh", "-c",
+                                    "id -u; id -g; touch /probe 2>&1; touch /tmp/probe && "
+                                    "echo tmp-writable; grep -E '^CapEff' /proc/1/status")
+    out = probe.stdout.decode()
+    assert out.startswith("65532\n65532\n")
+    assert "Read-only file system" in out and "tmp-writable" in out
+    assert "CapEff:\t0000000000000000" in out
+
+    await apiserver.wait_until(lambda: apiserver.watch_count("mailtlspolicies") > 0, 30)
+    custom = kubernetes.client.CustomObjectsApi(kube_client)
+    await asyncio.to_thread(
+        custom.create_namespaced_custom_object, "mailtls.io", "v1alpha1", "mail",
+        "mailtlspolicies",
+        {"apiVersion": "mailtls.io/v1alpha1", "kind": "MailTLSPolicy",
+         "metadata": {"name": "partner", "namespace": "mail"},
+         "spec": {"destinations": ["partner.example"], "level": "encrypt",
+                  "instances": ["relay"]}})
+    cm = await apiserver.wait_until(
+        lambda: apiserver.get_object("v1/configmaps", "mail", "relay-mailtls"), 30)
+    assert "partner.example encrypt\n" in cm["data"]["tls_policy"]
+
+    code = await asyncio.to_thread(container.stop, 20)
+    logs = await asyncio.to_thread(container.logs)
+    assert code == 0, logs[-4000:]
+    assert "Traceback" not in logs
