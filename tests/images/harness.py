@@ -7,10 +7,11 @@
   container's securityContext, the pod's, and its volumes (the ``/tmp`` emptyDir).
 
 What differs from a cluster, and why: the containers share the host's network
-(``images/containers.conf``), so the test adds a ``master.cf`` whose smtpd listens on
-a free loopback port instead of port 25, and appends to the example ``main.cf``
-``inet_interfaces = 127.0.0.1`` and a route for the test domain to the SMTP sink on
-the host. Everything else is the example's own.
+(``images/containers.conf``), so the test mounts a ``master.cf`` whose smtpd listens
+on a free loopback port instead of port 25, sets ``inet_interfaces = 127.0.0.1`` in
+the example ``main.cf``, and adds the site's own transport table (an lmdb table at
+``/etc/postfix-site``) routing the test domain to the SMTP sink on the host.
+Everything else is the example's own.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tests.images.pods import POSTFIX_IMAGE, Container, Volumes, container_args,
 
 EXAMPLE = EXAMPLES / "postfix"
 MAP_PATH = "/var/lib/mailtls/tls_policy"
+SITE = "/etc/postfix-site"  # the test's own master.cf and site routes (not in the example)
 
 Obj = dict[str, Any]
 
@@ -80,10 +82,10 @@ class PostfixPod:
 
     def main_cf(self) -> str:
         text = (EXAMPLE / "main.cf").read_text(encoding="utf-8")
-        # Inline tables (Postfix >= 3.0): the site's own routes after the operator's table.
-        inline = ", ".join(f"{d}={r}" for d, r in self.routes.items())
-        transport = "lmdb:/var/lib/mailtls/transport" + (f", inline:{{{inline}}}" if inline
-                                                          else "")
+        # The site's own routes after the operator's table, in an lmdb table the operator
+        # can read too (it follows hash/lmdb/cdb transport tables to find next-hops).
+        transport = "lmdb:/var/lib/mailtls/transport" + (
+            f", lmdb:{SITE}/transport" if self.routes else "")
         for name, value in (("inet_interfaces", "127.0.0.1"), ("transport_maps", transport)):
             text, count = re.subn(rf"^{name} = .*$", f"# image tests:\n{name} = {value}",
                                   text, count=1, flags=re.MULTILINE)
@@ -109,9 +111,14 @@ class PostfixPod:
         if tables is not None:
             self.volumes.config_maps["relay-mailtls"] = tables
         self.volumes.materialise()
-        extra = self.base / "test-master"
-        extra.mkdir(parents=True, exist_ok=True)
-        (extra / "master.cf").write_text(self.master_cf(), encoding="utf-8")
+        site = self.base / "site"
+        site.mkdir(parents=True, exist_ok=True)
+        (site / "master.cf").write_text(self.master_cf(), encoding="utf-8")
+        (site / "transport").write_text("".join(f"{d} {r}\n" for d, r in self.routes.items()),
+                                        encoding="utf-8")
+        # Compiled by the image's own postmap, so the lmdb format is the container's.
+        podman("run", "--rm", "--volume", f"{site}:{SITE}:rw", "--entrypoint", "postmap",
+               POSTFIX_IMAGE, f"lmdb:{SITE}/transport")
 
     def load_tables(self) -> str:
         """Run the init container to completion; its output (it must succeed)."""
@@ -124,7 +131,9 @@ class PostfixPod:
         """The postfix container, started by the image's entrypoint; waits until smtpd listens."""
         main = _container(self.spec, "postfix")
         args = container_args(self.spec, main, self.volumes)
-        args += ["--volume", f"{self.base / 'test-master' / 'master.cf'}:/etc/postfix/master.cf:ro"]
+        site = self.base / "site"
+        args += ["--volume", f"{site / 'master.cf'}:/etc/postfix/master.cf:ro",
+                 "--volume", f"{site}:{SITE}:ro"]
         self.container = Container.start(self.name, POSTFIX_IMAGE, args)
         self.container.wait_for(f"smtpd on 127.0.0.1:{self.smtpd_port}", self._listening)
         return self.container
