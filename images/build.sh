@@ -3,6 +3,7 @@
 #   bash images/build.sh images   localhost/mailtls-operator:dev, localhost/mailtls-postfix:dev
 #   bash images/build.sh bases    only resolve (or make) the two base images
 #   bash images/build.sh engine   print the engine that would be used, or why there is none
+#   bash images/build.sh standins (re)build both local stand-in bases now (fresh packages)
 #
 # The Dockerfiles name the official bases (python:3.11.x-slim-bookworm,
 # debian:bookworm-slim) and take them as build arguments (PYTHON_IMAGE, DEBIAN_IMAGE).
@@ -20,7 +21,8 @@
 #
 # Environment: CONTAINER_ENGINE (podman|docker), OPERATOR_TAG, POSTFIX_TAG,
 # PYTHON_IMAGE, DEBIAN_IMAGE (force a base), PULL_TIMEOUT (seconds, default 20),
-# IMAGES_TIMINGS (a file to append "name seconds" lines to, for make bench).
+# NO_CACHE=1 (build without the layer cache), IMAGES_TIMINGS (a file to append
+# "name seconds" lines to, for make bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -83,7 +85,10 @@ import_rootfs() { # TAG CHANGE...
     local tag=$1; shift
     local args=(--change "LABEL io.mailtls.standin-recipe=$STANDIN_RECIPE")
     for c in "$@"; do args+=(--change "$c"); done
+    local old; old=$("$ENGINE" image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
     "$ENGINE" import "${args[@]}" - "$tag" >/dev/null
+    # The stand-in it replaces, now untagged (kept if an image still builds on it).
+    [ -z "$old" ] || "$ENGINE" rmi "$old" >/dev/null 2>&1 || true
 }
 
 build_standin_debian() {
@@ -129,9 +134,10 @@ resolve() { # OFFICIAL STANDIN BUILDER
 
 timed() { # NAME COMMAND...
     local name=$1; shift
-    local start=$SECONDS
+    local start; start=$(date +%s.%N)
     "$@"
-    [ -z "${IMAGES_TIMINGS:-}" ] || echo "$name $((SECONDS - start))" >> "$IMAGES_TIMINGS"
+    [ -z "${IMAGES_TIMINGS:-}" ] || \
+        echo "$name $(date +%s.%N) $start" | awk '{printf "%s %.2f\n", $1, $2 - $3}' >> "$IMAGES_TIMINGS"
 }
 
 bases() {
@@ -143,6 +149,7 @@ bases() {
 build() { # TAG DOCKERFILE CONTEXT BUILD-ARG [pypi]
     local pull=()
     [ "$ENGINE" = podman ] && pull=(--pull=never)
+    [ "${NO_CACHE:-0}" = 1 ] && pull+=(--no-cache)
     if [ "$ENGINE" = podman ] && [ "${5:-}" = pypi ]; then
         # This machine reaches PyPI through a TLS-intercepting proxy whose CA is in the
         # host's trust store: lend that file to the RUN steps (a bind mount, never a
@@ -162,6 +169,10 @@ case ${1:-images} in
     bases)
         ENGINE=$(find_engine) || die "$ENGINE"
         bases ;;
+    standins)
+        ENGINE=$(find_engine) || die "$ENGINE"
+        timed standin-debian build_standin_debian
+        timed standin-python build_standin_python ;;
     images)
         ENGINE=$(find_engine) || die "$ENGINE"
         timed bases bases
@@ -170,5 +181,5 @@ case ${1:-images} in
         echo "$OPERATOR_TAG"
         echo "$POSTFIX_TAG" ;;
     *)
-        die "usage: $0 [images|bases|engine]" ;;
+        die "usage: $0 [images|bases|standins|engine]" ;;
 esac
