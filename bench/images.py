@@ -69,7 +69,8 @@ def run() -> Result:
         return result
     try:
         _, chosen = _build("bases")
-        bases = dict(part.split("=", 1) for part in chosen.split("bases: ", 1)[1].splitlines()[0].split())
+        line = chosen.split("bases: ", 1)[1].splitlines()[0]
+        bases = dict(part.split("=", 1) for part in line.split())
         standin = "mailtls-standin" in chosen
         rows: list[list[object]] = []
         if standin:

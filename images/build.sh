@@ -33,7 +33,7 @@ OFFICIAL_DEBIAN=$(sed -n 's/^ARG DEBIAN_IMAGE=//p' images/postfix/Dockerfile)
 STANDIN_DEBIAN=localhost/mailtls-standin-debian:bookworm-slim
 STANDIN_PYTHON=localhost/mailtls-standin-python:3.11-slim-bookworm
 # Bump when the stand-in recipe below changes: older stand-ins are then rebuilt.
-STANDIN_RECIPE=2
+STANDIN_RECIPE=5
 PULL_TIMEOUT=${PULL_TIMEOUT:-20}
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/images/containers.conf}
 
@@ -65,20 +65,33 @@ recipe_of() { "$ENGINE" image inspect --format '{{ index .Config.Labels "io.mail
 # rootfs tarball on stdout: bookworm minbase, slimmed like the official slim images.
 rootfs() {
     command -v mmdebstrap >/dev/null 2>&1 || die "mmdebstrap is needed to build a stand-in base (apt-get install mmdebstrap)"
+    local tmp; tmp=$(mktemp -d)
+    # What the official image keeps in /etc, so that packages installed on top stay
+    # slim too: dpkg leaves out documentation, man pages and locales; apt keeps no
+    # package cache and no downloaded .debs, and fetches no translations.
+    printf '%s\n' 'path-exclude=/usr/share/man/*' 'path-exclude=/usr/share/doc/*' \
+        'path-include=/usr/share/doc/*/copyright' 'path-exclude=/usr/share/locale/*' \
+        'path-exclude=/usr/share/info/*' > "$tmp/dpkg-slim"
+    local clean='"rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true";'
+    printf '%s\n' "DPkg::Post-Invoke { $clean };" "APT::Update::Post-Invoke { $clean };" \
+        'Dir::Cache::pkgcache "";' 'Dir::Cache::srcpkgcache "";' 'Acquire::Languages "none";' \
+        > "$tmp/apt-clean"
     # No mirror argument and stdin closed: mmdebstrap uses its Debian default sources
-    # (bookworm, bookworm-updates, bookworm-security).
-    # The merged-usr hook instead of the usrmerge package (which pulls in perl), as
-    # the official image is built. Its chatter goes to a log shown on failure.
-    local log; log=$(mktemp)
+    # (bookworm, bookworm-updates, bookworm-security). The merged-usr hook instead of
+    # the usrmerge package (which pulls in perl), as the official image is built. The
+    # chatter goes to a log, shown on failure.
+    local status=0
     mmdebstrap --quiet --variant=minbase --mode=root \
         --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
-        --dpkgopt='path-exclude=/usr/share/man/*' \
-        --dpkgopt='path-exclude=/usr/share/doc/*' \
-        --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-        --dpkgopt='path-exclude=/usr/share/locale/*' \
-        --dpkgopt='path-exclude=/usr/share/info/*' \
-        "$@" bookworm - </dev/null 2>"$log" || { cat "$log" >&2; rm -f "$log"; return 1; }
-    rm -f "$log"
+        --dpkgopt="$tmp/dpkg-slim" \
+        --setup-hook='mkdir -p "$1/etc/dpkg/dpkg.cfg.d" "$1/etc/apt/apt.conf.d"' \
+        --setup-hook="upload $tmp/dpkg-slim /etc/dpkg/dpkg.cfg.d/docker" \
+        --customize-hook="upload $tmp/apt-clean /etc/apt/apt.conf.d/docker-clean" \
+        --customize-hook='rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/cache/apt/*.bin' \
+        "$@" bookworm - </dev/null 2>"$tmp/log" || status=$?
+    [ "$status" = 0 ] || cat "$tmp/log" >&2
+    rm -rf "$tmp"
+    return "$status"
 }
 
 import_rootfs() { # TAG CHANGE...

@@ -8,7 +8,6 @@ is a free loopback port (host network).
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +61,7 @@ class OperatorContainer:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz",
                                         timeout=1) as resp:
                 return int(resp.status) == 200
-        except (OSError, socket.timeout):
+        except OSError:  # refused, reset or timed out (TimeoutError is an OSError)
             return False
 
     def remove(self) -> None:

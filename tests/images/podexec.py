@@ -96,7 +96,7 @@ class ExecApiServer(ApiServer):
         if chosen is None:
             return aiohttp.web.Response(status=403)  # x/net/websocket: no common protocol
         ws = aiohttp.web.WebSocketResponse(protocols=(chosen,), autoping=True)
-        await ws.prepare(request)  # type: ignore[arg-type]  # a BaseRequest is enough
+        await ws.prepare(request)
         code: int | None = None
         try:
             code, message = await self._run(ws, chosen, target, argv,

@@ -88,9 +88,11 @@ class Stack:
             status = obj.get("status") or {}
             if status.get("observedGeneration") != obj["metadata"].get("generation"):
                 return None
-            ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
-            return ready if ready.get("reason") == "RolledOut" else None
-        ready: dict[str, object] = await self.server.wait_until(check, 60)
+            cond: dict[str, object] = next(
+                (c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+            return cond if cond.get("reason") == "RolledOut" else None
+        ready = await self.server.wait_until(check, 60)
+        assert ready is not None
         assert await asyncio.to_thread(self.pod.query, self.sink.nexthop) == level
         return ready
 

@@ -75,7 +75,7 @@ async def test_run_converges_a_policy_and_stops_cleanly_on_sigterm(
                   "instances": ["relay"]}})
     cm = await apiserver.wait_until(
         lambda: apiserver.get_object("v1/configmaps", "mail", "relay-mailtls"), 30)
-    assert "partner.example encrypt\n" in cm["data"]["tls_policy"]
+    assert cm is not None and "partner.example encrypt\n" in cm["data"]["tls_policy"]
 
     code = await asyncio.to_thread(container.stop, 20)
     logs = await asyncio.to_thread(container.logs)
