@@ -172,7 +172,15 @@ build() { # TAG DOCKERFILE CONTEXT BUILD-ARG [pypi]
         [ -n "$ca" ] && [ -f "$ca" ] && pull+=(--volume "$ca:/etc/ssl/certs/ca-certificates.crt:ro")
     fi
     say "building $1"
-    "$ENGINE" build "${pull[@]}" --network host -q -f "$2" --build-arg "$4" -t "$1" "$3" >/dev/null
+    local args=("${pull[@]}" --network host -q -f "$2" --build-arg "$4" -t "$1" "$3")
+    "$ENGINE" build "${args[@]}" >/dev/null && return 0
+    # podman 4.3 (buildah 1.28) cannot bind-mount a build stage that it took from the
+    # layer cache when the stage using it is not cached ("couldn't find .../merged/wheels
+    # on host to bind mount"): the operator's `RUN --mount=type=bind,from=build` then
+    # fails. The same build without the cache works.
+    [ "$ENGINE" = podman ] && [ "${NO_CACHE:-0}" != 1 ] || return 1
+    say "retrying $1 without the layer cache (podman cannot mount a cached stage)"
+    "$ENGINE" build --no-cache "${args[@]}" >/dev/null
 }
 
 [ -n "${OFFICIAL_PYTHON}" ] && [ -n "${OFFICIAL_DEBIAN}" ] || die "no ARG PYTHON_IMAGE / DEBIAN_IMAGE default in the Dockerfiles"

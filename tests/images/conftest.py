@@ -17,7 +17,13 @@ import kubernetes.client
 import pytest
 
 from tests.images.podexec import ExecApiServer
-from tests.images.pods import BUILD, podman_env, remove_leftovers
+from tests.images.pods import (
+    BUILD,
+    OPERATOR_IMAGE,
+    POSTFIX_IMAGE,
+    podman_env,
+    remove_leftovers,
+)
 
 
 @functools.cache
@@ -33,13 +39,16 @@ def _unavailable() -> str | None:
 
 @pytest.fixture(scope="session")
 def images() -> Iterator[None]:
-    """Both images, built (or found up to date) by images/build.sh with podman."""
+    """Both images, built (or found up to date) by images/build.sh with podman, under
+    this checkout's own test tags (``make images`` builds ``:dev``)."""
     reason = _unavailable()
     if reason is not None:
         pytest.skip(reason)
     remove_leftovers()
     result = subprocess.run(["bash", str(BUILD), "images"], capture_output=True, timeout=1500,
-                            env={**podman_env(), "CONTAINER_ENGINE": "podman"}, check=False)
+                            env={**podman_env(), "CONTAINER_ENGINE": "podman",
+                                 "OPERATOR_TAG": OPERATOR_IMAGE, "POSTFIX_TAG": POSTFIX_IMAGE},
+                            check=False)
     if result.returncode != 0:
         pytest.fail(f"images/build.sh failed ({result.returncode}):\n"
                     f"{result.stderr.decode(errors='replace')[-6000:]}")

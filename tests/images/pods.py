@@ -15,6 +15,7 @@ default seccomp filter anyway.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -27,11 +28,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "images" / "build.sh"
 CONTAINERS_CONF = ROOT / "images" / "containers.conf"
-OPERATOR_IMAGE = "localhost/mailtls-operator:dev"
-POSTFIX_IMAGE = "localhost/mailtls-postfix:dev"
-#: Every container these tests start carries this label, so a crashed run's leftovers
-#: can be found and removed by label alone (never by name pattern).
+# The tests build their own tags, one per checkout, so that test runs in several
+# checkouts on one machine never run each other's images (the layer cache is shared).
+_TAG = "test-" + hashlib.sha256(str(ROOT).encode()).hexdigest()[:10]
+OPERATOR_IMAGE = f"localhost/mailtls-operator:{_TAG}"
+POSTFIX_IMAGE = f"localhost/mailtls-postfix:{_TAG}"
+#: Every container these tests start carries this label and its test process's pid, so
+#: that leftovers of a run that was killed are found and removed by label (never by name
+#: pattern), and a concurrent run's containers are left alone.
 LABEL = "io.mailtls.test=images"
+OWNER = "io.mailtls.test.owner"
 
 Obj = dict[str, Any]
 
@@ -156,7 +162,8 @@ class Container:
     @classmethod
     def start(cls, name: str, image: str, args: Sequence[str],
               command: Sequence[str] = ()) -> Container:
-        podman("run", "--detach", "--name", name, "--label", LABEL, *args, image, *command)
+        podman("run", "--detach", "--name", name, "--label", LABEL,
+               "--label", f"{OWNER}={os.getpid()}", *args, image, *command)
         return cls(name)
 
     def exec(self, *argv: str, stdin: bytes | None = None,
@@ -193,8 +200,21 @@ class Container:
             time.sleep(0.2)
 
 
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_leftovers() -> None:
-    """Remove containers a crashed earlier run of these tests left behind (by label)."""
-    ids = podman("ps", "--all", "--quiet", "--filter", f"label={LABEL}", check=False)
-    for cid in ids.stdout.decode().split():
-        podman("rm", "--force", "--time", "2", cid, check=False, timeout=60)
+    """Remove this process's containers, and those of test runs that no longer exist."""
+    listed = podman("ps", "--all", "--filter", f"label={LABEL}", "--format",
+                    f'{{{{.ID}}}} {{{{index .Labels "{OWNER}"}}}}', check=False)
+    for line in listed.stdout.decode().splitlines():
+        cid, _, owner = line.partition(" ")
+        if owner.strip() == str(os.getpid()) or not _alive(owner.strip()):
+            podman("rm", "--force", "--time", "2", cid, check=False, timeout=60)
