@@ -14,18 +14,9 @@ from pathlib import Path
 
 from tests.images.harness import free_port, operator_pod, unique
 from tests.images.pods import OPERATOR_IMAGE, Container, Volumes, container_args
+from tests.integration.test_run_command import kubeconfig
 
 KUBECONFIG = "/etc/mailtls-test/kubeconfig"
-
-
-def kubeconfig_text(url: str) -> str:
-    return f"""apiVersion: v1
-kind: Config
-clusters: [{{name: emu, cluster: {{server: "{url}"}}}}]
-users: [{{name: dev, user: {{token: not-checked}}}}]
-contexts: [{{name: emu, context: {{cluster: emu, user: dev}}}}]
-current-context: emu
-"""
 
 
 @dataclass
@@ -42,8 +33,7 @@ class OperatorContainer:
         spec, main = operator_pod()
         volumes = Volumes(self.base / "volumes", spec["volumes"])
         volumes.materialise()
-        config = self.base / "kubeconfig"
-        config.write_text(kubeconfig_text(self.api_url), encoding="utf-8")
+        config = kubeconfig(self.base, self.api_url)  # the one `mailtls run` tests use
         config.chmod(0o644)  # read by uid 65532
         return [*container_args(spec, main, volumes),
                 "--volume", f"{config}:{KUBECONFIG}:ro", "--env", f"KUBECONFIG={KUBECONFIG}"]
