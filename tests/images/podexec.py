@@ -20,6 +20,12 @@ tests):
 
 Pods are mapped to containers with :meth:`ExecApiServer.bind`; an exec for a pod or
 container that is not bound answers 404 like a real server for a missing pod.
+
+Where it differs from a real API server + kubelet: no authentication or RBAC check
+(no 403 Forbidden for a missing ``pods/exec`` grant), no ``tty`` and no resize
+channel (4), no ``v4``-era ``base64.channel.k8s.io`` protocols, and the command runs
+with ``podman exec``'s defaults (the container's user, environment and working
+directory), which is what the kubelet does too.
 """
 
 from __future__ import annotations
