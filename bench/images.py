@@ -3,7 +3,9 @@
 Sizes: each image against its own base (the same run's figure), so the table shows what
 the project adds; the operator image has a target of at most 250 MB. Build times: a
 build without the layer cache against the rebuild that follows it with the cache warm
-(nothing changed: what a developer's second ``make images`` costs). Where the bases
+(nothing changed: what a developer's second ``make images`` costs; on podman the
+operator image is always built without the cache, see images/build.sh, so its two
+figures are alike). Where the bases
 are the local stand-ins (no registry reachable), the stand-ins are rebuilt first and
 timed too: that is what a fresh machine's first ``make images`` costs on top.
 

@@ -159,28 +159,31 @@ bases() {
     say "bases: PYTHON_IMAGE=$PYTHON_BASE DEBIAN_IMAGE=$DEBIAN_BASE"
 }
 
-build() { # TAG DOCKERFILE CONTEXT BUILD-ARG [pypi]
-    local pull=()
-    [ "$ENGINE" = podman ] && pull=(--pull=never)
-    [ "${NO_CACHE:-0}" = 1 ] && pull+=(--no-cache)
-    if [ "$ENGINE" = podman ] && [ "${5:-}" = pypi ]; then
+build() { # TAG DOCKERFILE CONTEXT BUILD-ARG [operator]
+    local opts=()
+    [ "$ENGINE" = podman ] && opts=(--pull=never)
+    [ "${NO_CACHE:-0}" = 1 ] && opts+=(--no-cache)
+    if [ "$ENGINE" = podman ] && [ "${5:-}" = operator ]; then
+        # podman 4.3 (buildah 1.28) keys a RUN step's cache without the content of its
+        # `--mount=type=bind,from=build`: after a source change the runtime stage came
+        # from the cache with the OLD packages installed (and a cached build stage
+        # cannot be mounted at all: "couldn't find .../merged/wheels"). So the operator
+        # image is built without the layer cache, and without keeping intermediate
+        # images, on podman. (BuildKit keys the mount by content.)
+        opts+=(--no-cache --layers=false)
         # This machine reaches PyPI through a TLS-intercepting proxy whose CA is in the
         # host's trust store: lend that file to the RUN steps (a bind mount, never a
         # layer), as Debian's pip in the stand-in reads the system store. BUILD_CA_BUNDLE=
         # (empty) turns it off.
         local ca=${BUILD_CA_BUNDLE-/etc/ssl/certs/ca-certificates.crt}
-        [ -n "$ca" ] && [ -f "$ca" ] && pull+=(--volume "$ca:/etc/ssl/certs/ca-certificates.crt:ro")
+        [ -n "$ca" ] && [ -f "$ca" ] && opts+=(--volume "$ca:/etc/ssl/certs/ca-certificates.crt:ro")
     fi
     say "building $1"
-    local args=("${pull[@]}" --network host -q -f "$2" --build-arg "$4" -t "$1" "$3")
-    "$ENGINE" build "${args[@]}" >/dev/null && return 0
-    # podman 4.3 (buildah 1.28) cannot bind-mount a build stage that it took from the
-    # layer cache when the stage using it is not cached ("couldn't find .../merged/wheels
-    # on host to bind mount"): the operator's `RUN --mount=type=bind,from=build` then
-    # fails. The same build without the cache works.
-    [ "$ENGINE" = podman ] && [ "${NO_CACHE:-0}" != 1 ] || return 1
-    say "retrying $1 without the layer cache (podman cannot mount a cached stage)"
-    "$ENGINE" build --no-cache "${args[@]}" >/dev/null
+    local old; old=$("$ENGINE" image inspect --format '{{.Id}}' "$1" 2>/dev/null || true)
+    "$ENGINE" build "${opts[@]}" --network host -q -f "$2" --build-arg "$4" -t "$1" "$3" >/dev/null
+    # The image this tag named before, now untagged (kept if something still uses it).
+    local new; new=$("$ENGINE" image inspect --format '{{.Id}}' "$1")
+    [ -z "$old" ] || [ "$old" = "$new" ] || "$ENGINE" rmi "$old" >/dev/null 2>&1 || true
 }
 
 [ -n "${OFFICIAL_PYTHON}" ] && [ -n "${OFFICIAL_DEBIAN}" ] || die "no ARG PYTHON_IMAGE / DEBIAN_IMAGE default in the Dockerfiles"
@@ -197,7 +200,7 @@ case ${1:-images} in
     images)
         ENGINE=$(find_engine) || die "$ENGINE"
         timed bases bases
-        timed operator build "$OPERATOR_TAG" operator/Dockerfile . "PYTHON_IMAGE=$PYTHON_BASE" pypi
+        timed operator build "$OPERATOR_TAG" operator/Dockerfile . "PYTHON_IMAGE=$PYTHON_BASE" operator
         timed postfix build "$POSTFIX_TAG" images/postfix/Dockerfile images/postfix "DEBIAN_IMAGE=$DEBIAN_BASE"
         echo "$OPERATOR_TAG"
         echo "$POSTFIX_TAG" ;;

@@ -7,6 +7,8 @@ through the API emulation on the host, then exits 0 on SIGTERM (``podman stop``)
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +19,10 @@ from mailtls_operator import __version__
 from tests.images.harness import operator_pod
 from tests.images.operator import OperatorContainer
 from tests.images.podexec import ExecApiServer
-from tests.images.pods import OPERATOR_IMAGE, Volumes, container_args, podman
+from tests.images.pods import OPERATOR_IMAGE, ROOT, Volumes, container_args, podman
 
 pytestmark = pytest.mark.images
+PACKAGE = ROOT / "operator" / "mailtls_operator"
 
 
 @pytest.fixture
@@ -40,6 +43,22 @@ def test_version_under_the_charts_security_context(images: None, tmp_path: Path)
     assert args[args.index("--user") + 1] == "65532:65532"
     result = podman("run", "--rm", *args, OPERATOR_IMAGE, "--version")
     assert result.stdout.decode().strip() == f"mailtls {__version__}"
+
+
+_DIGEST = ("import hashlib, pathlib, sys; root = pathlib.Path(sys.argv[1]); "
+           "print(hashlib.sha256(b''.join(p.relative_to(root).as_posix().encode() + b'\\0' "
+           "+ p.read_bytes() for p in sorted(root.rglob('*.py')))).hexdigest())")
+
+
+def test_image_carries_this_checkouts_code(images: None) -> None:
+    """The image under test is built from the source under test (a stale layer cache
+    once gave an image with the previous code: see images/build.sh)."""
+    here = subprocess.run([sys.executable, "-c", _DIGEST, str(PACKAGE)], capture_output=True,
+                          text=True, check=True, timeout=60).stdout
+    inside = podman("run", "--rm", "--entrypoint", "python", OPERATOR_IMAGE, "-c",
+                    "import pathlib, sys, mailtls_operator as m; "
+                    f"sys.argv[1:] = [str(pathlib.Path(m.__file__).parent)]; exec({_DIGEST!r})")
+    assert inside.stdout.decode() == here
 
 
 def test_image_runs_as_nonroot_without_pip(images: None) -> None:
