@@ -21,6 +21,7 @@
 #
 # Environment: CONTAINER_ENGINE (podman|docker), OPERATOR_TAG, POSTFIX_TAG,
 # PYTHON_IMAGE, DEBIAN_IMAGE (force a base), PULL_TIMEOUT (seconds, default 20),
+# NO_PULL=1 (never try the registry),
 # NO_CACHE=1 (build without the layer cache), IMAGES_TIMINGS (a file to append
 # "name seconds" lines to, for make bench).
 set -euo pipefail
@@ -137,8 +138,15 @@ resolve() { # OFFICIAL STANDIN BUILDER
     if exists "$standin" && [ "$(recipe_of "$standin")" = "$STANDIN_RECIPE" ]; then
         echo "$standin"; return
     fi
-    if [ "${NO_PULL:-0}" != 1 ] && timeout "$PULL_TIMEOUT" "$ENGINE" pull -q "$official" >/dev/null 2>&1; then
-        echo "$official"; return
+    # Fully qualified, as podman resolves no short names without a terminal to ask.
+    local ref=$official first=${official%%/*}
+    case $official in
+        */*) case $first in *.*|*:*|localhost) ;; *) ref=docker.io/$official ;; esac ;;
+        *) ref=docker.io/library/$official ;;
+    esac
+    if exists "$ref"; then echo "$ref"; return; fi
+    if [ "${NO_PULL:-0}" != 1 ] && timeout "$PULL_TIMEOUT" "$ENGINE" pull -q "$ref" >/dev/null 2>&1; then
+        echo "$ref"; return
     fi
     say "$official cannot be pulled here: using the local stand-in $standin"
     "$builder"
