@@ -135,10 +135,11 @@ class Volumes:
         return args
 
 
-def container_args(pod: Mapping[str, Any], container: Mapping[str, Any],
-                   volumes: Volumes) -> list[str]:
+def container_args(pod: Mapping[str, Any], container: Mapping[str, Any], volumes: Volumes,
+                   downward: Mapping[str, str] | None = None) -> list[str]:
     """``podman run`` options for one container of a pod spec (put the image and then
-    ``container.get("args", [])`` after them).
+    ``container.get("args", [])`` after them); ``downward`` gives the values of the
+    ``fieldRef`` environment variables (``metadata.name`` -> the pod's name).
 
     Kubernetes' ``command`` replaces the image's ENTRYPOINT (``args`` its CMD), so it
     becomes ``--entrypoint`` in JSON form, not arguments after the image.
@@ -150,6 +151,9 @@ def container_args(pod: Mapping[str, Any], container: Mapping[str, Any],
     for env in container.get("env") or []:
         if "value" in env:
             args += ["--env", f"{env['name']}={env['value']}"]
+        else:  # the downward API: fieldPath -> value, as the kubelet fills it in
+            path = env["valueFrom"]["fieldRef"]["fieldPath"]
+            args += ["--env", f"{env['name']}={(downward or {})[path]}"]
     return args
 
 

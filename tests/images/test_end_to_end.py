@@ -50,7 +50,7 @@ class Stack:
         self.server.seed("v1/pods", self.pod.pod_object("relay-0"))
         self.server.bind("mail", "relay-0", self.pod.annotations["mailtls.io/container"],
                          container.name)
-        await asyncio.to_thread(self.operator.start, "--debounce", "0.1", "--max-delay", "1")
+        await asyncio.to_thread(self.operator.start, debounce="0.1", max_delay="1")
         await self.server.wait_until(lambda: self.server.watch_count(PLURAL) > 0, 30)
 
     def stop(self) -> None:

@@ -1,7 +1,8 @@
 """The operator image under the chart's own securityContext and volumes: read-only root,
 uid/gid 65532, every capability dropped, no privilege escalation, an emptyDir at /tmp.
-``mailtls --version`` works, and ``mailtls run`` converges a policy into its ConfigMap
-through the API emulation on the host, then exits 0 on SIGTERM (``podman stop``).
+``mailtls --version`` works, and the chart's own args (``run --all-namespaces
+--leader-elect ...``) take the Lease, converge a policy into its ConfigMap through the
+API emulation on the host, serve /metrics, and exit 0 on SIGTERM (``podman stop``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 from mailtls_operator import __version__
 from tests.images.harness import operator_pod
-from tests.images.operator import OperatorContainer
+from tests.images.operator import POD_NAMESPACE, OperatorContainer
 from tests.images.podexec import ExecApiServer
 from tests.images.pods import OPERATOR_IMAGE, ROOT, Volumes, container_args, podman
 
@@ -38,7 +39,8 @@ def test_version_under_the_charts_security_context(images: None, tmp_path: Path)
     spec, main = operator_pod()
     volumes = Volumes(tmp_path, spec["volumes"])
     volumes.materialise()
-    args = container_args(spec, main, volumes)
+    args = container_args(spec, main, volumes,
+                          {"metadata.name": "mailtls-operator-0", "metadata.namespace": "mailtls"})
     assert {"--read-only", "--cap-drop=ALL", "no-new-privileges"} <= set(args)
     assert args[args.index("--user") + 1] == "65532:65532"
     result = podman("run", "--rm", *args, OPERATOR_IMAGE, "--version")
@@ -74,7 +76,7 @@ def test_image_runs_as_nonroot_without_pip(images: None) -> None:
 async def test_run_converges_a_policy_and_stops_cleanly_on_sigterm(
         apiserver: ExecApiServer, kube_client: kubernetes.client.ApiClient,
         operator: OperatorContainer) -> None:
-    container = await asyncio.to_thread(operator.start, "--debounce", "0.1")
+    container = await asyncio.to_thread(operator.start, debounce="0.1")
     probe = await asyncio.to_thread(container.exec, "sh", "-c",
                                     "id -u; id -g; touch /probe 2>&1; touch /tmp/probe && "
                                     "echo tmp-writable; grep -E '^CapEff' /proc/1/status")
@@ -84,6 +86,11 @@ async def test_run_converges_a_policy_and_stops_cleanly_on_sigterm(
     assert "CapEff:\t0000000000000000" in out
 
     await apiserver.wait_until(lambda: apiserver.watch_count("mailtlspolicies") > 0, 30)
+    # The chart's --leader-elect --lease-namespace=$(POD_NAMESPACE): this pod leads.
+    lease = await apiserver.wait_until(
+        lambda: apiserver.get_object("coordination.k8s.io/v1/leases", POD_NAMESPACE,
+                                     "mailtls-operator"), 30)
+    assert lease is not None and lease["spec"]["holderIdentity"] == operator.pod_name
     custom = kubernetes.client.CustomObjectsApi(kube_client)
     await asyncio.to_thread(
         custom.create_namespaced_custom_object, "mailtls.io", "v1alpha1", "mail",
@@ -95,6 +102,8 @@ async def test_run_converges_a_policy_and_stops_cleanly_on_sigterm(
     cm = await apiserver.wait_until(
         lambda: apiserver.get_object("v1/configmaps", "mail", "relay-mailtls"), 30)
     assert cm is not None and "partner.example encrypt\n" in cm["data"]["tls_policy"]
+    metrics = await asyncio.to_thread(operator.get, "metrics", "/metrics")
+    assert metrics is not None and "mailtls_configmap_writes_total" in metrics
 
     code = await asyncio.to_thread(container.stop, 20)
     logs = await asyncio.to_thread(container.logs)
