@@ -54,6 +54,10 @@ def images() -> Iterator[None]:
                     f"{result.stderr.decode(errors='replace')[-6000:]}")
     yield
     remove_leftovers()
+    # The operator image is rebuilt by every session anyway (images/build.sh builds it
+    # without the cache on podman): do not leave one per checkout behind.
+    subprocess.run(["podman", "rmi", "--force", OPERATOR_IMAGE], capture_output=True,
+                   timeout=120, env=podman_env(), check=False)
 
 
 @pytest.fixture
