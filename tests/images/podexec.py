@@ -39,8 +39,8 @@ from typing import Any
 import aiohttp.web
 import attrs
 
+from testbed.apiserver import ApiServer
 from tests.images.pods import podman_env
-from tests.integration.apiserver import ApiServer
 
 V5, V4 = "v5.channel.k8s.io", "v4.channel.k8s.io"
 STDIN, STDOUT, STDERR, ERROR, CLOSE = 0, 1, 2, 3, 255

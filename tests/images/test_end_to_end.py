@@ -19,8 +19,8 @@ from pathlib import Path
 import kubernetes.client
 import pytest
 
-from mailtls_operator.local import SmtpSink, plain_sink
 from mailtls_operator.render import REVISION_KEY
+from testbed import SmtpSink, plain_sink
 from tests.images.harness import PostfixPod
 from tests.images.operator import OperatorContainer
 from tests.images.podexec import ExecApiServer

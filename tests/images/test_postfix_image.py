@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mailtls_operator.local import SmtpSink, plain_sink
+from testbed import SmtpSink, plain_sink
 from tests.images.harness import PostfixPod
 from tests.images.pods import POSTFIX_IMAGE, podman
 

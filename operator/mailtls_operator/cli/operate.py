@@ -14,11 +14,12 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
-from .controller import Config, Operator, register
-from .execrunner import KubernetesExecRunner
-from .kube import Kube
-from .leader import LeaderElector
-from .metrics import Metrics
+from ..controller import Config, Operator, register
+from ..execrunner import KubernetesExecRunner
+from ..kube import Kube
+from ..leader import LeaderElector
+from ..metrics import Metrics
+from . import logs
 
 log = logging.getLogger("mailtls")
 
@@ -53,10 +54,8 @@ def settings_for(args: argparse.Namespace) -> kopf.OperatorSettings:
 
 
 def run_operator(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
-               '"message":%(message)r}', stream=sys.stderr)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        handlers=[logs.handler(args.log_format)])
     try:
         api = api_client()
     except Exception as exc:
@@ -67,7 +66,8 @@ def run_operator(args: argparse.Namespace) -> int:
                  default_strategy=args.strategy,
                  max_exception=timedelta(days=args.max_exception_days),
                  observe_interval=args.probe_interval,
-                 probe_enforced=args.probe_scope == "all")
+                 probe_enforced=args.probe_scope == "all",
+                 status_qps=args.status_qps, status_burst=max(1, int(args.status_qps * 5)))
     metrics = Metrics()
     if args.metrics != "off":
         metrics.serve(*_hostport(args.metrics))
