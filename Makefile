@@ -4,6 +4,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEB_PACKAGES := postfix postfix-lmdb postfix-cdb lua5.1 lua-cjson
+# The image tests (tests/images) and `make images`: podman with Debian's runc (crun fails
+# on these machines: cgroups in hybrid mode) and mmdebstrap for the local stand-in bases
+# where no registry is reachable (images/build.sh).
+DEB_IMAGES := podman runc mmdebstrap
 # kubectl (for `kubectl kustomize`) is installed when the machine's apt sources have it;
 # without it the kustomize contract tests are skipped with that reason.
 DEB_OPTIONAL := kubectl
@@ -11,7 +15,7 @@ STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 .PHONY: help install system-deps test test-unit test-postfix test-integration lint bench demo \
-        e2e kind-up deploy clean
+        images e2e kind-up deploy clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -24,8 +28,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the package with its test extras
 
-system-deps: ## install Debian packages the tests and demo need (postfix, postfix-lmdb, lua, kubectl)
-	@missing=""; for p in $(DEB_PACKAGES); do \
+system-deps: ## install Debian packages the tests and demo need (postfix, lua, podman, kubectl)
+	@missing=""; for p in $(DEB_PACKAGES) $(DEB_IMAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -58,6 +62,9 @@ bench: system-deps install ## benchmarks: print figures and ratios, write bench/
 
 demo: system-deps install ## the whole job on this machine: API emulation, operator, real Postfix pods, real mail
 	$(BIN)/python -m demo
+
+images: system-deps ## build localhost/mailtls-operator:dev and localhost/mailtls-postfix:dev (podman or docker)
+	@bash images/build.sh images
 
 e2e: ## end-to-end on kind (skipped with a message where no container engine exists)
 	@bash tests/e2e/run.sh e2e

@@ -51,7 +51,9 @@ def test_chart_runs_as_the_images_user() -> None:
 
 def test_postfix_image() -> None:
     text = POSTFIX_DOCKERFILE.read_text(encoding="utf-8")
-    assert re.search(r"^FROM debian:bookworm-slim$", text, re.MULTILINE)
+    assert re.search(r"^ARG DEBIAN_IMAGE=debian:bookworm-slim(@sha256:[0-9a-f]{64})?$", text,
+                     re.MULTILINE), "the official base by default, overridable by build arg"
+    assert re.search(r"^FROM \$\{DEBIAN_IMAGE\}$", text, re.MULTILINE)
     assert re.search(r"install -y --no-install-recommends \\\s+postfix postfix-lmdb", text)
     assert "chroot = n" in text
     assert "ENTRYPOINT" in text
@@ -74,11 +76,12 @@ def test_image_names_agree_between_e2e_chart_and_example() -> None:
 
 @pytest.mark.parametrize("script", [
     "tests/e2e/run.sh",
+    "images/build.sh",
     "images/postfix/entrypoint.sh",
     "manifests/examples/postfix/load-tables.sh",
 ])
 def test_shell_scripts_parse(script: str) -> None:
-    shell = "bash" if script.endswith("run.sh") else "sh"
+    shell = "bash" if script.endswith(("run.sh", "build.sh")) else "sh"
     if shutil.which(shell) is None:
         pytest.skip(f"no {shell}")
     result = subprocess.run([shell, "-n", str(ROOT / script)], capture_output=True, text=True,

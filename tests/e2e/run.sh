@@ -59,8 +59,10 @@ kind_up() {
         kind create cluster --name "$CLUSTER" --wait 120s ${KIND_NODE_IMAGE:+--image "$KIND_NODE_IMAGE"}
     fi
     log "building $OPERATOR_IMAGE and $POSTFIX_IMAGE"
-    docker build -f operator/Dockerfile -t "$OPERATOR_IMAGE" .
-    docker build -t "$POSTFIX_IMAGE" images/postfix
+    # The same build as `make images` (official bases, or local stand-ins where no
+    # registry answers), with docker, under the names the manifests use.
+    CONTAINER_ENGINE=docker OPERATOR_TAG="$OPERATOR_IMAGE" POSTFIX_TAG="$POSTFIX_IMAGE" \
+        bash images/build.sh images
     log "loading the images into $CLUSTER"
     kind load docker-image --name "$CLUSTER" "$OPERATOR_IMAGE" "$POSTFIX_IMAGE"
 }

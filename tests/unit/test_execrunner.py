@@ -313,6 +313,24 @@ async def test_cancelling_run_disconnects(make_server: MakeServer, runner_for: A
     assert gone is not None
 
 
+async def test_cancelled_run_leaves_no_task_that_fails(
+        make_server: MakeServer, runner_for: Any) -> None:
+    """Kopf, stopping on SIGTERM, waits for every task left over and re-raises their
+    errors: an exec cancelled mid-way must not leave its worker to fail there (the
+    operator then exited 1 on SIGTERM, seen with the images in tests/images)."""
+    server = make_server(mode="silent")
+    before = asyncio.all_tasks()
+    task = asyncio.ensure_future(runner_for(server).run(POD, ["true"], timeout=30))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2)
+    left = asyncio.all_tasks() - before - {task}
+    done, pending = await asyncio.wait(left, timeout=3) if left else (set(), set())
+    assert not pending
+    assert [t for t in done if not t.cancelled() and t.exception() is not None] == []
+
+
 async def test_connection_refused_is_a_runner_error(runner_for: Any) -> None:
     server = FakeApiServer().start()
     server.stop()  # port now closed

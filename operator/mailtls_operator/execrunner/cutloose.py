@@ -26,6 +26,7 @@ class Attempt:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self.aborted = False
+        self.abandoned = False  # nobody waits for the outcome any more
 
     def adopt(self, sock: socket.socket) -> None:
         with self._lock:

@@ -78,14 +78,12 @@ class KubernetesExecRunner:
         install_audit_hook()
         attempt = Attempt()
         deadline = time.monotonic() + timeout
-        worker = asyncio.ensure_future(
-            asyncio.to_thread(self._run_in_worker, attempt, pod, args, data, deadline)
-        )
+        worker = asyncio.ensure_future(self._work(attempt, pod, args, data, deadline))
         # If we stop waiting (timeout, cancellation) the outcome is still
         # retrieved, so asyncio does not log "exception was never retrieved".
         worker.add_done_callback(consume)
         try:
-            return await asyncio.wait_for(asyncio.shield(worker), timeout + self._grace)
+            result = await asyncio.wait_for(asyncio.shield(worker), timeout + self._grace)
         except TimeoutError:
             attempt.abort()
             await asyncio.wait({worker}, timeout=self._grace)
@@ -95,7 +93,31 @@ class KubernetesExecRunner:
             ) from None
         finally:
             if not worker.done():  # cancelled by our caller, or timed out
+                attempt.abandoned = True
                 attempt.abort()
+        assert result is not None  # only an abandoned worker returns None
+        return result
+
+    async def _work(
+        self,
+        attempt: Attempt,
+        pod: PodRef,
+        argv: list[str],
+        stdin: bytes | None,
+        deadline: float,
+    ) -> ExecResult | None:
+        """The worker thread's outcome. Once :meth:`run` has stopped waiting, its
+        failure is nobody's: it ends the task quietly (None), because a supervisor
+        that collects leftover tasks re-raises their errors -- Kopf does so when it
+        stops on SIGTERM, and the operator then exited 1 for an exec it had cut off."""
+        try:
+            return await asyncio.to_thread(
+                self._run_in_worker, attempt, pod, argv, stdin, deadline
+            )
+        except Exception:
+            if attempt.abandoned:
+                return None
+            raise
 
     # ---- worker thread -------------------------------------------------
 

@@ -153,6 +153,6 @@ def close_client(client: Any) -> None:
         ws.shutdown()
 
 
-def consume(task: asyncio.Future[ExecResult]) -> None:
+def consume(task: asyncio.Future[ExecResult | None]) -> None:
     if not task.cancelled():
         task.exception()

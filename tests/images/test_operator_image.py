@@ -1,0 +1,111 @@
+"""The operator image under the chart's own securityContext and volumes: read-only root,
+uid/gid 65532, every capability dropped, no privilege escalation, an emptyDir at /tmp.
+``mailtls --version`` works, and the chart's own args (``run --all-namespaces
+--leader-elect ...``) take the Lease, converge a policy into its ConfigMap through the
+API emulation on the host, serve /metrics, and exit 0 on SIGTERM (``podman stop``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import kubernetes.client
+import pytest
+
+from mailtls_operator import __version__
+from tests.images.harness import operator_pod
+from tests.images.operator import POD_NAMESPACE, OperatorContainer
+from tests.images.podexec import ExecApiServer
+from tests.images.pods import OPERATOR_IMAGE, ROOT, Volumes, container_args, podman
+
+pytestmark = pytest.mark.images
+PACKAGE = ROOT / "operator" / "mailtls_operator"
+
+
+@pytest.fixture
+def operator(apiserver: ExecApiServer, tmp_path: Path) -> Iterator[OperatorContainer]:
+    op = OperatorContainer(tmp_path, str(apiserver.url).rstrip("/"))
+    try:
+        yield op
+    finally:
+        op.remove()
+
+
+def test_version_under_the_charts_security_context(images: None, tmp_path: Path) -> None:
+    spec, main = operator_pod()
+    volumes = Volumes(tmp_path, spec["volumes"])
+    volumes.materialise()
+    args = container_args(spec, main, volumes,
+                          {"metadata.name": "mailtls-operator-0", "metadata.namespace": "mailtls"})
+    assert {"--read-only", "--cap-drop=ALL", "no-new-privileges"} <= set(args)
+    assert args[args.index("--user") + 1] == "65532:65532"
+    result = podman("run", "--rm", *args, OPERATOR_IMAGE, "--version")
+    assert result.stdout.decode().strip() == f"mailtls {__version__}"
+
+
+_DIGEST = ("import hashlib, pathlib, sys; root = pathlib.Path(sys.argv[1]); "
+           "print(hashlib.sha256(b''.join(p.relative_to(root).as_posix().encode() + b'\\0' "
+           "+ p.read_bytes() for p in sorted(root.rglob('*.py')))).hexdigest())")
+
+
+def test_image_carries_this_checkouts_code(images: None) -> None:
+    """The image under test is built from the source under test (a stale layer cache
+    once gave an image with the previous code: see images/build.sh)."""
+    here = subprocess.run([sys.executable, "-c", _DIGEST, str(PACKAGE)], capture_output=True,
+                          text=True, check=True, timeout=60).stdout
+    inside = podman("run", "--rm", "--entrypoint", "python", OPERATOR_IMAGE, "-c",
+                    "import pathlib, sys, mailtls_operator as m; "
+                    f"sys.argv[1:] = [str(pathlib.Path(m.__file__).parent)]; exec({_DIGEST!r})")
+    assert inside.stdout.decode() == here
+
+
+def test_image_runs_as_nonroot_without_pip(images: None) -> None:
+    config = podman("image", "inspect", "--format", "{{.Config.User}} {{.Config.Entrypoint}}",
+                    OPERATOR_IMAGE).stdout.decode().strip()
+    assert config == "65532:65532 [mailtls]"
+    result = podman("run", "--rm", "--entrypoint", "python", OPERATOR_IMAGE, "-c",
+                    "import importlib.util as u; print(u.find_spec('pip'), "
+                    "u.find_spec('kubernetes.aio'))")
+    assert result.stdout.decode().split() == ["None", "None"]
+
+
+async def test_run_converges_a_policy_and_stops_cleanly_on_sigterm(
+        apiserver: ExecApiServer, kube_client: kubernetes.client.ApiClient,
+        operator: OperatorContainer) -> None:
+    container = await asyncio.to_thread(operator.start, debounce="0.1")
+    probe = await asyncio.to_thread(container.exec, "sh", "-c",
+                                    "id -u; id -g; touch /probe 2>&1; touch /tmp/probe && "
+                                    "echo tmp-writable; grep -E '^CapEff' /proc/1/status")
+    out = probe.stdout.decode()
+    assert out.startswith("65532\n65532\n")
+    assert "Read-only file system" in out and "tmp-writable" in out
+    assert "CapEff:\t0000000000000000" in out
+
+    await apiserver.wait_until(lambda: apiserver.watch_count("mailtlspolicies") > 0, 30)
+    # The chart's --leader-elect --lease-namespace=$(POD_NAMESPACE): this pod leads.
+    lease = await apiserver.wait_until(
+        lambda: apiserver.get_object("coordination.k8s.io/v1/leases", POD_NAMESPACE,
+                                     "mailtls-operator"), 30)
+    assert lease is not None and lease["spec"]["holderIdentity"] == operator.pod_name
+    custom = kubernetes.client.CustomObjectsApi(kube_client)
+    await asyncio.to_thread(
+        custom.create_namespaced_custom_object, "mailtls.io", "v1alpha1", "mail",
+        "mailtlspolicies",
+        {"apiVersion": "mailtls.io/v1alpha1", "kind": "MailTLSPolicy",
+         "metadata": {"name": "partner", "namespace": "mail"},
+         "spec": {"destinations": ["partner.example"], "level": "encrypt",
+                  "instances": ["relay"]}})
+    cm = await apiserver.wait_until(
+        lambda: apiserver.get_object("v1/configmaps", "mail", "relay-mailtls"), 30)
+    assert cm is not None and "partner.example encrypt\n" in cm["data"]["tls_policy"]
+    metrics = await asyncio.to_thread(operator.get, "metrics", "/metrics")
+    assert metrics is not None and "mailtls_configmap_writes_total" in metrics
+
+    code = await asyncio.to_thread(container.stop, 20)
+    logs = await asyncio.to_thread(container.logs)
+    assert code == 0, logs[-4000:]
+    assert "Traceback" not in logs
