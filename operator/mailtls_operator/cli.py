@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     from .probe_cli import add_probe_parser
     add_probe_parser(sub)
+    from .discover_cli import add_discover_parsers  # discover, explain (issue 16)
+    add_discover_parsers(sub)
     return parser
 
 

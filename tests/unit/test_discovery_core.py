@@ -7,13 +7,31 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from mailtls_operator.discovery.decide import (
-    FAIL, FETCH, KEEP, NONE, CachedSts, DaneAnswer, DomainState, StsOutcome, TxtAnswer,
-    dane_decide, sts_after, sts_plan)
+    FAIL,
+    FETCH,
+    KEEP,
+    NONE,
+    CachedSts,
+    DaneAnswer,
+    DomainState,
+    StsOutcome,
+    TxtAnswer,
+    dane_decide,
+    sts_after,
+    sts_plan,
+)
 from mailtls_operator.discovery.entries import DomainInvalid, domain_keys, entries
 from mailtls_operator.discovery.explain import explain
 from mailtls_operator.discovery.mtasts import (
-    MAX_AGE_CAP, StsError, StsPolicy, StsRecord, mx_matches, mx_to_match, parse_policy,
-    parse_txt)
+    MAX_AGE_CAP,
+    StsError,
+    StsPolicy,
+    StsRecord,
+    mx_matches,
+    mx_to_match,
+    parse_policy,
+    parse_txt,
+)
 from mailtls_operator.policy import load_policy
 from mailtls_operator.render import render
 
