@@ -99,6 +99,22 @@ class _HttpsServer(http.server.ThreadingHTTPServer):
     hits: list[tuple[str, str]]
 
 
+def _dns_pair(zone: Zone, address: str) -> tuple[DNSServer, DNSServer]:
+    """UDP and TCP servers on one free port (retried: the UDP port may be taken on TCP)."""
+    quiet = DNSLogger(log="-request,-reply,-truncated,-error", logf=lambda *_: None)
+    for _ in range(20):
+        udp = DNSServer(_ZoneResolver(zone), port=0, address=address, logger=quiet)
+        port = udp.server.server_address[1]
+        try:
+            tcp = DNSServer(_ZoneResolver(zone), port=port, address=address, tcp=True,
+                            logger=quiet)
+        except OSError:
+            udp.server.server_close()
+            continue
+        return udp, tcp
+    raise OSError(f"no port free for both UDP and TCP on {address}")
+
+
 def policy_body(mode: str, mx: list[str], max_age: int) -> bytes:
     lines = ["version: STSv1", f"mode: {mode}", *(f"mx: {m}" for m in mx), f"max_age: {max_age}"]
     return ("\r\n".join(lines) + "\r\n").encode()
@@ -126,11 +142,7 @@ class StsWorld:
         self.https.pages = {}
         self.https.hits = []
         self.https.socket = ctx.wrap_socket(self.https.socket, server_side=True)
-        quiet = DNSLogger(log="-request,-reply,-truncated,-error", logf=lambda *_: None)
-        self.dns_udp = DNSServer(_ZoneResolver(self.zone), port=0, address=address, logger=quiet)
-        port = self.dns_udp.server.server_address[1]
-        self.dns_tcp = DNSServer(_ZoneResolver(self.zone), port=port, address=address, tcp=True,
-                                 logger=quiet)
+        self.dns_udp, self.dns_tcp = _dns_pair(self.zone, address)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -171,12 +183,12 @@ class StsWorld:
         return self.https.pages[f"mta-sts.{domain}"]
 
     def start(self) -> Self:
-        self.dns_udp.start_thread()
-        self.dns_tcp.start_thread()
-        thread = threading.Thread(target=self.https.serve_forever, kwargs={"poll_interval": 0.05},
-                                  daemon=True, name="stsworld-https")
-        thread.start()
-        self._threads.append(thread)
+        for serve in (self.https.serve_forever, self.dns_udp.server.serve_forever,
+                      self.dns_tcp.server.serve_forever):
+            thread = threading.Thread(target=serve, kwargs={"poll_interval": 0.05},
+                                      daemon=True, name="stsworld")
+            thread.start()
+            self._threads.append(thread)
         return self
 
     def stop(self) -> None:
