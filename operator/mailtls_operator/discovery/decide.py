@@ -103,7 +103,7 @@ def sts_after(cached: CachedSts | None, txt: TxtAnswer, plan: str, now: datetime
         return StsOutcome(usable, True, error, (note,) if note else ())
     assert txt.record is not None
     if fetched is not None:
-        fresh = CachedSts(txt.record.id, fetched, now)
+        fresh = CachedSts(txt.record.id, fetched, now.replace(microsecond=0))
         why = ("new" if cached is None else
                "id changed" if cached.id != txt.record.id else
                "expired" if not cached.valid(now) else "refreshed ahead of expiry")
