@@ -56,6 +56,7 @@ from .policy import DEFAULT_MAX_EXCEPTION, Policy
 from .render import REVISION_KEY, Tables, render
 from .status import Condition, InstanceView, event_type, policy_status, transitions
 from .workloads import restart_rollout
+from .versionlint import VersionLint
 from .world import (
     ANN_APPLIED,
     ANN_CONTAINER,
@@ -252,6 +253,7 @@ class Operator:
         self.clock = clock
         self.metrics = metrics or Metrics()
         self.world = World(clock=clock, max_exception=self.config.max_exception)
+        self.versions = VersionLint(runner)
         self.states: dict[InstanceKey, InstanceState] = {}
         self.workers: dict[InstanceKey, InstanceWorker] = {}
         self.started = False
@@ -442,6 +444,9 @@ class Operator:
         held = await self._missing_trust_anchors(key, state, policies)
         for ref, message in held.items():
             state.warnings.setdefault(ref, []).append(("TrustAnchorMissing", message))
+        pod = next((p for p in self.world.pods_of(key) if p.ready), None)  # version lint
+        held |= await self.versions.hold(key, pod and (self._target(pod).pod, pod.uid),
+                                         policies, state.warnings)
         policies = [p for p in policies if p.ref not in held]
         started = time.perf_counter()
         tables = render(policies, instance=key, now=now)

@@ -39,6 +39,7 @@ AUDIT_ONLY = "AuditOnly"
 POLICY_BYPASSED = "PolicyBypassed"
 DNSSEC_DISABLED = "DNSSECDisabled"
 TRUST_ANCHOR_MISSING = "TrustAnchorMissing"
+UNSUPPORTED_ATTRIBUTE = "UnsupportedAttribute"  # versions.REASON: Postfix too old for a line
 BREAK_GLASS = "BreakGlass"
 EXCEPTION_ACTIVE = "ExceptionActive"
 PROBES_PASSED = "ProbesPassed"
@@ -46,7 +47,7 @@ PROBE_FAILED = "ProbeFailed"
 
 WARNING_REASONS = {INVALID, CONFLICT, ROLLOUT_FAILED, EXPIRED, POLICY_BYPASSED,
                    DNSSEC_DISABLED, TRUST_ANCHOR_MISSING, BREAK_GLASS, NO_INSTANCES,
-                   EXCEPTION_ACTIVE}
+                   EXCEPTION_ACTIVE, UNSUPPORTED_ATTRIBUTE}
 MAX_ENTRIES = 500
 
 
@@ -129,7 +130,8 @@ def _ready(rec: PolicyRecord, views: Sequence[InstanceView], now: datetime) -> C
                          f"no Postfix instance in namespace {rec.namespace} matches "
                          f"(pods labelled mailtls.io/instance"
                          f"{'=' + ','.join(rec.instances()) if rec.instances() else ''})")
-    for reason in (ROLLOUT_FAILED, TRUST_ANCHOR_MISSING, POLICY_BYPASSED, DNSSEC_DISABLED):
+    for reason in (ROLLOUT_FAILED, TRUST_ANCHOR_MISSING, UNSUPPORTED_ATTRIBUTE, POLICY_BYPASSED,
+                   DNSSEC_DISABLED):
         msgs = [f"{v.name}: {m}" for v in views for r, m in v.warnings if r == reason]
         if reason == ROLLOUT_FAILED:
             msgs = [f"{v.name}: {v.failure}" for v in views if v.failure]
