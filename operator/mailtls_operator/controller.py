@@ -41,6 +41,7 @@ from .configmap import (
     stale_parts,
 )
 from .crd import GROUP, KIND, PLURAL, VERSION
+from .discovery.service import DiscoveryService
 from .kube import Conflict, Kube, NotFound
 from .leader import LeaderElector
 from .metrics import Metrics
@@ -55,8 +56,8 @@ from .podrunner import PodRef, PodRunner
 from .policy import DEFAULT_MAX_EXCEPTION, Policy
 from .render import REVISION_KEY, Tables, render
 from .status import Condition, InstanceView, event_type, policy_status, transitions
-from .workloads import restart_rollout
 from .versionlint import VersionLint
+from .workloads import restart_rollout
 from .world import (
     ANN_APPLIED,
     ANN_CONTAINER,
@@ -254,6 +255,10 @@ class Operator:
         self.metrics = metrics or Metrics()
         self.world = World(clock=clock, max_exception=self.config.max_exception)
         self.versions = VersionLint(runner)
+        self.discovery = DiscoveryService(  # MailTLSDiscovery (issue 16)
+            wake=lambda ns: self.wake({k for k in self.world.instances() if k[0] == ns}),
+            write_status=self.kube.patch_discovery_status, post_event=self.kube.post_event,
+            clock=clock, registry=self.metrics.registry)
         self.states: dict[InstanceKey, InstanceState] = {}
         self.workers: dict[InstanceKey, InstanceWorker] = {}
         self.started = False
@@ -318,6 +323,7 @@ class Operator:
 
     async def stop(self) -> None:
         self._stopping = True
+        await self.discovery.stop()
         if self._resync is not None:
             self._resync.cancel()
         if self._leader_task is not None:
@@ -439,13 +445,13 @@ class Operator:
             await self._retire(key)
             return
         state.warnings = {}
-        policies = self.world.policies_for(key)
+        policies = self.world.policies_for(key) + self.discovery.entries_for(key)
         rendered = {p.ref: p.generation for p in policies}
         held = await self._missing_trust_anchors(key, state, policies)
         for ref, message in held.items():
             state.warnings.setdefault(ref, []).append(("TrustAnchorMissing", message))
         pod = next((p for p in self.world.pods_of(key) if p.ready), None)  # version lint
-        held |= await self.versions.hold(key, pod and (self._target(pod).pod, pod.uid),
+        held |= await self.versions.hold(key, (self._target(pod).pod, pod.uid) if pod else None,
                                          policies, state.warnings)
         policies = [p for p in policies if p.ref not in held]
         started = time.perf_counter()
@@ -465,6 +471,7 @@ class Operator:
             state.changed_keys |= state.unreleased
             state.unreleased.clear()
         await self.write_statuses(ns)
+        self.discovery.rendered(ns, tables, state.warnings)
         self._schedule_expiry(key, now)
         self.observe_soon(key)
 
@@ -897,6 +904,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def _policy(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo.operator.on_policy(type, _plain(body))
+
+    @kopf.on.event(GROUP, VERSION, "mailtlsdiscoveries", registry=registry)
+    async def _discovery(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        memo.operator.discovery.on_object(type, _plain(body))
 
     @kopf.on.event("v1", "pods", labels={INSTANCE_LABEL: kopf.PRESENT}, registry=registry)
     async def _pod(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -1,0 +1,114 @@
+"""MailTLSDiscovery through the whole operator: discovered lines in a real Postfix pod's table,
+status per domain, the precedence rule against a static policy, an Event on a change."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import kopf
+import pytest
+
+from mailtls_operator.controller import Config, Operator, build_registry
+from mailtls_operator.crd import GROUP, VERSION
+from mailtls_operator.discovery.dns import Dns
+from mailtls_operator.discovery.engine import Discoverer
+from mailtls_operator.discovery.fetch import ssl_context
+from mailtls_operator.discovery.objects import load_discovery
+from mailtls_operator.kube import Kube
+from mailtls_operator.local import LocalPodRunner
+from mailtls_operator.local.stsworld import StsWorld
+from tests.integration.apiserver import ResourceSpec
+
+from .conftest import PodFactory
+from .test_through_operator import ApiServer, Kubectl, kubectl, seed_pods
+
+__all__ = ["kubectl"]  # the fixture, re-used
+
+pytestmark = [pytest.mark.postfix, pytest.mark.integration]
+
+PLURAL = "mailtlsdiscoveries"
+
+
+@pytest.fixture
+def world() -> Iterator[StsWorld]:
+    with StsWorld(["mta-sts.partner.example", "mta-sts.testing.example",
+                   "mta-sts.signed.example"]) as w:
+        w.publish_sts("partner.example", id="1", mx=["*.partner.example"])
+        w.publish_sts("testing.example", id="1", mode="testing")
+        w.publish_sts("signed.example", id="1")
+        w.publish_mx("signed.example", "mx.signed.example", tlsa=True, signed=True)
+        yield w
+
+
+@asynccontextmanager
+async def operator(run_operator: Any, kube_client: Any, runner: LocalPodRunner,
+                   world: StsWorld) -> AsyncIterator[Operator]:
+    op = Operator(Kube(kube_client), runner,
+                  Config(debounce=0.1, max_delay=1.0, retry_base=0.3, probe_enforced=False))
+    op.discovery.discoverer = Discoverer(Dns(("127.0.0.1", world.dns_port), timeout=2.0),
+                                         ssl_context(world.ca_file), https_port=world.https_port)
+    async with run_operator(build_registry(), memo=kopf.Memo(operator=op)):
+        yield op
+
+
+def _declare(apiserver: ApiServer) -> None:
+    def validate(obj: Any) -> list[Any]:
+        return []  # the operator validates with the CRD; the emulation only stores
+    apiserver.declare(ResourceSpec(GROUP, VERSION, PLURAL, "MailTLSDiscovery", namespaced=True,
+                                   subresources=frozenset({"status"}), generation=True,
+                                   return_deleted=True, validate=validate))
+
+
+async def test_discovered_lines_status_precedence_and_change_event(
+        make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
+        run_operator: Any, kube_client: Any, world: StsWorld) -> None:
+    _declare(apiserver)
+    [(_, inst)] = seed_pods(make_pod, apiserver, 1)
+    obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MailTLSDiscovery",
+           "metadata": {"name": "partners", "namespace": "mail"},
+           "spec": {"domains": ["partner.example", "testing.example", "signed.example"]}}
+    load_discovery(obj)  # what the CRD accepts
+    async with operator(run_operator, kube_client, runner, world) as op:
+        await kubectl.apply("signed-static", destinations=["signed.example"], level="encrypt")
+        apiserver.seed(f"{GROUP}/{VERSION}/{PLURAL}", obj)
+
+        def domains() -> dict[str, Any] | None:
+            got = apiserver.get_object(PLURAL, "mail", "partners") or {}
+            ds = {d["domain"]: d for d in (got.get("status") or {}).get("domains", [])}
+            signed = ds.get("signed.example", {})
+            return ds if signed.get("overriddenBy") else None
+
+        ds = await apiserver.wait_until(domains, timeout=20)
+        assert inst.query("partner.example") == \
+            "secure match=.partner.example servername=hostname"
+        assert inst.query("testing.example") is None      # testing: never written
+        assert inst.query("signed.example") == "encrypt"  # static beats DANE
+        partner = ds["partner.example"]
+        assert (partner["source"], partner["mode"], partner["id"]) == ("mta-sts", "enforce", "1")
+        assert partner["mx"] == ["*.partner.example"] and partner["expiresAt"]
+        assert ds["testing.example"]["wouldEnforce"].startswith("secure match=")
+        assert ds["signed.example"]["source"] == "dane"
+        assert ds["signed.example"]["overriddenBy"] == ["mail/signed-static"]
+        status = (apiserver.get_object(PLURAL, "mail", "partners") or {})["status"]
+        assert status["conditions"][0]["reason"] == "Discovered"
+        assert (status["enforced"], status["testing"]) == (2, 1)
+
+        # the partner moves to new MX hosts under a new id; a spec change starts a round now
+        world.publish_sts("partner.example", id="2", mx=["*.mx.partner.example"])
+        apiserver.seed(f"{GROUP}/{VERSION}/{PLURAL}",
+                       {**obj, "spec": {"domains": ["partner.example", "testing.example"]}})
+
+        def changed() -> Any:
+            return inst.query("partner.example") == \
+                "secure match=.mx.partner.example servername=hostname"
+        await apiserver.wait_until(changed, timeout=20)
+        events = apiserver.list_objects("v1/events", "mail")
+        messages = [e["message"] for e in events if e.get("reason") == "PolicyChanged"]
+        assert any("partner.example: id 1 -> 2" in m for m in messages), messages
+        metric = op.metrics.registry.get_sample_value(
+            "mailtls_discovered_policy_changes_total",
+            {"namespace": "mail", "discovery": "partners", "field": "id"})
+        assert metric == 1.0
+        assert inst.query("signed.example") == "encrypt"  # the static policy stays
