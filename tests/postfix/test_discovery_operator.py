@@ -112,3 +112,6 @@ async def test_discovered_lines_status_precedence_and_change_event(
             {"namespace": "mail", "discovery": "partners", "field": "id"})
         assert metric == 1.0
         assert inst.query("signed.example") == "encrypt"  # the static policy stays
+    # the calls the chart grants for this kind (tests/integration/test_rbac.py names them)
+    for verb, sub in (("list", None), ("watch", None), ("patch", "status")):
+        assert apiserver.request_count(verb, PLURAL, subresource=sub) > 0, verb
