@@ -740,6 +740,7 @@ class Operator:
             try:
                 if await self._observe_once(key, state, state.tables):
                     await self.write_statuses(key[0])
+                    self.discovery.probed(key[0], state.seen.probes)
             except Exception:
                 log.exception("observing %s/%s failed", *key)
             again = state.observe_again
@@ -761,7 +762,7 @@ class Operator:
                                                   timeout=self.config.exec_timeout)
         state.changed_keys -= release
         state.seen.released += released
-        policies = [p for p in self.world.policies_for(key)
+        policies = [p for p in self.world.policies_for(key) + self.discovery.entries_for(key)
                     if p.mode == "audit" or self.config.probe_enforced]
         probes = await probe_policies(self.runner, pods[0], policies, state.seen.probes,
                                       self.clock(), self.config.observe_interval,

@@ -20,7 +20,6 @@ from .checks import all_problems
 from .kit import (
     CHART,
     CHART_CRD_COPY,
-    CRD_SOURCE,
     CRD_SOURCES,
     NAMESPACE,
     RELEASE,

@@ -16,7 +16,6 @@ from mailtls_operator.policy import validate_object
 from .checks import all_problems, problems
 from .kit import (
     BASE,
-    CRD_SOURCE,
     CRD_SOURCES,
     EXAMPLES,
     NAMESPACE,

@@ -71,6 +71,7 @@ async def test_discovered_lines_status_precedence_and_change_event(
            "spec": {"domains": ["partner.example", "testing.example", "signed.example"]}}
     load_discovery(obj)  # what the CRD accepts
     async with operator(run_operator, kube_client, runner, world) as op:
+        op.config.observe_interval = 0.5
         await kubectl.apply("signed-static", destinations=["signed.example"], level="encrypt")
         apiserver.seed(f"{GROUP}/{VERSION}/{PLURAL}", obj)
 
@@ -89,6 +90,14 @@ async def test_discovered_lines_status_precedence_and_change_event(
         assert (partner["source"], partner["mode"], partner["id"]) == ("mta-sts", "enforce", "1")
         assert partner["mx"] == ["*.partner.example"] and partner["expiresAt"]
         assert ds["testing.example"]["wouldEnforce"].startswith("secure match=")
+
+        def probed() -> Any:  # testing: probed (posttls-finger in the pod), never written
+            got = apiserver.get_object(PLURAL, "mail", "partners") or {}
+            return [d.get("probe") for d in (got.get("status") or {}).get("domains", [])
+                    if d["domain"] == "testing.example" and d.get("probe")]
+        [probe] = await apiserver.wait_until(probed, timeout=20)
+        assert (probe["result"], probe["reason"]) == ("Fail", "Unreachable"), probe  # no DNS here
+        assert probe["destination"] == "testing.example"
         assert ds["signed.example"]["source"] == "dane"
         assert ds["signed.example"]["overriddenBy"] == ["mail/signed-static"]
         status = (apiserver.get_object(PLURAL, "mail", "partners") or {})["status"]

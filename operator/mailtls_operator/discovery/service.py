@@ -56,6 +56,8 @@ class DiscoveryService:
         self.reported: dict[ObjKey, dict[str, dict[str, Any]]] = {}
         self.losses: dict[str, list[Loss]] = {}
         self.held: dict[str, list[tuple[str, str]]] = {}
+        self.probes: dict[str, dict[str, Any]] = {}
+        """entry ref -> key -> the last probe of a testing-mode line ("would pass/fail")."""
         self.tasks: dict[ObjKey, asyncio.Task[None]] = {}
         self._background: set[asyncio.Future[None]] = set()
         self._gauged: dict[ObjKey, set[tuple[str, str]]] = {}
@@ -121,6 +123,19 @@ class DiscoveryService:
         for key in touched:
             self._spawn(self._write(key))
 
+    def probed(self, namespace: str, probes: Mapping[str, Any]) -> None:
+        """Probe results of an instance (ref -> PolicyProbes): testing-mode entries say
+        whether they would pass if enforced; status rewritten when that changes."""
+        for key in [k for k in self.objects if k[0] == namespace]:
+            prefix = f"{key[0]}/{key[1]}["
+            for ref, found in probes.items():
+                if not ref.startswith(prefix):
+                    continue
+                by_key = {o.destination: o.to_status() for o in getattr(found, "outcomes", ())}
+                if self.probes.get(ref) != by_key:
+                    self.probes[ref] = by_key
+                    self._spawn(self._write(key))
+
     # ------------------------------------------------------------------- loops
 
     async def _loop(self, key: ObjKey) -> None:
@@ -167,6 +182,10 @@ class DiscoveryService:
         losses = [lo for ref, ls in self.losses.items() if ref.startswith(prefix) for lo in ls
                   if lo.key == state.domain.lower()]
         out = domain_status(state, losses)
+        for ref, by_key in self.probes.items():
+            found = by_key.get(state.domain.lower())
+            if ref.startswith(prefix) and found and out.get("wouldEnforce"):
+                out["probe"] = found  # testing: would this pass if enforced?
         held = [m for ref, hs in self.held.items() if ref.startswith(prefix) for _, m in hs]
         if held and out.get("entry"):
             out["heldBack"] = held
