@@ -29,24 +29,16 @@ EXIT_OK, EXIT_LOOKUP, EXIT_INVALID = 0, 1, 2
 
 def _discoverer(args: argparse.Namespace) -> Any:
     """The same :class:`Discoverer` the operator builds, from the CLI options (or exit 2)."""
-    from .discovery.dns import Dns, parse_nameserver
-    from .discovery.engine import Discoverer
-    from .discovery.fetch import ssl_context
+    from .discovery.engine import build_discoverer
 
-    nameserver = None
-    if args.nameserver:
-        try:
-            nameserver = parse_nameserver(args.nameserver)
-        except ValueError as exc:
-            raise SystemExit(_bad(f"--nameserver: {exc}")) from exc
     if args.ca_file and not Path(args.ca_file).is_file():
         raise SystemExit(_bad(f"--ca-file: {args.ca_file}: no such file"))
     try:
-        tls = ssl_context(args.ca_file)
-    except (OSError, ValueError) as exc:
+        return build_discoverer(args.nameserver, args.ca_file, args.timeout)
+    except ValueError as exc:
+        raise SystemExit(_bad(f"--nameserver: {exc}")) from exc
+    except OSError as exc:
         raise SystemExit(_bad(f"--ca-file: {args.ca_file}: {exc}")) from exc
-    return Discoverer(Dns(nameserver, timeout=args.timeout), tls,
-                      https_port=None)
 
 
 def _bad(message: str) -> int:

@@ -26,9 +26,9 @@ from .decide import (
     sts_after,
     sts_plan,
 )
-from .dns import Dns
+from .dns import Dns, parse_nameserver
 from .entries import domain_keys
-from .fetch import FetchError, fetch_policy
+from .fetch import FetchError, fetch_policy, ssl_context
 from .mtasts import StsPolicy
 
 DEFAULT_PARALLEL = 16
@@ -86,3 +86,14 @@ class Discoverer:
                 return await self.discover(domain, now, wanted)
 
         return list(await asyncio.gather(*(one(d) for d in domains)))
+
+
+def build_discoverer(nameserver: str | None, ca_file: str | None,
+                     timeout: float = 5.0) -> Discoverer:
+    """A :class:`Discoverer` from ``HOST[:PORT]`` and a CA file (None: the system's).
+
+    Raises :class:`ValueError` (bad nameserver) or :class:`OSError` (unreadable CA file)
+    with a message for people; the CLI and ``mailtls run`` share it.
+    """
+    server = parse_nameserver(nameserver) if nameserver else None
+    return Discoverer(Dns(server, timeout=timeout), ssl_context(ca_file))
