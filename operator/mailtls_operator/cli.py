@@ -23,7 +23,8 @@ EXIT_INVALID = 2
 
 
 def _load_all(sources: list[Source], now: datetime, max_exception: timedelta
-              ) -> tuple[list[Policy], list[str]]:
+              ) -> tuple[list[Policy], list[str], dict[str, str]]:
+    """The valid policies, one error line per refusal, and the file of each policy."""
     policies: list[Policy] = []
     errors: list[str] = []
     seen: dict[str, str] = {}
@@ -39,7 +40,7 @@ def _load_all(sources: list[Source], now: datetime, max_exception: timedelta
             continue
         seen[policy.ref] = src.path
         policies.append(policy)
-    return policies, errors
+    return policies, errors, seen
 
 
 def _offline(args: argparse.Namespace) -> tuple[list[Policy], int]:
@@ -49,7 +50,10 @@ def _offline(args: argparse.Namespace) -> tuple[list[Policy], int]:
     except SourceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return [], EXIT_INVALID
-    policies, errors = _load_all(sources, now, timedelta(days=args.max_exception_days))
+    policies, errors, files = _load_all(sources, now, timedelta(days=args.max_exception_days))
+    # The renderer's own last gate, run here too so `validate` refuses what `render` would.
+    refused = render(policies, now=now).refused
+    errors += [f"{files[ref]}: {ref}: spec: {why}" for ref, why in sorted(refused.items())]
     for line in errors:
         print(line, file=sys.stderr)
     return policies, EXIT_INVALID if errors else 0
@@ -71,6 +75,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         policies = [p for p in policies
                     if p.targets(name) and (not namespace or p.namespace == namespace)]
     tables = render(policies, now=args.now or datetime.now(UTC))
+    if tables.refused:  # cannot happen after _offline's check; never write a partial table
+        return EXIT_INVALID
     for ref, losses in sorted(tables.losses.items()):
         for loss in losses:
             print(f"warning: {ref}: {loss.key}: {loss.reason}: {loss.winner} wins this key",

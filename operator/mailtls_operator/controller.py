@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -55,7 +55,17 @@ from .observer import (
 from .podrunner import PodRef, PodRunner
 from .policy import DEFAULT_MAX_EXCEPTION, Policy
 from .render import REVISION_KEY, Tables, render
-from .status import Condition, InstanceView, event_type, policy_status, transitions
+from .status import (
+    CHECK_UNAVAILABLE,
+    TRUST_ANCHOR_MISSING,
+    TRUST_ANCHOR_UNCHECKED,
+    UNSAFE_ENTRY,
+    Condition,
+    InstanceView,
+    event_type,
+    policy_status,
+    transitions,
+)
 from .versionlint import VersionLint
 from .workloads import restart_rollout
 from .world import (
@@ -263,6 +273,8 @@ class Operator:
         self.workers: dict[InstanceKey, InstanceWorker] = {}
         self.started = False
         self._status_locks: dict[str, asyncio.Lock] = {}
+        self._status_failures: dict[str, int] = {}
+        self._status_retry: dict[str, asyncio.TimerHandle] = {}
         self._io = asyncio.Semaphore(16)
         self._stopping = False
 
@@ -326,6 +338,8 @@ class Operator:
         await self.discovery.stop()
         if self._resync is not None:
             self._resync.cancel()
+        for handle in self._status_retry.values():
+            handle.cancel()
         if self._leader_task is not None:
             self._leader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -448,14 +462,19 @@ class Operator:
         policies = self.world.policies_for(key) + self.discovery.entries_for(key)
         rendered = {p.ref: p.generation for p in policies}
         held = await self._missing_trust_anchors(key, state, policies)
-        for ref, message in held.items():
-            state.warnings.setdefault(ref, []).append(("TrustAnchorMissing", message))
+        for ref, (reason, message) in held.items():
+            state.warnings.setdefault(ref, []).append((reason, message))
         pod = next((p for p in self.world.pods_of(key) if p.ready), None)  # version lint
-        held |= await self.versions.hold(key, (self._target(pod).pod, pod.uid) if pod else None,
-                                         policies, state.warnings)
-        policies = [p for p in policies if p.ref not in held]
+        exec_ok = pod is not None and self._strategy(key) != "restart"  # restart: no exec
+        too_new = await self.versions.hold(key, (self._target(pod).pod, pod.uid)
+                                           if pod and exec_ok else None, policies, state.warnings)
+        policies = [p for p in policies if p.ref not in too_new and (
+            p.ref not in held or held[p.ref][0] not in (TRUST_ANCHOR_MISSING, CHECK_UNAVAILABLE))]
         started = time.perf_counter()
         tables = render(policies, instance=key, now=now)
+        for ref, why in tables.refused.items():
+            log.error("%s: lines not written to %s/%s: %s", ref, ns, inst, why)
+            state.warnings.setdefault(ref, []).append((UNSAFE_ENTRY, why))
         self.metrics.render_seconds.observe(time.perf_counter() - started)
         state.renders += 1
         state.rendered = rendered
@@ -558,9 +577,7 @@ class Operator:
             # say so while a long rollout runs (Pending, pods still to do), without making
             # the rollout wait for thousands of status writes
             state.pods_updated = len(pods) - len(behind)
-            task = asyncio.get_running_loop().create_task(self.write_statuses(ns))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(self.write_statuses(ns))
         started = time.perf_counter()
         if strategy == "restart":
             result = await restart_rollout(self.kube, pods, tables.revision)
@@ -668,25 +685,40 @@ class Operator:
                     f"{' ...' if len(bypassed) > 5 else ''}: these keys are never looked up "
                     "(set route: direct or route the domains in transport_maps)"))
 
+    def _strategy(self, key: InstanceKey) -> str:
+        pods = self.world.pods_of(key)
+        return pods[0].annotation(ANN_STRATEGY, self.config.default_strategy) if pods \
+            else self.config.default_strategy
+
     async def _missing_trust_anchors(self, key: InstanceKey, state: InstanceState,
-                                     policies: list[Policy]) -> dict[str, str]:
-        """Policies whose tafile does not exist in the instance: held back from it.
+                                     policies: list[Policy]) -> dict[str, tuple[str, str]]:
+        """Policies whose tafile the instance cannot use: ref -> (reason, message).
 
         Postfix defers every message to a key whose tafile it cannot open, so
         such a line must not be rolled out; the rest of the table still is.
+        ``TrustAnchorMissing``: the check ran and the file is missing or unreadable;
+        ``CheckUnavailable``: the check could not run (exec refused or failed), so
+        the lines are held back too -- a refusal is never read as "present".  With
+        the restart strategy the operator has no exec at all: nothing is run, and
+        the policy says ``TrustAnchorUnchecked`` in its Ready message.
         """
-        paths = sorted({f for p in policies for f in p.tafile})
+        users = [p for p in policies if p.tafile]
         pod = next((p for p in self.world.pods_of(key) if p.ready), None)
-        if not paths or pod is None:
+        if not users or pod is None:
             return {}
+        if self._strategy(key) == "restart":
+            return {p.ref: (TRUST_ANCHOR_UNCHECKED,
+                            f"tafile {', '.join(p.tafile)} not checked in {key[1]}: the restart "
+                            "strategy does not exec into pods") for p in users}
+        paths = sorted({f for p in users for f in p.tafile})
         ref = self._target(pod).pod
         cached = state.trust_anchors
         if cached is not None and cached[:2] == (tuple(paths), pod.uid):
-            missing = set(cached[2])
-            paths = []
+            missing, todo = set(cached[2]), []
         else:
-            missing = set()
-        for path in paths:
+            missing, todo = set(), paths
+        unknown: dict[str, str] = {}
+        for path in todo:
             try:
                 res = await self.runner.run(ref, postfix.readable_by(path),
                                             timeout=self.config.exec_timeout)
@@ -696,15 +728,27 @@ class Operator:
                                                 timeout=self.config.exec_timeout)
             except Exception as exc:
                 log.warning("%s/%s: cannot check tafile %s: %s", *key, path, exc)
+                unknown[path] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 continue
             if not res.ok:
                 missing.add(path)
-        if paths:
+        if todo and not unknown:  # a check that could not run is tried again next time
             state.trust_anchors = (tuple(paths), pod.uid, frozenset(missing))
-        return {p.ref: f"tafile {', '.join(sorted(set(p.tafile) & missing))} does not exist in "
-                       f"pod {pod.name} or user postfix cannot read it: this policy's lines "
-                       f"are held back from {key[1]} (Postfix would defer all its mail)"
-                for p in policies if set(p.tafile) & missing}
+        out: dict[str, tuple[str, str]] = {}
+        for p in users:
+            if set(p.tafile) & missing:
+                out[p.ref] = (TRUST_ANCHOR_MISSING, (
+                    f"tafile {', '.join(sorted(set(p.tafile) & missing))} does not exist in "
+                    f"pod {pod.name} or user postfix cannot read it: this policy's lines are "
+                    f"held back from {key[1]} (Postfix would defer all its mail)"))
+            elif set(p.tafile) & set(unknown):
+                path = sorted(set(p.tafile) & set(unknown))[0]
+                out[p.ref] = (CHECK_UNAVAILABLE, (
+                    f"could not check tafile {path} in pod {pod.name} ({unknown[path]}): this "
+                    f"policy's lines are held back from {key[1]} until the check can run"))
+        if unknown:
+            self.workers[key].wake_later(self.config.retry_base)
+        return out
 
     def _schedule_expiry(self, key: InstanceKey, now: datetime) -> None:
         expiries = [t for p in self.world.policies_for(key) if p.exception is not None
@@ -823,6 +867,7 @@ class Operator:
         async with lock:
             now = self.clock()
             writes = []
+            written: list[PolicyRecord] = []
             counts: dict[str, int] = {}
             for rec in self.world.records(namespace):
                 extra_conditions, extra_fields = self._observed(rec)
@@ -832,12 +877,42 @@ class Operator:
                 counts[ready] = counts.get(ready, 0) + 1
                 if status != {k: rec.status.get(k) for k in status}:
                     writes.append(self._write_status(rec, status))
+                    written.append(rec)
             for reason, n in counts.items():
                 self.metrics.policies.labels(namespace, reason).set(n)
             self.metrics.exceptions_active.labels(namespace).set(sum(
                 1 for rec in self.world.records(namespace) if rec.policy is not None
                 and rec.policy.exception is not None and not rec.policy.is_expired(now)))
-            await asyncio.gather(*writes)
+            results = await asyncio.gather(*writes, return_exceptions=True)
+        # One policy's refused or failed write never stops the others (nor the caller's
+        # probes and expiry scheduling): it is logged by name and the namespace retried.
+        failed = [(rec, r) for rec, r in zip(written, results, strict=True)
+                  if isinstance(r, BaseException)]
+        for _, result in failed:
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+        if not failed:
+            self._status_failures.pop(namespace, None)
+            return
+        n = self._status_failures[namespace] = self._status_failures.get(namespace, 0) + 1
+        delay = min(self.config.retry_max, self.config.retry_base * 2 ** (n - 1))
+        for rec, exc in failed:
+            log.warning("status of %s not written (%s); retrying in %.1fs", rec.ref,
+                        _one_line(exc), delay)
+        self.metrics.status_write_failures.labels(namespace).inc(len(failed))
+        if not self._stopping:
+            handle = asyncio.get_running_loop().call_later(
+                delay, lambda: self._spawn(self.write_statuses(namespace)))
+            old = self._status_retry.pop(namespace, None)
+            if old is not None:
+                old.cancel()
+            self._status_retry[namespace] = handle
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in the background, kept alive until it ends, cancelled at stop."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _observed(self, rec: PolicyRecord) -> tuple[list[Condition], dict[str, Any]]:
         """Verified, status.probes and status.deferred of a policy, over its instances."""
@@ -917,6 +992,20 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.event("v1", "configmaps", labels={MANAGED_BY: OPERATOR}, registry=registry)
     async def _configmap(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo.operator.on_configmap(type, _plain(body))
+
+
+def _one_line(exc: BaseException) -> str:
+    """An API error as one log line: its status and the server's message when it has one."""
+    status, body = getattr(exc, "status", None), getattr(exc, "body", None)
+    if status is not None:
+        try:
+            import json
+
+            message = json.loads(body or "{}").get("message") or ""
+        except (ValueError, AttributeError):
+            message = ""
+        return f"HTTP {status}: {message or getattr(exc, 'reason', '')}"
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _plain(value: Any) -> Any:

@@ -11,6 +11,13 @@ cel-python as the oracle.  A twin is looked up by the exact rule text, so a rule
 edited in the CRD without a matching twin is still enforced, by cel-python
 itself (slower, but never skipped).  cel-python measured 0.77-3.3 ms per policy;
 twins keep 10,000 policies well under a second.
+
+The schema is judged with the API server's semantics, not Python's: ``pattern``
+is compiled by RE2 (``google-re2``, the library Go's ``regexp`` follows), where
+``$`` matches only at the end of the text -- Python's ``re.search`` also lets it
+match before a final newline, which let ``"example.com\\n"`` through -- and
+``\\d``/``\\w`` are ASCII; ``x-kubernetes-list-type: set`` refuses duplicate
+items and ``map`` duplicate keys, as the API server does with 422.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import re2
 import yaml
 
 CRD_FILENAME = "mailtlspolicies.mailtls.io.yaml"
@@ -77,7 +85,8 @@ def version_schema() -> dict[str, Any]:
 def _to_json_schema(node: Any, *, strict_objects: bool) -> Any:
     """OpenAPI v3 (Kubernetes structural) schema -> JSON Schema.
 
-    Drops ``x-kubernetes-*`` extensions (CEL rules are run separately) and, with
+    Drops ``x-kubernetes-*`` extensions but the list types (CEL rules are run
+    separately; ``x-kubernetes-list-type`` is a keyword of our validator) and, with
     ``strict_objects``, refuses unknown properties where Kubernetes would prune
     them: kubectl's server-side field validation (Strict, the default since
     1.27) refuses them too, and silently losing a misspelt ``tafile`` is worse.
@@ -88,6 +97,9 @@ def _to_json_schema(node: Any, *, strict_objects: bool) -> Any:
         return node
     out: dict[str, Any] = {}
     for key, value in node.items():
+        if key in _LIST_KEYWORDS:
+            out[key] = value
+            continue
         if key.startswith("x-kubernetes-") or key == "description":
             continue
         if key == "properties":
@@ -107,6 +119,68 @@ def _to_json_schema(node: Any, *, strict_objects: bool) -> Any:
     return out
 
 
+_LIST_KEYWORDS = ("x-kubernetes-list-type", "x-kubernetes-list-map-keys")
+
+
+@functools.cache
+def _compiled(pattern: str) -> Any:
+    return re2.compile(pattern)
+
+
+def pattern_matches(pattern: str, value: str) -> bool:
+    """The API server's ``pattern``: Go RE2, unanchored search, ``$`` only at the very end.
+
+    A string that is not valid UTF-8 (a lone surrogate) matches nothing: the API
+    server never sees one, as JSON decoding replaces it.
+    """
+    try:
+        return _compiled(pattern).search(value) is not None
+    except UnicodeEncodeError:
+        return False
+
+
+def _re2_pattern(validator: Any, pattern: str, instance: Any, schema: Any
+                 ) -> Iterator[jsonschema.ValidationError]:
+    if isinstance(instance, str) and not pattern_matches(pattern, instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _list_type(validator: Any, list_type: str, instance: Any, schema: Any
+               ) -> Iterator[jsonschema.ValidationError]:
+    """``set``: every item unique; ``map``: every item's key fields unique (the first
+    duplicate is reported at its index, as ``Duplicate value``)."""
+    if not isinstance(instance, list) or list_type not in ("set", "map"):
+        return
+    keys = schema.get("x-kubernetes-list-map-keys") or []
+    seen: set[str] = set()
+    for index, item in enumerate(instance):
+        if list_type == "map" and isinstance(item, dict):
+            ident: Any = {k: item.get(k) for k in keys}
+            shown = "map[string]interface {}{" + ", ".join(
+                f'"{k}":{_json(v)}' for k, v in ident.items()) + "}"
+        else:
+            ident, shown = item, _json(item)
+        token = _json(ident)
+        if token in seen:
+            yield jsonschema.ValidationError(f"Duplicate value: {shown}", path=(index,))
+        seen.add(token)
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+_SCHEMA_FORMATS = jsonschema.FormatChecker(formats=())
+
+
+@_SCHEMA_FORMATS.checks("regex", raises=re2.error)
+def _is_re2(value: object) -> bool:
+    """A schema's patterns must compile in RE2 (Python's ``re`` cannot read ``\\p{Cc}``)."""
+    return not isinstance(value, str) or _compiled(value) is not None
+
+
 _FORMATS = jsonschema.FormatChecker(formats=())
 
 
@@ -121,11 +195,20 @@ def _is_datetime(value: object) -> bool:
 
 
 @functools.cache
-def _spec_validator() -> jsonschema.protocols.Validator:
-    spec_schema = _to_json_schema(version_schema()["properties"]["spec"], strict_objects=True)
-    cls = jsonschema.validators.validator_for(spec_schema, default=jsonschema.Draft7Validator)
-    cls.check_schema(spec_schema)
-    validator: jsonschema.protocols.Validator = cls(spec_schema, format_checker=_FORMATS)
+def _validator(part: str) -> jsonschema.protocols.Validator:
+    """A validator of ``spec`` or ``status`` with the API server's pattern and list rules.
+
+    ``spec`` refuses unknown fields (as kubectl's Strict field validation does);
+    ``status`` is written by the operator with the default (Warn), where unknown
+    fields are pruned, so they are not errors there.
+    """
+    schema = _to_json_schema(version_schema()["properties"][part],
+                             strict_objects=part == "spec")
+    base: Any = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+    base.check_schema(schema, format_checker=_SCHEMA_FORMATS)
+    extend: Any = jsonschema.validators.extend
+    cls = extend(base, {"pattern": _re2_pattern, "x-kubernetes-list-type": _list_type})
+    validator: jsonschema.protocols.Validator = cls(schema, format_checker=_FORMATS)
     return validator
 
 
@@ -166,17 +249,19 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
         return f"Invalid value: {_quote(instance)}: must be of type {value}"
     if v == "format":
         return f"Invalid value: {_quote(instance)}: must be an RFC 3339 date-time"
+    if v == "x-kubernetes-list-type":
+        return error.message
     if v == "additionalProperties":
         extra = sorted(set(instance) - set(schema.get("properties", {})))
         return "unknown field " + ", ".join(f'"{e}"' for e in extra)
     return f"Invalid value: {error.message}"
 
 
-def schema_errors(spec: Any) -> list[FieldError]:
-    """Every schema violation of ``spec``, each naming its field."""
+def schema_errors(spec: Any, part: str = "spec") -> list[FieldError]:
+    """Every schema violation of ``spec`` (or of a ``status``), each naming its field."""
     out = []
-    for err in _spec_validator().iter_errors(spec):
-        field = _path("spec", err.absolute_path)
+    for err in _validator(part).iter_errors(spec):
+        field = _path(part, err.absolute_path)
         if err.validator == "required":
             required: Any = err.validator_value
             instance: Any = err.instance
@@ -329,6 +414,12 @@ def validate_with_crd(obj: Mapping[str, Any], *, oracle: bool = False) -> list[F
     if errors:
         return errors
     return cel_errors(spec, oracle=oracle)
+
+
+def status_errors(status: Any) -> list[FieldError]:
+    """What the API server refuses in a ``/status`` write: the status schema (its
+    enums, lengths, formats and the conditions' list-map keys)."""
+    return schema_errors(status, "status")
 
 
 def iter_rule_texts() -> Iterator[str]:

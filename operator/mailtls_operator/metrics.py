@@ -30,6 +30,10 @@ class Metrics:
         self.rollout_failures = Counter("mailtls_rollout_failures_total",
                                         "Rollouts stopped by a failing pod",
                                         ["namespace", "instance"], registry=r)
+        self.status_write_failures = Counter(
+            "mailtls_status_write_failures_total",
+            "Policy status writes refused or failed (retried with backoff)",
+            ["namespace"], registry=r)
         self.configmap_writes = Counter("mailtls_configmap_writes_total",
                                         "ConfigMap creates and updates",
                                         ["namespace", "instance"], registry=r)

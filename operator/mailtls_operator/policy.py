@@ -23,6 +23,7 @@ from typing import Any
 import idna
 
 from .crd import FieldError, validate_with_crd
+from .safetext import one_line, shown, unsafe_character
 
 LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify", "secure")
 
@@ -40,7 +41,7 @@ SOURCE_TIER = {"static": 2, "dane": 1, "mta-sts": 0}
 
 _LDH = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 _BRACKET = re.compile(r"\[([^\]]*)\](?::([0-9]+))?")
-_PORTED = re.compile(r"(.*?)(?::([0-9]+))?")
+_PORTED = re.compile(r"(.*?)(?::([0-9]+))?", re.DOTALL)
 _PROTOCOL = re.compile(r"(!|>=|<=)?(.+)")
 
 
@@ -147,7 +148,13 @@ def normalise_destination(raw: str, where: str) -> tuple[list[str], list[FieldEr
 
     Forms (postconf(5) smtp_tls_policy_maps): ``domain``, ``.domain``,
     ``domain:port``, ``[host]``, ``[host]:port``, ``[ipv4]``, ``[ipv6:addr]``.
+    Whitespace, control and format characters are refused first, whatever the
+    CRD's pattern let through (it admits any non-ASCII character, for IDN).
     """
+    bad = unsafe_character(raw)
+    if bad is not None:
+        return [], [FieldError(where, f"Invalid value: {shown(raw)}: contains {bad}, a space, "
+                                      "control or format character")]
     bracket = _BRACKET.fullmatch(raw)
     if bracket:
         host, port_text = bracket.group(1), bracket.group(2)
@@ -265,6 +272,25 @@ def validate_object(obj: Mapping[str, Any], *, now: datetime | None = None,
     return []
 
 
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _meta_errors(meta: Mapping[str, Any]) -> list[FieldError]:
+    """Names the API server would refuse (RFC 1123 subdomain / label), so an offline
+    check never prints a name that could not exist, nor one with a newline in it."""
+    out = []
+    for attr, pattern, limit in (("name", _SUBDOMAIN, 253), ("namespace", _LABEL, 63)):
+        value = meta.get(attr)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str) or not pattern.fullmatch(value) or len(value) > limit:
+            out.append(FieldError(f"metadata.{attr}", f"Invalid value: {shown(str(value))}: "
+                                  f"must be a lowercase RFC 1123 "
+                                  f"{'subdomain' if limit == 253 else 'label'}"))
+    return out
+
+
 def load_policy(obj: Mapping[str, Any], *, now: datetime | None = None,
                 max_exception: timedelta = DEFAULT_MAX_EXCEPTION) -> Policy:
     """A MailTLSPolicy object (dict as the API returns it) -> a valid :class:`Policy`.
@@ -274,10 +300,11 @@ def load_policy(obj: Mapping[str, Any], *, now: datetime | None = None,
     meta = obj.get("metadata")
     if not isinstance(meta, Mapping):
         meta = {}
-    ref = f"{meta.get('namespace', 'default')}/{meta.get('name', '?')}"
+    ref = one_line(f"{meta.get('namespace', 'default')}/{meta.get('name', '?')}")
     errors = validate_with_crd(obj)
     if not isinstance(meta.get("name"), str) or not meta.get("name"):
         errors.insert(0, FieldError("metadata.name", "Required value"))
+    errors[:0] = _meta_errors(meta)
     if errors:
         raise PolicyInvalid(ref, errors)
     spec: Mapping[str, Any] = obj["spec"]

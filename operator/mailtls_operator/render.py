@@ -10,11 +10,16 @@ exactly when what Postfix would do changes.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import io
+import re
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import groupby, repeat
 
-from .policy import SOURCE_TIER, Policy
+from .policy import LEVELS, SOURCE_TIER, Policy
+from .safetext import shown, unsafe_character
 
 REVISION_KEY = "mailtls-revision.invalid"
 """A key that can never be a real next-hop (RFC 2606 ``.invalid``): its value
@@ -39,14 +44,17 @@ class Tables:
     revision: str
     tls_policy: str
     transport: str
-    tls_entries: dict[str, str]
+    tls_entries: Mapping[str, str]
     transport_entries: dict[str, str]
-    owners: dict[str, str]
+    owners: Mapping[str, str]
     """key -> namespace/name of the policy whose line it is."""
     losses: dict[str, list[Loss]] = field(default_factory=dict)
     """namespace/name -> keys it declared but did not get."""
-    contributors: dict[str, list[str]] = field(default_factory=dict)
+    contributors: Mapping[str, list[str]] = field(default_factory=dict)
     """namespace/name -> table lines it contributes (``KEY VALUE``)."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """namespace/name -> why its lines were not written (an unsafe key or value that
+    no validator should have let through: defence in depth)."""
 
     @property
     def short_revision(self) -> str:
@@ -104,46 +112,225 @@ def select(policies: Iterable[Policy], instance: tuple[str, str] | None,
     return out
 
 
+_ASCII_UNSAFE_KEYS = re.compile(r"[\x01-\x20\x7f]")
+_ASCII_UNSAFE_VALUE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def unsafe_entry(policy: Policy) -> str | None:
+    """Why ``policy``'s lines must not be written, or None.
+
+    The last gate before Postfix, whatever the validators said: a key is one
+    token, a value is a known level and single-space-separated tokens; none holds
+    whitespace, a control or format character, and no key starts a comment.
+    Postfix's table reader would otherwise start a new entry or cut attributes
+    off (a silent downgrade).
+    """
+    joined = "\0".join(policy.keys)
+    value = policy.value
+    if joined.isascii() and joined.count("\0") == len(policy.keys) - 1 and joined \
+            and not joined.startswith(("#", "\0")) and not joined.endswith("\0") \
+            and "\0\0" not in joined and "\0#" not in joined \
+            and not _ASCII_UNSAFE_KEYS.search(joined) and value.isascii() \
+            and not _ASCII_UNSAFE_VALUE.search(value) and "  " not in value \
+            and not value.endswith(" ") and value.split(" ", 1)[0] in LEVELS:
+        return None  # the common case, checked in C; anything else gets the full reason
+    for key in policy.keys:
+        bad = unsafe_character(key)
+        if not key or bad is not None or key.startswith("#"):
+            return f"key {shown(key)} is not one table token ({bad or 'empty or #'})"
+    tokens = policy.value.split(" ")
+    for token in tokens:
+        bad = unsafe_character(token)
+        if not token or bad is not None:
+            return f"value {shown(policy.value)} is not single-space-separated tokens " \
+                   f"({bad or 'empty token'})"
+    if tokens[0] not in LEVELS:
+        return f"value {shown(policy.value)} does not start with a TLS security level"
+    return None
+
+
 def render(policies: Iterable[Policy], *, instance: tuple[str, str] | None = None,
            now: datetime | None = None) -> Tables:
-    """Render the tables for ``instance`` from every policy that targets it."""
-    chosen = select(policies, instance, now)
+    """Render the tables for ``instance`` from every policy that targets it.
+
+    A policy with an unsafe key or value (see :func:`unsafe_entry`) writes
+    nothing and is reported in ``Tables.refused``; the rest of the table stands.
+
+    Built for a million entries: the only per-key structure is one dict (key ->
+    winning policy); entries, owners and each policy's lines are views over it
+    and over the policies' own key tuples, never copies of the line strings.
+    """
+    chosen: list[Policy] = []
+    refused: dict[str, str] = {}
+    for p in select(policies, instance, now):
+        why = unsafe_entry(p)
+        if why is None:
+            chosen.append(p)
+        else:
+            refused[p.ref] = why
     winner: dict[str, Policy] = {}
+    contested: set[str] = set()
     for p in chosen:
+        if winner.keys().isdisjoint(p.keys):  # the common case, at C speed
+            winner.update(zip(p.keys, repeat(p)))
+            continue
         for key in p.keys:
             cur = winner.get(key)
-            if cur is None or beats(p, cur):
+            if cur is None:
+                winner[key] = p
+                continue
+            contested.add(key)
+            if beats(p, cur):
                 winner[key] = p
 
     losses: dict[str, list[Loss]] = {}
-    contributors: dict[str, list[str]] = {}
+    contributed: dict[str, tuple[str, ...]] = {}
     for p in chosen:
+        if contested.isdisjoint(p.keys):
+            contributed[p.ref] = p.keys
+            continue
+        mine = []
         for key in p.keys:
             w = winner[key]
-            if w is p:
-                contributors.setdefault(p.ref, []).append(f"{key} {p.value}")
-            elif w.value == p.value and w.exception is None and p.exception is None:
-                contributors.setdefault(p.ref, []).append(f"{key} {p.value}")  # agrees
+            if w is p or (w.value == p.value and w.exception is None and p.exception is None):
+                mine.append(key)  # won, or agrees with the winner
             else:
                 losses.setdefault(p.ref, []).append(Loss(key, w.ref, _loss_reason(w, p)))
+        if mine:
+            contributed[p.ref] = tuple(mine)
 
     keys = sorted(winner)
-    tls_entries = {k: winner[k].value for k in keys}
-    owners = {k: winner[k].ref for k in keys}
-    transport_entries = {k: f"smtp:{_nexthop(k)}" for k in keys if winner[k].route == "direct"}
-
-    tls_body = _body(tls_entries, owners)
-    transport_body = _body(transport_entries, owners)
-    revision = hashlib.sha256(
-        (tls_body + "\0" + transport_body).encode("utf-8")).hexdigest()
+    owners = [winner[k] for k in keys]  # parallel to keys; the dict goes before the text
+    del winner
+    transport_entries = {k: f"smtp:{_nexthop(k)}" for k, p in zip(keys, owners, strict=True)
+                         if p.route == "direct"}
+    transport_body = _body(transport_entries, _Owners(keys, owners))
+    digest = hashlib.sha256()
+    for chunk in _runs(keys, owners):  # first pass: the revision, no text kept
+        digest.update(chunk.encode("utf-8"))
+    digest.update(("\0" + transport_body).encode("utf-8"))
+    revision = digest.hexdigest()
     where = f"{instance[0]}/{instance[1]}" if instance else "all policies"
     head = f"{HEADER}\n# instance: {where}\n# revision: {revision}\n"
-    tls_text = f"{head}{REVISION_KEY} {revision_value(revision)}\n{tls_body}"
+    out = io.StringIO()  # second pass: one growing buffer, no list of chunks beside it
+    out.write(f"{head}{REVISION_KEY} {revision_value(revision)}\n")
+    for chunk in _runs(keys, owners):
+        out.write(chunk)
+    tls_text = out.getvalue()
+    del out
     transport_text = f"{head}{transport_body}" if transport_entries else ""
-    tls_entries_all = {REVISION_KEY: revision_value(revision), **tls_entries}
+    values = {p.ref: p.value for p in chosen}
     return Tables(revision=revision, tls_policy=tls_text, transport=transport_text,
-                  tls_entries=tls_entries_all, transport_entries=transport_entries,
-                  owners=owners, losses=losses, contributors=contributors)
+                  tls_entries=_Entries(keys, owners, revision_value(revision)),
+                  transport_entries=transport_entries, owners=_Owners(keys, owners),
+                  losses=losses, contributors=_Lines(contributed, values), refused=refused)
+
+
+def _runs(keys: list[str], owners: list[Policy]) -> Iterator[str]:
+    """The TLS table body in chunks: ``# ns/name`` then ``KEY VALUE`` lines for each run of
+    keys with one owner, joined in C (``" VALUE\\n".join(keys)``), so no per-line string
+    ever exists.  Made twice per render (hash, then text): cheaper than keeping them."""
+    position = 0
+    for _, run in groupby(owners, key=id):  # identity, in C (a dataclass == is slow)
+        same = list(run)
+        owner, n = same[0], len(same)
+        sep = f" {owner.value}\n"
+        yield f"# {owner.ref}\n{sep.join(keys[position:position + n])}{sep}"
+        position += n
+
+
+class _Sorted:
+    """Lookups in the sorted key list (bisect) instead of a dict: a million entries cost
+    two lists, not a 40 MiB hash table."""
+
+    __slots__ = ("_keys", "_owners")
+
+    def __init__(self, keys: list[str], owners: list[Policy]) -> None:
+        self._keys, self._owners = keys, owners
+
+    def _owner(self, key: object) -> Policy | None:
+        if not isinstance(key, str):
+            return None
+        i = bisect_left(self._keys, key)
+        if i < len(self._keys) and self._keys[i] == key:
+            return self._owners[i]
+        return None
+
+
+class _Entries(_Sorted, Mapping[str, str]):
+    """key -> value, the revision key first, then sorted keys: a view, not a copy."""
+
+    __slots__ = ("_revision_value",)
+
+    def __init__(self, keys: list[str], owners: list[Policy], rv: str) -> None:
+        super().__init__(keys, owners)
+        self._revision_value = rv
+
+    def __getitem__(self, key: str) -> str:
+        if key == REVISION_KEY:
+            return self._revision_value
+        owner = self._owner(key)
+        if owner is None:
+            raise KeyError(key)
+        return owner.value
+
+    def __iter__(self) -> Iterator[str]:
+        yield REVISION_KEY
+        yield from self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys) + 1
+
+    def __contains__(self, key: object) -> bool:
+        return key == REVISION_KEY or self._owner(key) is not None
+
+
+class _Owners(_Sorted, Mapping[str, str]):
+    """key -> namespace/name of the policy whose line it is: a view."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> str:
+        owner = self._owner(key)
+        if owner is None:
+            raise KeyError(key)
+        return owner.ref
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return self._owner(key) is not None
+
+
+class _Lines(Mapping[str, list[str]]):
+    """namespace/name -> its ``KEY VALUE`` lines, made when asked (a status shows 500 of
+    them at most); stored as the policy's own key tuple and value."""
+
+    __slots__ = ("_keys", "_values")
+
+    def __init__(self, keys: dict[str, tuple[str, ...]], values: dict[str, str]) -> None:
+        self._keys, self._values = keys, values
+
+    def __getitem__(self, ref: str) -> list[str]:
+        value = self._values[ref]
+        return [f"{k} {value}" for k in self._keys[ref]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, ref: object) -> bool:
+        return ref in self._keys
+
+    def keys_of(self, ref: str) -> tuple[str, ...]:
+        """The keys ``ref`` contributes, without building its lines."""
+        return self._keys.get(ref, ())
 
 
 def _nexthop(key: str) -> str:
@@ -156,7 +343,7 @@ def _nexthop(key: str) -> str:
     return idna.encode(key, uts46=True).decode("ascii")
 
 
-def _body(entries: dict[str, str], owners: dict[str, str]) -> str:
+def _body(entries: Mapping[str, str], owners: Mapping[str, str]) -> str:
     """``KEY VALUE`` lines sorted by key, each run of lines under a ``# ns/name`` line."""
     lines: list[str] = []
     last = None

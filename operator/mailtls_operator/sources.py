@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .crd import GROUP, KIND
+from .safetext import one_line
 
 YAML_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -29,7 +30,7 @@ class Source:
     @property
     def ref(self) -> str:
         meta = self.obj.get("metadata") or {}
-        return f"{meta.get('namespace') or 'default'}/{meta.get('name') or '?'}"
+        return one_line(f"{meta.get('namespace') or 'default'}/{meta.get('name') or '?'}")
 
 
 class SourceError(Exception):

@@ -39,6 +39,12 @@ AUDIT_ONLY = "AuditOnly"
 POLICY_BYPASSED = "PolicyBypassed"
 DNSSEC_DISABLED = "DNSSECDisabled"
 TRUST_ANCHOR_MISSING = "TrustAnchorMissing"
+UNSAFE_ENTRY = "UnsafeEntry"
+"""The renderer refused to write the policy's lines (defence in depth, see render.py)."""
+TRUST_ANCHOR_UNCHECKED = "TrustAnchorUnchecked"
+"""A note, not a warning: the restart strategy cannot look into pods for the tafile."""
+CHECK_UNAVAILABLE = "CheckUnavailable"
+"""A safety check (the tafile check) could not run in the pod: the lines are held back."""
 UNSUPPORTED_ATTRIBUTE = "UnsupportedAttribute"  # versions.REASON: Postfix too old for a line
 BREAK_GLASS = "BreakGlass"
 EXCEPTION_ACTIVE = "ExceptionActive"
@@ -47,8 +53,11 @@ PROBE_FAILED = "ProbeFailed"
 
 WARNING_REASONS = {INVALID, CONFLICT, ROLLOUT_FAILED, EXPIRED, POLICY_BYPASSED,
                    DNSSEC_DISABLED, TRUST_ANCHOR_MISSING, BREAK_GLASS, NO_INSTANCES,
-                   EXCEPTION_ACTIVE, UNSUPPORTED_ATTRIBUTE}
+                   EXCEPTION_ACTIVE, UNSAFE_ENTRY, CHECK_UNAVAILABLE, UNSUPPORTED_ATTRIBUTE}
 MAX_ENTRIES = 500
+MAX_MESSAGE = 4096
+"""Characters of a condition message (the CRD allows 32768; a message quotes Postfix
+and pod output, so it is bounded here and never makes the status write fail)."""
 
 
 @dataclass(frozen=True)
@@ -130,8 +139,8 @@ def _ready(rec: PolicyRecord, views: Sequence[InstanceView], now: datetime) -> C
                          f"no Postfix instance in namespace {rec.namespace} matches "
                          f"(pods labelled mailtls.io/instance"
                          f"{'=' + ','.join(rec.instances()) if rec.instances() else ''})")
-    for reason in (ROLLOUT_FAILED, TRUST_ANCHOR_MISSING, UNSUPPORTED_ATTRIBUTE, POLICY_BYPASSED,
-                   DNSSEC_DISABLED):
+    for reason in (UNSAFE_ENTRY, ROLLOUT_FAILED, TRUST_ANCHOR_MISSING, CHECK_UNAVAILABLE,
+                   UNSUPPORTED_ATTRIBUTE, POLICY_BYPASSED, DNSSEC_DISABLED):
         msgs = [f"{v.name}: {m}" for v in views for r, m in v.warnings if r == reason]
         if reason == ROLLOUT_FAILED:
             msgs = [f"{v.name}: {v.failure}" for v in views if v.failure]
@@ -142,9 +151,12 @@ def _ready(rec: PolicyRecord, views: Sequence[InstanceView], now: datetime) -> C
         return Condition(READY, "False", PENDING, "; ".join(
             f"{v.name}: {v.pods_updated}/{v.pods_total} pods on revision {_short(v.revision)}"
             for v in behind))
+    notes = [f"{v.name}: {m}" for v in views for r, m in v.warnings
+             if r == TRUST_ANCHOR_UNCHECKED]
     return Condition(READY, "True", ROLLED_OUT, "; ".join(
         f"{v.name}: {v.pods_updated}/{v.pods_total} pods verified revision "
-        f"{_short(v.revision)}{' ' + v.note if v.note else ''}" for v in views))
+        f"{_short(v.revision)}{' ' + v.note if v.note else ''}" for v in views)
+        + "".join(f"; {n}" for n in notes))
 
 
 def _break_glass(rec: PolicyRecord, now: datetime) -> Condition | None:
@@ -182,8 +194,10 @@ def merge_conditions(previous: Sequence[dict[str, Any]], wanted: Sequence[Condit
         prev = before.get(cond.type)
         since = prev.get("lastTransitionTime") if prev and prev.get("status") == cond.status \
             else None
+        message = cond.message if len(cond.message) <= MAX_MESSAGE \
+            else cond.message[:MAX_MESSAGE - 15] + " ... (truncated)"
         out.append({"type": cond.type, "status": cond.status, "reason": cond.reason,
-                    "message": cond.message, "observedGeneration": generation,
+                    "message": message, "observedGeneration": generation,
                     "lastTransitionTime": since or _timestamp(now)})
     return out
 

@@ -13,14 +13,16 @@ replaces request handling for declared resources with the API server's semantics
 - list/watch filtered by labelSelector and fieldSelector; lists paginate with limit/continue;
 - ``/status`` writes change only status; main-resource writes ignore status;
 - optimistic concurrency: a stale ``metadata.resourceVersion`` in PUT/PATCH answers 409;
-- PUT replaces; the PATCH content type picks merge, JSON or (treated as merge) strategic patch;
+- PUT replaces; the PATCH content type picks merge, JSON or (treated as merge) strategic patch,
+  and strategic merge patch on a custom resource answers 415, as a real server does;
 - no-op writes keep the resourceVersion and emit no watch event, like the real server;
 - finalizers: DELETE marks ``deletionTimestamp``; removing the last finalizer deletes;
   owner references are garbage-collected when the owner is gone;
 - watch resumes from a resourceVersion, answers ERROR 410 Expired when history is compacted;
 - faults are injected *before* storage, so an injected 409/500 changes nothing;
 - MailTLSPolicy is pruned, defaulted and validated by the CRD (schema + CEL, via the operator's
-  own ``validate_with_crd``) and refused with 422 Invalid naming each field;
+  own ``validate_with_crd``: RE2 patterns, list-type set/map) and refused with 422 Invalid
+  naming each field; ``/status`` writes are pruned and validated by the status schema;
 - a request log of (verb, group, version, resource, subresource, namespace, name), for RBAC
   and request-count assertions;
 - kmock's quadratic costs are gone: only in-flight requests are kept for DSL matching, and
@@ -28,6 +30,9 @@ replaces request handling for declared resources with the API server's semantics
 
 It runs in the test's event loop; the operator under test runs in its own thread and loop
 (:func:`run_operator`) and reaches it over loopback HTTP only.
+
+Where it still differs from a real API server, and what the real one would do:
+``KNOWN_DIFFERENCES.md`` beside this file.
 """
 
 from __future__ import annotations
@@ -132,6 +137,8 @@ class ResourceSpec:
     field_labels: frozenset[str] = frozenset()  # selectable fields beyond metadata.name/namespace
     schema: Mapping[str, Any] | None = None  # openAPIV3Schema: pruning and defaults
     validate: Validator | None = None
+    validate_status: Validator | None = None  # what a ``/status`` write must pass
+    custom: bool = False  # a custom resource: no strategic merge patch (415)
     shortnames: frozenset[str] = frozenset()
     categories: frozenset[str] = frozenset()
 
@@ -180,10 +187,22 @@ def validate_policy(obj: Mapping[str, Any]) -> list[FieldCause]:
         if (error.field, error.message) in cel:
             causes.append(_cel_cause(error.field, error.message, cel[error.field, error.message]))
             continue
-        reason = next((r for p, r in _PREFIX_REASONS if error.message.startswith(p)),
-                      "FieldValueInvalid")
-        causes.append(FieldCause(error.field, reason, error.message))
+        causes.append(_cause(error))
     return causes
+
+
+def validate_policy_status(obj: Mapping[str, Any]) -> list[FieldCause]:
+    """A ``/status`` write of a MailTLSPolicy, judged by the CRD's status schema."""
+    status = obj.get("status")
+    if status is None:
+        return []
+    return [_cause(error) for error in crd.status_errors(status)]
+
+
+def _cause(error: crd.FieldError) -> FieldCause:
+    reason = next((r for p, r in _PREFIX_REASONS if error.message.startswith(p)),
+                  "FieldValueInvalid")
+    return FieldCause(error.field, reason, error.message)
 
 
 def mailtls_policy_spec() -> ResourceSpec:
@@ -193,6 +212,7 @@ def mailtls_policy_spec() -> ResourceSpec:
         crd.GROUP, crd.VERSION, crd.PLURAL, crd.KIND, namespaced=True,
         subresources=frozenset({"status"}), generation=True, return_deleted=True,
         schema=crd.version_schema(), validate=validate_policy,
+        validate_status=validate_policy_status, custom=True,
         shortnames=frozenset(doc["spec"]["names"].get("shortNames", [])),
         categories=frozenset(doc["spec"]["names"].get("categories", [])),
     )
@@ -343,10 +363,23 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-def apply_patch(obj: Obj, body: Any, content_type: str) -> Obj:
-    """The patched object, as the content type says; API errors as the server answers them."""
+_MERGE: Final = "application/merge-patch+json"
+_STRATEGIC: Final = "application/strategic-merge-patch+json"
+_JSON_PATCH: Final = "application/json-patch+json"
+
+
+def apply_patch(obj: Obj, body: Any, content_type: str, *, custom: bool = False) -> Obj:
+    """The patched object, as the content type says; API errors as the server answers them.
+
+    Custom resources have no Go struct to carry patch strategies, so the API server
+    answers strategic merge patch on them with 415 (and lists what it accepts)."""
     media = content_type.split(";")[0].strip().lower()
-    if media in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+    accepted = [_JSON_PATCH, _MERGE] if custom else [_JSON_PATCH, _MERGE, _STRATEGIC]
+    if media not in accepted and media != "application/apply-patch+yaml":
+        raise api_error(415, f'the body of the request was in an unknown format - accepted '
+                             f'media types include: {", ".join(accepted)}, '
+                             f'application/apply-patch+yaml')
+    if media in (_MERGE, _STRATEGIC):
         # Strategic merge is merge here: its list-merge keys matter to no test of ours.
         if not isinstance(body, dict):
             raise api_error(400, "the patch is not a JSON object")
@@ -362,10 +395,8 @@ def apply_patch(obj: Obj, body: Any, content_type: str) -> Obj:
             raise api_error(422, f"the server rejected our request: {e}") from None
         except (jsonpatch.InvalidJsonPatch, TypeError, KeyError) as e:
             raise api_error(400, f"invalid json patch: {e}") from None
-    else:
-        raise api_error(415, "the body of the request was in an unknown format - accepted media "
-                             "types include: application/json-patch+json, "
-                             "application/merge-patch+json, application/strategic-merge-patch+json")
+    else:  # server-side apply: not emulated (see KNOWN_DIFFERENCES.md)
+        raise api_error(415, "application/apply-patch+yaml is not supported by this emulation")
     if not isinstance(patched, dict):
         raise api_error(422, "the patched document is not an object")
     return patched
@@ -1134,6 +1165,26 @@ class ApiServer(kmock.KubernetesEmulator):
             if causes:
                 raise self._invalid(spec, _meta(obj).get("name", ""), causes)
 
+    def _admit_status(self, spec: ResourceSpec, request: rendering.Request, obj: Obj,
+                      old: Obj, warnings: list[str]) -> None:
+        """A ``/status`` write: pruned by the status schema (unknown fields dropped with a
+        warning, refused with ``fieldValidation=Strict``) and validated by it -- a real
+        server answers 422 Invalid naming each field.  Ratcheting: a status left as it
+        was is not re-validated."""
+        status_schema = (spec.schema or {}).get("properties", {}).get("status")
+        if isinstance(status_schema, Mapping) and isinstance(obj.get("status"), dict):
+            pruned = prune(obj["status"], status_schema, "status", root=False)
+            mode = request.params.get("fieldValidation", "Warn")
+            if pruned and mode == "Strict":
+                raise api_error(400, "strict decoding error: " + ", ".join(
+                    f'unknown field "{p}"' for p in pruned))
+            if mode != "Ignore":
+                warnings += [f'unknown field "{p}"' for p in pruned]
+        if spec.validate_status is not None and obj.get("status") != old.get("status"):
+            causes = spec.validate_status(obj)
+            if causes:
+                raise self._invalid(spec, _meta(obj).get("name", ""), causes)
+
     @staticmethod
     def _respond(obj: Obj, status: int = 200, warnings: Iterable[str] = ()) -> aiohttp.web.Response:
         response = aiohttp.web.json_response(obj, status=status)
@@ -1259,6 +1310,7 @@ class ApiServer(kmock.KubernetesEmulator):
                 new["status"] = proposed["status"]
             else:
                 new.pop("status", None)
+            self._admit_status(spec, request, new, old, warnings)
         else:
             new = proposed
             self._check_types(spec, new)
@@ -1306,7 +1358,7 @@ class ApiServer(kmock.KubernetesEmulator):
         if old is None:
             raise self._not_found(spec, request.name)
         content_type = request.headers.get("Content-Type", "")
-        patched = apply_patch(old, request.data, content_type)
+        patched = apply_patch(old, request.data, content_type, custom=spec.custom)
         # A patch that leaves resourceVersion as it was is unconditional; one that sets it
         # (merge patch, or JSON patch "replace") is a precondition, as on a real server.
         return self._write(spec, request, old, patched)

@@ -42,7 +42,9 @@ def test_model_refuses_with_field_and_reason(case: dict[str, Any]) -> None:
 MODEL_ONLY = [
     ("idna-bad-punycode", {"destinations": ["xn--zz-.example"]}, "spec.destinations[0]",
      "not a valid host name"),
-    ("idna-disallowed", {"destinations": ["a\u2028b.example"]}, "spec.destinations[0]",
+    ("line-separator", {"destinations": ["a\u2028b.example"]}, "spec.destinations[0]",
+     "contains U+2028"),
+    ("idna-disallowed", {"destinations": ["a\u2615b.example"]}, "spec.destinations[0]",
      "not a valid host name"),
     ("empty-label", {"destinations": ["a..example"]}, "spec.destinations[0]", "host name"),
     ("leading-hyphen", {"destinations": ["-a.example"]}, "spec.destinations[0]", "host name"),

@@ -8,8 +8,9 @@
 --   Degraded     a verdict that waiting will not change, a person must act:
 --                Accepted=False Invalid or Conflict; Ready=False RolloutFailed, or a
 --                refusal/warning the operator found in the Postfix instance
---                (TrustAnchorMissing, PolicyBypassed, DNSSECDisabled), or an expired
---                break-glass exception (Expired)
+--                (TrustAnchorMissing, CheckUnavailable, PolicyBypassed, DNSSECDisabled),
+--                lines the renderer refused (UnsafeEntry), or an expired break-glass
+--                exception (Expired)
 --   Healthy      Ready=True and status.observedGeneration == metadata.generation
 --
 -- Conditions are only trusted once status.observedGeneration has caught up: an
@@ -21,6 +22,8 @@ local DEGRADED_REASONS = {
     Invalid = true,
     RolloutFailed = true,
     TrustAnchorMissing = true,
+    CheckUnavailable = true,
+    UnsafeEntry = true,
     PolicyBypassed = true,
     DNSSECDisabled = true,
     Expired = true,
