@@ -3,23 +3,26 @@ status per domain, the precedence rule against a static policy, an Event on a ch
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import kopf
+import kubernetes.client
 import pytest
+import yaml
 
 from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.crd import GROUP, VERSION
 from mailtls_operator.discovery.dns import Dns
 from mailtls_operator.discovery.engine import Discoverer
 from mailtls_operator.discovery.fetch import ssl_context
-from mailtls_operator.discovery.objects import load_discovery
+from mailtls_operator.discovery.objects import DiscoveryInvalid, crd_path, load_discovery
 from mailtls_operator.kube import Kube
 from mailtls_operator.local import LocalPodRunner
 from mailtls_operator.local.stsworld import StsWorld
-from tests.integration.apiserver import ResourceSpec
+from tests.integration.apiserver import FieldCause, ResourceSpec
 
 from .conftest import PodFactory
 from .test_through_operator import ApiServer, Kubectl, kubectl, seed_pods
@@ -54,11 +57,22 @@ async def operator(run_operator: Any, kube_client: Any, runner: LocalPodRunner,
 
 
 def _declare(apiserver: ApiServer) -> None:
-    def validate(obj: Any) -> list[Any]:
-        return []  # the operator validates with the CRD; the emulation only stores
+    """Serve the kind as its CRD declares it: schema (pruning, defaults) and validation by
+    the operator's own loader, refusals as 422 causes."""
+    crd = yaml.safe_load(crd_path().read_text(encoding="utf-8"))
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+    def validate(obj: Any) -> list[FieldCause]:
+        try:
+            load_discovery(obj)
+        except DiscoveryInvalid as exc:
+            return [FieldCause("spec", "FieldValueInvalid", str(exc))]
+        return []
+
     apiserver.declare(ResourceSpec(GROUP, VERSION, PLURAL, "MailTLSDiscovery", namespaced=True,
                                    subresources=frozenset({"status"}), generation=True,
-                                   return_deleted=True, validate=validate))
+                                   return_deleted=True, schema=schema, validate=validate,
+                                   custom=True, shortnames=frozenset({"mtd"})))
 
 
 async def test_discovered_lines_status_precedence_and_change_event(
@@ -69,11 +83,18 @@ async def test_discovered_lines_status_precedence_and_change_event(
     obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MailTLSDiscovery",
            "metadata": {"name": "partners", "namespace": "mail"},
            "spec": {"domains": ["partner.example", "testing.example", "signed.example"]}}
-    load_discovery(obj)  # what the CRD accepts
     async with operator(run_operator, kube_client, runner, world) as op:
         op.config.observe_interval = 0.5
         await kubectl.apply("signed-static", destinations=["signed.example"], level="encrypt")
-        apiserver.seed(f"{GROUP}/{VERSION}/{PLURAL}", obj)
+        custom = kubernetes.client.CustomObjectsApi(kube_client)
+        await asyncio.to_thread(custom.create_namespaced_custom_object, GROUP, VERSION, "mail",
+                                PLURAL, obj)
+        bad = {**obj, "metadata": {"name": "bad", "namespace": "mail"},
+               "spec": {"domains": ["[mx.example]"]}}
+        with pytest.raises(kubernetes.client.ApiException) as refused:
+            await asyncio.to_thread(custom.create_namespaced_custom_object, GROUP, VERSION,
+                                    "mail", PLURAL, bad)
+        assert refused.value.status == 422
 
         def domains() -> dict[str, Any] | None:
             got = apiserver.get_object(PLURAL, "mail", "partners") or {}
@@ -106,8 +127,9 @@ async def test_discovered_lines_status_precedence_and_change_event(
 
         # the partner moves to new MX hosts under a new id; a spec change starts a round now
         world.publish_sts("partner.example", id="2", mx=["*.mx.partner.example"])
-        apiserver.seed(f"{GROUP}/{VERSION}/{PLURAL}",
-                       {**obj, "spec": {"domains": ["partner.example", "testing.example"]}})
+        await asyncio.to_thread(
+            custom.patch_namespaced_custom_object, GROUP, VERSION, "mail", PLURAL, "partners",
+            {"spec": {"domains": ["partner.example", "testing.example"]}})
 
         def changed() -> Any:
             return inst.query("partner.example") == \
