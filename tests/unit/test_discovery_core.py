@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -211,3 +212,35 @@ def test_explain_names_the_object_the_source_and_what_it_beat() -> None:
     assert any("mail/partners[mta-sts]" in n for n in notes)
     line, notes = explain("other.example", [static], now=NOW)
     assert line is None and "no policy" in notes[0]
+
+
+# ----------------------------------------------------------- hostile partner input
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from mailtls_operator.discovery.decide import sts_value  # noqa: E402
+
+_SAFE_VALUE = re.compile(r"secure match=[a-z0-9.-]+(:[a-z0-9.-]+)* servername=hostname")
+
+
+@given(st.lists(st.one_of(st.text(max_size=40), st.sampled_from(
+    ["version: STSv1", "mode: enforce", "max_age: 60", "mx: a.example", "mx: *.b.example",
+     "mx: a.example\nmatch=x", "mx: a\u00e9.example", "mx: a.example:25"])), max_size=8))
+def test_no_policy_body_can_put_anything_but_host_names_into_a_line(lines: list[str]) -> None:
+    """A partner's policy is untrusted input: it yields a safe line or is refused."""
+    try:
+        policy = parse_policy("\r\n".join(lines))
+    except StsError:
+        return
+    if policy.mode != "none":
+        assert _SAFE_VALUE.fullmatch(sts_value(policy)), sts_value(policy)
+
+
+@given(st.lists(st.text(max_size=60), max_size=3))
+def test_txt_parsing_never_fails_but_with_sts_error(records: list[str]) -> None:
+    try:
+        record = parse_txt(records)
+    except StsError:
+        return
+    assert re.fullmatch(r"[A-Za-z0-9]{1,32}", record.id)
