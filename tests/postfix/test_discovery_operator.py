@@ -146,3 +146,31 @@ async def test_discovered_lines_status_precedence_and_change_event(
     # the calls the chart grants for this kind (tests/integration/test_rbac.py names them)
     for verb, sub in (("list", None), ("watch", None), ("patch", "status")):
         assert apiserver.request_count(verb, PLURAL, subresource=sub) > 0, verb
+
+
+async def test_discovered_servername_held_back_from_old_postfix(
+        make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer,
+        run_operator: Any, kube_client: Any, world: StsWorld) -> None:
+    """The resolvers' classic trap: servername=hostname to a Postfix older than 3.4."""
+    _declare(apiserver)
+    [(_, inst)] = seed_pods(make_pod, apiserver, 1, extra_main_cf={"mail_version": "3.3.0"})
+    obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MailTLSDiscovery",
+           "metadata": {"name": "partners", "namespace": "mail"},
+           "spec": {"domains": ["partner.example", "signed.example"]}}
+    async with operator(run_operator, kube_client, runner, world):
+        custom = kubernetes.client.CustomObjectsApi(kube_client)
+        await asyncio.to_thread(custom.create_namespaced_custom_object, GROUP, VERSION, "mail",
+                                PLURAL, obj)
+
+        def warned() -> Any:
+            got = apiserver.get_object(PLURAL, "mail", "partners") or {}
+            ds = {d["domain"]: d for d in (got.get("status") or {}).get("domains", [])}
+            return ds if all(d.get("warnings") for d in ds.values()) and len(ds) == 2 else None
+        ds = await apiserver.wait_until(warned, timeout=20)
+        [held] = ds["partner.example"]["warnings"]
+        assert held["reason"] == "UnsupportedAttribute"
+        assert "servername needs Postfix 3.4" in held["message"]
+        # the DANE line rolls out, and its own lint says what this instance does with it
+        assert [w["reason"] for w in ds["signed.example"]["warnings"]] == ["DNSSECDisabled"]
+        await apiserver.wait_until(lambda: inst.query("signed.example") == "dane-only", 20)
+        assert inst.query("partner.example") is None  # held back; the DANE line rolled out

@@ -186,9 +186,12 @@ class DiscoveryService:
             found = by_key.get(state.domain.lower())
             if ref.startswith(prefix) and found and out.get("wouldEnforce"):
                 out["probe"] = found  # testing: would this pass if enforced?
-        held = [m for ref, hs in self.held.items() if ref.startswith(prefix) for _, m in hs]
-        if held and out.get("entry"):
-            out["heldBack"] = held
+        # the instance lint of the line's source (UnsupportedAttribute: held back;
+        # DNSSECDisabled: dane ignored there); every entry of one source has the same
+        # attributes, so the same verdict
+        warned = self.held.get(f"{prefix}{out['source']}]", [])
+        if warned and out.get("entry"):
+            out["warnings"] = [{"reason": r, "message": m} for r, m in warned]
         return out
 
     def _summary(self, key: ObjKey, domains: list[dict[str, Any]]) -> dict[str, Any]:
