@@ -8,7 +8,10 @@ said) and the CLI (quoting what it refuses).
 
 from __future__ import annotations
 
+import re
 import unicodedata
+
+_ASCII_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
 
 _JOINERS = frozenset("\u200c\u200d")
 """ZWNJ and ZWJ: format characters that IDNA2008 allows in some scripts (CONTEXTJ);
@@ -23,6 +26,9 @@ def unsafe_character(text: str) -> str | None:
     Whitespace of any kind, control characters (C0, DEL, C1 such as U+0085),
     line and paragraph separators (U+2028, U+2029) and format characters.
     """
+    if text.isascii():  # the common case, in C
+        m = _ASCII_UNSAFE.search(text)
+        return None if m is None else f"U+{ord(m.group()):04X}"
     for ch in text:
         if ch.isspace() or (unicodedata.category(ch)[0] in "CZ" and ch not in _JOINERS):
             return f"U+{ord(ch):04X}"
