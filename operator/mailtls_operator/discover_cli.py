@@ -58,15 +58,49 @@ def cmd_discover(args: argparse.Namespace) -> int:
             domain_keys(domain)
         except DomainInvalid as exc:
             return _bad(str(exc))
+    if args.config_dir is not None and not Path(args.config_dir, "main.cf").is_file():
+        return _bad(f"--config-dir: {args.config_dir}/main.cf: no such file")
     discoverer = _discoverer(args)
     now = datetime.now(UTC)
     states = asyncio.run(discoverer.discover_all(args.domain, now, args.source or SOURCES))
     for state in states:
         for line in describe(state):
             print(line, file=sys.stderr)
+    if args.probe:
+        status = _probe_testing(discoverer, states, args.config_dir)
+        if status:
+            return status
     for line in table_lines(states, now):
         print(line)
     return EXIT_OK if all(s.decided for s in states) else EXIT_LOOKUP
+
+
+def _probe_testing(discoverer: Any, states: list[DomainState], config_dir: str | None) -> int:
+    """``--probe``: testing-mode domains probed with posttls-finger on this machine."""
+    import shutil
+
+    from . import probe
+    from .discovery.probing import probe_testing
+    from .probe_cli import LOCAL, SBIN_PATH, HostRunner, _config_dir
+
+    if shutil.which(probe.PROGRAM, path=SBIN_PATH) is None:
+        print(f"error: --probe: {probe.PROGRAM} not found (install Postfix)", file=sys.stderr)
+        return EXIT_INVALID
+
+    async def run(config: str | None) -> None:
+        runner = HostRunner(config)
+        defaults = await probe.read_client_defaults(runner, LOCAL)
+        for state in states:
+            verdict = await probe_testing(discoverer, state, runner, LOCAL, defaults)
+            if verdict is not None:
+                print(verdict.line(), file=sys.stderr)
+
+    with _config_dir(config_dir) as config:
+        try:
+            asyncio.run(run(config))
+        except probe.ProbeSetupError as exc:
+            return _bad(f"--probe: cannot read the Postfix configuration: {exc}")
+    return EXIT_OK
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -123,6 +157,12 @@ def add_discover_parsers(sub: Any) -> None:
     p.add_argument("domain", nargs="+", metavar="DOMAIN", help="recipient domain")
     p.add_argument("--source", action="append", choices=SOURCES,
                    help="only this source (repeatable; default: both)")
+    p.add_argument("--probe", action="store_true",
+                   help="probe testing-mode MTA-STS domains with posttls-finger from this "
+                        "machine (their MX hosts, port 25): would the line pass if enforced?")
+    p.add_argument("--config-dir", metavar="DIR",
+                   help="with --probe: the Postfix configuration posttls-finger reads "
+                        "(default: /etc/postfix, else Postfix's built-in defaults)")
     _add_lookup_options(p)
     p.set_defaults(func=cmd_discover)
 

@@ -63,11 +63,27 @@ def test_discover_exit_1_when_a_lookup_fails(world443: StsWorld,
     assert "certificate" in err
 
 
+def test_discover_probe_reports_testing_domains(world443: StsWorld,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from mailtls_operator.local import postfix_unavailable
+
+    if (reason := postfix_unavailable()) is not None:
+        pytest.skip(reason)
+    world443.publish_mx("testing.example", "mx.elsewhere.example")  # not an allowed MX
+    code, out, err = _run(capsys, "discover", "testing.example", "--source", "mta-sts",
+                          "--probe", "--nameserver", world443.nameserver,
+                          "--ca-file", world443.ca_file)
+    assert (code, out) == (0, "")  # a report, never a line
+    assert ("testing.example: mta-sts testing: would fail if enforced (no MX host "
+            "(mx.elsewhere.example) matches the policy's mx patterns)") in err
+
+
 @pytest.mark.parametrize("argv", [
     ["discover", "[mx.example]"],
     ["discover", "example.com", "--nameserver", "127.0.0.1:99999"],
     ["discover", "example.com", "--ca-file", "/nonexistent/ca.pem"],
     ["discover"],
+    ["discover", "example.com", "--probe", "--config-dir", "/nonexistent"],
 ])
 def test_discover_exit_2_on_bad_arguments(argv: list[str],
                                           capsys: pytest.CaptureFixture[str]) -> None:
