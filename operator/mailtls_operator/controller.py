@@ -73,6 +73,7 @@ from .world import (
     ANN_CONTAINER,
     ANN_MAP_PATH,
     ANN_MAP_TYPE,
+    ANN_RELOAD,
     ANN_STRATEGY,
     ANN_TEMPLATE_REVISION,
     INSTANCE_LABEL,
@@ -602,6 +603,7 @@ class Operator:
             map_path=pod.annotation(ANN_MAP_PATH, rollout.DEFAULT_MAP_PATH),
             map_type=pod.annotation(ANN_MAP_TYPE, rollout.DEFAULT_MAP_TYPE),
             applied_revision=pod.annotations.get(ANN_APPLIED),
+            reload=pod.annotation(ANN_RELOAD, "false").lower() == "true",
         )
 
     async def _exec_rollout(self, key: InstanceKey, state: InstanceState,

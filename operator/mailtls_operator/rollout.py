@@ -14,8 +14,14 @@ events.  Per pod (:func:`apply_to_pod`, DESIGN.md §7):
    (rename(2) in one directory: Postfix sees the old or the new table,
    never a partial one).  The TLS policy goes first: a new ``route: direct``
    transport entry must never be live before the policy that protects it.
-3. ``postfix reload`` (cheap, ~30 ms; picks up texthash and restarts
-   processes that cached the old table).
+3. ``postfix reload`` only for ``texthash`` (read once per process), when the
+   transport table changed (trivial-rewrite keeps routing with the old one on
+   its long-lived connections: measured), or when the pod asks for it
+   (``mailtls.io/reload: "true"``).  A TLS-policy-only change of an indexed
+   table (lmdb, cdb, hash, btree) needs none: the smtp client notices the
+   renamed file before its next connection ("table ... has changed --
+   restarting"), while a reload stalls deliveries (DESIGN.md §7; ``make
+   bench`` measures it).
 4. **verify** with ``postmap -q`` that the live table returns exactly the
    rendered values for the revision key (``mailtls-revision.invalid``) and a
    deterministic sample of keys.
@@ -79,6 +85,10 @@ class PodStatus(StrEnum):
     FAILED = "failed"
 
 
+INDEXED_TYPES = frozenset({"lmdb", "cdb", "hash", "btree"})
+"""Table types whose file Postfix re-opens by itself when it is replaced."""
+
+
 @dataclass(frozen=True)
 class PodTarget:
     """A pod to bring to a revision, and where its tables live in it.
@@ -94,6 +104,12 @@ class PodTarget:
     applied_revision: str | None = None
     transport_path: str | None = None
     configmap_dir: str = DEFAULT_CONFIGMAP_DIR
+    reload: bool = False
+    """Run ``postfix reload`` after the swap even for an indexed table type."""
+
+    @property
+    def needs_reload(self) -> bool:
+        return self.reload or self.map_type not in INDEXED_TYPES
 
     def __post_init__(self) -> None:
         postfix.check_map_type(self.map_type)
@@ -283,13 +299,15 @@ class _PodApply:
                 for table in (self.tls, self.transport):
                     await self._discard(table)
                 raise
+            reload = self.target.needs_reload or await self._changed(self.transport)
             with self._timed(Step.SWAP):
                 for table in (self.tls, self.transport):
                     await self._swap(table)
-            with self._timed(Step.RELOAD):
-                res = await self._exec(Step.RELOAD, postfix.postfix_reload())
-                if not res.ok:
-                    raise _Stop(Step.RELOAD, res.message())
+            if reload:
+                with self._timed(Step.RELOAD):
+                    res = await self._exec(Step.RELOAD, postfix.postfix_reload())
+                    if not res.ok:
+                        raise _Stop(Step.RELOAD, res.message())
             with self._timed(Step.VERIFY):
                 await self._verify(self.tls, required=(REVISION_KEY,))
                 await self._verify(self.transport, required=())
@@ -390,6 +408,16 @@ class _PodApply:
         if not postfix.compiles(self.map_type) and not res.stderr.strip():
             return  # texthash parsed; a miss (exit 1, silent) is fine for the transport table
         raise _Stop(Step.POSTMAP, res.message())
+
+    async def _changed(self, table: _Table) -> bool:
+        """Does the live ``table`` differ from the one about to replace it?  Measured on
+        real Postfix: the smtp client re-opens a replaced TLS policy table by itself, but
+        trivial-rewrite, on its long-lived connections, keeps routing with the old
+        ``transport_maps`` -- so a changed transport table still needs a reload."""
+        with self._timed(Step.SWAP):
+            res = await self._exec(Step.SWAP, postfix.sha256_file(table.live))
+        wanted = hashlib.sha256(table.text.encode("utf-8")).hexdigest()
+        return not res.ok or res.stdout.decode("ascii", "replace").split(" ", 1)[0] != wanted
 
     async def _discard(self, table: _Table) -> None:
         """Best effort: remove a staged table that must never go live (before any swap)."""

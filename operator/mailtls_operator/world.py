@@ -24,6 +24,8 @@ ANN_STRATEGY = "mailtls.io/strategy"
 ANN_CONTAINER = "mailtls.io/container"
 ANN_MAP_PATH = "mailtls.io/map-path"
 ANN_MAP_TYPE = "mailtls.io/map-type"
+ANN_RELOAD = "mailtls.io/reload"
+"""``"true"``: run ``postfix reload`` after each swap even for indexed tables."""
 ANN_APPLIED = "mailtls.io/applied-revision"
 ANN_TEMPLATE_REVISION = "mailtls.io/revision"
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 
 from mailtls_operator import postfix
-from mailtls_operator.local import LocalInstance, LocalPodRunner
+from mailtls_operator.local import LocalInstance, LocalPodRunner, SmtpSink
 from mailtls_operator.podrunner import ExecResult, PodRef
 from mailtls_operator.rollout import (
     PodStatus,
@@ -204,6 +204,39 @@ async def test_every_map_type_is_applied_and_verified(
     suffix = postfix.db_suffix(map_type)
     assert names == sorted({"tls_policy", f"tls_policy{suffix}", "transport",
                             f"transport{suffix}"})
+    reloads = [c for c in runner.calls if c.argv[-1] == "reload"]
+    # DESIGN.md §7: a reload for texthash (read once per process; one rollout here) or a
+    # changed transport table (NEW adds a route): one either way, none for OLD on lmdb
+    assert OLD.transport != NEW.transport
+    assert len(reloads) == 1
+
+
+async def test_a_tls_policy_change_of_an_indexed_table_is_live_without_a_reload(
+        runner: LocalPodRunner, make_pod: PodFactory, plain: SmtpSink) -> None:
+    """The smtp client re-opens the renamed lmdb table by itself: mail that encrypt
+    deferred goes out in clear text under may, with no ``postfix reload`` run."""
+    pod, inst = make_pod("relay-0", routes={"plain.test": f"smtp:{plain.nexthop}"})
+    strict = tables(policy("partner", "encrypt", [plain.nexthop]))
+    assert (await apply_to_pod(runner, target(pod, inst), strict, timeout=10)).ok
+    qid = inst.submit("user@plain.test")
+    assert inst.wait_for_delivery(qid).status == "deferred"
+    runner.calls.clear()
+    relaxed = tables(policy("partner", "may", [plain.nexthop]))
+    out = await apply_to_pod(runner, target(pod, inst, strict.revision), relaxed, timeout=10)
+    assert out.status is PodStatus.APPLIED and "reload" not in out.timings, out
+    assert all(c.argv[:1] != ("postfix",) for c in runner.calls)
+    assert (await runner.run(pod, postfix.postqueue_schedule(qid), timeout=10)).ok
+    assert inst.wait_for_delivery(qid, status="sent").dsn == "2.0.0"
+    [msg] = plain.wait_for(1)
+    assert not msg.tls
+
+
+async def test_a_pod_can_ask_for_a_reload_of_an_indexed_table(
+        runner: LocalPodRunner, make_pod: PodFactory) -> None:
+    pod, inst = make_pod("relay-0")
+    out = await apply_to_pod(runner, target(pod, inst, reload=True), NEW, timeout=10)
+    assert out.ok and "reload" in out.timings, out
+    assert [c.argv[-1] for c in runner.calls].count("reload") == 1
 
 
 async def test_stdin_less_transport_stages_from_the_mounted_configmap(

@@ -153,8 +153,10 @@ async def test_pods_are_updated_one_at_a_time_and_reapplying_runs_nothing(
     async with operator(run_operator, kube_client, runner) as op:
         await kubectl.apply("p", destinations=["a.example"], level="encrypt")
         await kubectl.until_ready("p")
-        reloads = [c.pod.name for c in runner.calls if c.argv[:1] == ("postfix",)]
-        assert reloads == ["relay-0", "relay-1", "relay-2"]
+        verified = [c.pod.name for c in runner.calls if c.argv[:3] == ("postmap", "-q", "-")]
+        assert verified == ["relay-0", "relay-1", "relay-2"]
+        # DESIGN.md §7: an unchanged transport table and lmdb: no pod is reloaded
+        assert [c for c in runner.calls if c.argv[:1] == ("postfix",)] == []
         # one pod after the other: each pod's commands form one contiguous run
         sequence = [c.pod.name for c in runner.calls if c.argv[0] != "postconf"]
         runs = [name for i, name in enumerate(sequence) if i == 0 or sequence[i - 1] != name]
@@ -303,8 +305,9 @@ async def test_lint_warns_dane_without_dnssec_and_holds_back_a_missing_tafile(
 
 
 class GatedRunner:
-    """The local runner, but ``postfix reload`` in one pod waits for the test's go-ahead:
-    a way to catch the operator mid-rollout (between two pods) deterministically."""
+    """The local runner, but the verification (``postmap -q -``) in one pod waits for the
+    test's go-ahead: a way to catch the operator mid-rollout (between two pods, the gated
+    pod swapped but not yet verified nor annotated) deterministically."""
 
     def __init__(self, inner: LocalPodRunner, gated_pod: str) -> None:
         self.inner = inner
@@ -314,7 +317,8 @@ class GatedRunner:
 
     async def run(self, pod: Any, argv: Any, *, stdin: bytes | None = None,
                   timeout: float = 60.0) -> Any:
-        if pod.name == self.gated_pod and list(argv[:1]) == ["postfix"] and not self.go.is_set():
+        if pod.name == self.gated_pod and list(argv[:3]) == ["postmap", "-q", "-"] \
+                and not self.go.is_set():
             self.reached.set()
             while not self.go.is_set():  # cancellable, as a real exec is
                 await asyncio.sleep(0.02)
@@ -339,7 +343,7 @@ async def test_an_operator_killed_mid_rollout_is_finished_by_the_next_one(
             pending = kubectl.ready("p")  # written before the rollout began
             assert pending is not None and pending["reason"] == "Pending"
             assert "relay: 0/3 pods on revision" in pending["message"]
-        # the operator is gone mid-rollout: relay-1 staged, not reloaded; relay-2 untouched
+        # the operator is gone mid-rollout: relay-1 swapped, not verified; relay-2 untouched
     finally:
         gated.go.set()
     async with operator(run_operator, kube_client, runner):
