@@ -9,6 +9,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from mailtls_operator.discovery.engine import Discoverer
+from mailtls_operator.discovery.report import cached_from_status
 from mailtls_operator.discovery.service import DiscoveryService
 from mailtls_operator.local.stsworld import StsWorld
 
@@ -83,3 +84,31 @@ async def test_rounds_status_events_and_deletion(world: StsWorld,
         assert service.entries_for(("mail", "relay")) == []
     finally:
         await service.stop()
+
+
+async def test_a_new_operator_keeps_the_recorded_policy_when_the_refresh_fails(
+        world: StsWorld, discoverer: Discoverer) -> None:
+    """Restart or leader change: the cache comes back from the status (RFC 8461 §5.1)."""
+    world.publish_sts("partner.example", id="2", mx=["*.new.partner.example"])
+    world.page("partner.example").status = 500  # the refresh fails
+    recorded = {"domain": "partner.example", "source": "mta-sts", "mode": "enforce",
+                "mx": ["*.partner.example"], "id": "1", "fetchedAt": "2026-12-01T11:00:00Z",
+                "expiresAt": "2026-12-02T11:00:00Z"}
+    rec = Recorder()
+    service = DiscoveryService(wake=rec.woken.append, write_status=rec.write_status,
+                               post_event=rec.post_event, clock=lambda: NOW,
+                               registry=CollectorRegistry(), discoverer=discoverer)
+    try:
+        service.on_object("ADDED", {**_obj("partner.example"),
+                                    "status": {"domains": [recorded]}})
+        await _until(lambda: rec.statuses)
+        [entry] = service.entries_for(("mail", "relay"))
+        assert entry.value == "secure match=.partner.example servername=hostname"
+        [domain] = rec.statuses[-1]["domains"]
+        assert domain["id"] == "1" and "HTTP 500" in domain["lastError"]
+        assert rec.events == []  # nothing changed
+    finally:
+        await service.stop()
+    forged = {**recorded, "mx": ["evil example"]}  # status is checked like partner input
+    assert cached_from_status(forged) is None
+    assert cached_from_status({**recorded, "mode": "dane-only"}) is None

@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..policy import parse_time
 from ..render import Loss
-from .decide import DANE, MTA_STS, DomainState, sts_value
+from .decide import DANE, MTA_STS, CachedSts, DomainState, sts_value
+from .mtasts import MODES, StsError, StsPolicy, _mx_pattern
 
 
 def _iso(value: Any) -> str:
@@ -93,3 +95,23 @@ def changes(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
         if old.get(name) != new.get(name) and (old.get(name) or new.get(name)):
             out.append(f"{name} {old.get(name) or '-'} -> {new.get(name) or '-'}")
     return out
+
+
+def cached_from_status(item: Mapping[str, Any]) -> CachedSts | None:
+    """The MTA-STS cache a previous operator recorded in ``status.domains[]``, if usable.
+
+    After a restart or a leader change the policy cache must survive (RFC 8461 §5.1: a
+    failed refresh keeps the unexpired policy), so it is rebuilt from the status.  Every
+    field is checked as if it came from the partner: bad values mean no cache.
+    """
+    try:
+        fetched = parse_time(str(item["fetchedAt"]))
+        expires = parse_time(str(item["expiresAt"]))
+        mode, ident = str(item["mode"]), str(item["id"])
+        mx = tuple(_mx_pattern(str(m)) for m in item.get("mx") or [])
+    except (KeyError, ValueError, StsError):
+        return None
+    max_age = int((expires - fetched).total_seconds())
+    if mode not in MODES or not ident.isalnum() or max_age <= 0 or (mode != "none" and not mx):
+        return None
+    return CachedSts(ident, StsPolicy(mode, max_age, mx), fetched)

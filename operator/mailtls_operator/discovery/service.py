@@ -26,9 +26,10 @@ from ..render import Loss, Tables
 from .decide import DomainState
 from .dns import Dns
 from .engine import Discoverer
+from .entries import DomainInvalid, domain_keys
 from .fetch import ssl_context
 from .objects import KIND, Discovery, DiscoveryInvalid, load_discovery
-from .report import changes, domain_status
+from .report import cached_from_status, changes, domain_status
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class DiscoveryService:
             status = body.get("status") or {}
             self.reported[key] = {d.get("domain", ""): d for d in status.get("domains") or []
                                   if isinstance(d, dict)}
+            self._seed_cache(self.reported[key])
         try:
             obj = load_discovery(body)
         except DiscoveryInvalid as exc:
@@ -98,6 +100,18 @@ class DiscoveryService:
         self._cancel(key)
         self.tasks[key] = asyncio.get_running_loop().create_task(
             self._loop(key), name=f"mailtls:discovery:{key[0]}/{key[1]}")
+
+    def _seed_cache(self, recorded: Mapping[str, Mapping[str, Any]]) -> None:
+        """MTA-STS policies recorded by a previous operator (restart, leader change) become
+        the cache again, so a failing refresh keeps them until they expire."""
+        for domain, item in recorded.items():
+            cached = cached_from_status(item)  # None where DANE won (mode dane-only)
+            try:
+                name = domain_keys(domain)[0]
+            except DomainInvalid:
+                continue
+            if cached is not None and name not in self.discoverer.cache:
+                self.discoverer.cache[name] = cached
 
     def entries_for(self, instance: tuple[str, str]) -> list[Policy]:
         """Discovered entries that target ``instance``: the workers render them."""
