@@ -26,7 +26,7 @@ def _obj(*domains: str, generation: int = 1, **spec: Any) -> dict[str, Any]:
 class Recorder:
     def __init__(self) -> None:
         self.statuses: list[dict[str, Any]] = []
-        self.events: list[tuple[str, str, str]] = []
+        self.events: list[tuple[str, str, str, str]] = []
         self.woken: list[str] = []
 
     async def write_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
@@ -34,7 +34,7 @@ class Recorder:
 
     async def post_event(self, involved: dict[str, Any], kind: str, reason: str,
                          message: str) -> None:
-        self.events.append((involved["kind"], reason, message))
+        self.events.append((involved["kind"], kind, reason, message))
 
 
 async def _until(predicate: Any, timeout: float = 10.0) -> None:
@@ -68,14 +68,22 @@ async def test_rounds_status_events_and_deletion(world: StsWorld,
         world.publish_sts("partner.example", id="2", mx=["*.mx.partner.example"])
         service.on_object("MODIFIED", _obj("partner.example", generation=2))
         await _until(lambda: rec.events)
-        assert rec.events == [("MailTLSDiscovery", "PolicyChanged",
+        assert rec.events == [("MailTLSDiscovery", "Normal", "PolicyChanged",
                                "partner.example: id 1 -> 2; mx ['*.partner.example'] -> "
                                "['*.mx.partner.example']")]
+
+        world.publish_sts("partner.example", id="3", mode="testing", mx=["*.mx.partner.example"])
+        service.on_object("MODIFIED", _obj("partner.example", generation=3,
+                                           checkIntervalSeconds=120))  # a new round
+        await _until(lambda: len(rec.events) == 2)
+        assert rec.events[1] == ("MailTLSDiscovery", "Warning", "PolicyChanged",
+                                 "partner.example: id 2 -> 3; mode enforce -> testing; "
+                                 "its line is no longer written")
         assert registry.get_sample_value("mailtls_discovered_policy_changes_total", {
             "namespace": "mail", "discovery": "partners", "field": "mx"}) == 1.0
 
         writes = len(rec.statuses)
-        service.on_object("MODIFIED", _obj("[not.a.domain]", generation=3))  # refused
+        service.on_object("MODIFIED", _obj("[not.a.domain]", generation=4))  # refused
         await _until(lambda: len(rec.statuses) > writes)
         assert rec.statuses[-1]["conditions"][0]["reason"] == "Invalid"
         assert service.entries_for(("mail", "relay"))  # the last good object still counts

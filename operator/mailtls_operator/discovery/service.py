@@ -238,17 +238,22 @@ class DiscoveryService:
         before = self.reported.setdefault(key, {})
         meta = self.meta.get(key, {})
         for d in domains:
-            diff = changes(before.get(d["domain"]), d)
+            old = before.get(d["domain"])
+            diff = changes(old, d)
             before[d["domain"]] = d
             if not diff:
                 continue
+            # a person may have to act when a line is lost (enforce -> testing/none, a
+            # policy gone); a new id, MX list or stricter mode is news, not an alarm
+            lost = bool(old and old.get("entry") and not d.get("entry"))
             for item in diff:
                 self.changes.labels(key[0], key[1], item.split(" ", 1)[0]).inc()
             involved = {"kind": KIND, "namespace": key[0], "name": key[1],
                         "uid": meta.get("uid", ""), "apiVersion": meta.get("apiVersion")}
             with contextlib.suppress(Exception):
-                await self.post_event(involved, "Normal", "PolicyChanged",
-                                      f"{d['domain']}: {'; '.join(diff)}")
+                await self.post_event(involved, "Warning" if lost else "Normal",
+                                      "PolicyChanged", f"{d['domain']}: {'; '.join(diff)}"
+                                      + ("; its line is no longer written" if lost else ""))
 
     # ------------------------------------------------------------------- tasks
 
