@@ -45,6 +45,7 @@ from .crd import GROUP, KIND, PLURAL, VERSION
 from .discovery.service import DiscoveryService
 from .kube import Conflict, Kube, NotFound
 from .leader import LeaderElector
+from .memory import Trimmer
 from .metrics import Metrics
 from .observer import (
     Observations,
@@ -155,7 +156,7 @@ class InstanceState:
     than the render is Pending, whatever the pods say."""
     seq: dict[str, int] = field(default_factory=dict)
     """Order of the revisions rendered since start (revision -> sequence number)."""
-    since: dict[str, tuple[tuple[str, ...], str]] = field(default_factory=dict)
+    since: dict[str, tuple[tuple[tuple[str, ...], str], str]] = field(default_factory=dict)
     """policy ref -> (its lines, the revision that first carried them): a policy is live in
     a pod whose revision is that one or later, so a change to *another* policy neither
     makes it Pending nor rewrites its status."""
@@ -167,13 +168,14 @@ class InstanceState:
         its lines are still the same, so a restart rewrites no status."""
         if tables.revision not in self.seq:
             self.seq[tables.revision] = len(self.seq)
-        for ref, lines in tables.contributors.items():
-            key = tuple(lines)
+        for ref in tables.contributors:
+            key = tables.contributors.entry(ref)  # the policy's own keys and value, shared
             if ref in self.since and self.since[ref][0] == key:
                 continue
             known = recorded(ref) if ref not in self.since else None
             revision = tables.revision
-            if known is not None and known[1] and set(key) <= set(known[0]):
+            if known is not None and known[1] and \
+                    set(tables.contributors[ref]) <= set(known[0]):
                 revision = known[1]
             self.since[ref] = (key, revision)
         for ref in set(self.since) - set(tables.contributors):
@@ -247,6 +249,7 @@ class InstanceWorker:
                 self.wake_later(self.operator.config.retry_base)
             if not self.dirty.is_set():
                 self.idle.set()
+                self.operator.after_work()
                 await self.dirty.wait()
                 self.idle.clear()
 
@@ -283,12 +286,14 @@ class Operator:
         self.states: dict[InstanceKey, InstanceState] = {}
         self.workers: dict[InstanceKey, InstanceWorker] = {}
         self.started = False
+        self.trimmer = Trimmer()
         self.status_writer = StatusWriter(
             self._write_status, qps=self.config.status_qps, burst=self.config.status_burst,
             retry_base=self.config.retry_base, retry_max=self.config.retry_max,
             describe=_one_line,
             on_failure=lambda rec: self.metrics.status_write_failures.labels(
                 rec.namespace).inc())
+        self.status_writer.on_idle = self.after_work
         self._io = asyncio.Semaphore(16)
         self._stopping = False
 
@@ -862,7 +867,7 @@ class Operator:
                 views.append(InstanceView(key[1], "", len(self.world.pods_of(key)), 0))
                 continue
             t = state.tables
-            revision = state.since.get(rec.ref, ((), t.revision))[1]
+            revision = state.since.get(rec.ref, (((), ""), t.revision))[1]
             pods = self.world.pods_of(key)
             annotation = ANN_TEMPLATE_REVISION if pods and pods[0].annotation(
                 ANN_STRATEGY, self.config.default_strategy) == "restart" else ANN_APPLIED
@@ -903,6 +908,13 @@ class Operator:
         self.metrics.exceptions_active.labels(namespace).set(sum(
             1 for rec in self.world.records(namespace) if rec.policy is not None
             and rec.policy.exception is not None and not rec.policy.is_expired(now)))
+
+    def after_work(self) -> None:
+        """A worker went idle: once everything is idle, hand the burst's freed memory
+        back to the system (at most every 30 s; see memory.py)."""
+        if all(w.idle.is_set() for w in self.workers.values()) and \
+                self.status_writer.idle.is_set():
+            self.trimmer.after_burst()
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in the background, kept alive until it ends, cancelled at stop."""
@@ -980,7 +992,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
         settings.persistence.diffbase_storage = _NoDiffBase()
         # Thousands of long-lived policy records make every full collection walk them
         # all; young collections stay frequent enough for the event churn.
-        gc.set_threshold(20_000, 20, 100)
+        gc.set_threshold(10_000, 10, 10)
 
     @kopf.on.startup(registry=registry, backoff=2.0)  # e.g. the API server answered 503
     async def _startup(memo: kopf.Memo, **_: Any) -> None:

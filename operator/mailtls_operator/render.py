@@ -50,7 +50,7 @@ class Tables:
     """key -> namespace/name of the policy whose line it is."""
     losses: dict[str, list[Loss]] = field(default_factory=dict)
     """namespace/name -> keys it declared but did not get."""
-    contributors: Mapping[str, list[str]] = field(default_factory=dict)
+    contributors: Lines = field(default_factory=lambda: Lines({}, {}))
     """namespace/name -> table lines it contributes (``KEY VALUE``)."""
     refused: dict[str, str] = field(default_factory=dict)
     """namespace/name -> why its lines were not written (an unsafe key or value that
@@ -223,7 +223,7 @@ def render(policies: Iterable[Policy], *, instance: tuple[str, str] | None = Non
     return Tables(revision=revision, tls_policy=tls_text, transport=transport_text,
                   tls_entries=_Entries(keys, owners, revision_value(revision)),
                   transport_entries=transport_entries, owners=_Owners(keys, owners),
-                  losses=losses, contributors=_Lines(contributed, values), refused=refused)
+                  losses=losses, contributors=Lines(contributed, values), refused=refused)
 
 
 def _runs(keys: list[str], owners: list[Policy]) -> Iterator[str]:
@@ -306,7 +306,7 @@ class _Owners(_Sorted, Mapping[str, str]):
         return self._owner(key) is not None
 
 
-class _Lines(Mapping[str, list[str]]):
+class Lines(Mapping[str, list[str]]):
     """namespace/name -> its ``KEY VALUE`` lines, made when asked (a status shows 500 of
     them at most); stored as the policy's own key tuple and value."""
 
@@ -331,6 +331,11 @@ class _Lines(Mapping[str, list[str]]):
     def keys_of(self, ref: str) -> tuple[str, ...]:
         """The keys ``ref`` contributes, without building its lines."""
         return self._keys.get(ref, ())
+
+    def entry(self, ref: str) -> tuple[tuple[str, ...], str]:
+        """(keys, value) of ``ref``: identifies its lines without making them (the keys
+        are the policy's own tuple, the value its own string: nothing is copied)."""
+        return self._keys[ref], self._values[ref]
 
 
 def _nexthop(key: str) -> str:
