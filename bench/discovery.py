@@ -20,11 +20,11 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from bench.common import Result, Summary, stats, table
-from mailtls_operator.discover_cli import table_lines
+from mailtls_operator.cli.discover import table_lines
 from mailtls_operator.discovery.dns import Dns
 from mailtls_operator.discovery.engine import Discoverer
 from mailtls_operator.discovery.fetch import ssl_context
-from mailtls_operator.local.stsworld import StsWorld
+from testbed.stsworld import StsWorld
 
 NAME = "discovery"
 DOMAINS = [f"d{i:03d}.example" for i in range(100)]

@@ -22,12 +22,13 @@ import time
 import uuid
 from email.message import EmailMessage
 from email.policy import SMTP
+from functools import partial
 from typing import Any
 
 from bench.common import Result, Summary, postfix_available, stats, table
 from bench.harness import NAMESPACE, Env, TimingRunner, bench_config, emulation, local_pods, policy
 from mailtls_operator import postfix
-from mailtls_operator.local import LocalInstance, Received, SmtpSink
+from testbed import LocalInstance, Received, SmtpSink
 
 NAME = "reload_under_load"
 BASELINE_S = 6.0
@@ -158,7 +159,7 @@ async def _scenario(result: Result, sink: TimedSink) -> None:
 
     phases = {"quiet (baseline)": (t0, t1), "re-rolling every ~2 s (rename, no reload)": (t1, t2),
               "re-rolling, reload forced (mailtls.io/reload)": (t2, t3)}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, (a, b) in phases.items():
         accepted = [t for t, _ in sender.accepted.values() if a <= t < b]
         arrived = [t for t, _ in sink.arrivals if a <= t < b]
@@ -215,6 +216,12 @@ def _filler(k: int) -> dict[str, Any]:
     return {"destinations": [f"reroll{k}.example", f".reroll{k}.example"], "level": "encrypt"}
 
 
+def _moved_on(env: Env, old: str | None) -> str | None:
+    """The ConfigMap's revision once it is no longer ``old``."""
+    rev = env.revision()
+    return rev if rev not in (None, old) else None
+
+
 async def _reroll(env: Env, pods: list[str], until: float, first: int = 0) -> int:
     """Change the filler policy every ~2 s until ``until``; count revisions verified."""
     revisions: list[str] = []
@@ -225,8 +232,8 @@ async def _reroll(env: Env, pods: list[str], until: float, first: int = 0) -> in
         old = env.revision()
         await asyncio.to_thread(env.replace_spec_sync, NAMESPACE, "filler", _filler(k))
         try:
-            rev = await env.until(lambda o=old: (r := env.revision()) not in (None, o) and r, 10)
-            await env.until(lambda r=rev: env.pods_on(r, pods), 15)
+            rev = await env.until(partial(_moved_on, env, old), 10)
+            await env.until(partial(env.pods_on, rev, pods), 15)
             revisions.append(rev)
         except TimeoutError:
             pass

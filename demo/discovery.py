@@ -25,17 +25,17 @@ from mailtls_operator.discovery.engine import Discoverer
 from mailtls_operator.discovery.entries import entries
 from mailtls_operator.discovery.fetch import ssl_context
 from mailtls_operator.discovery.report import describe
-from mailtls_operator.local import (
+from mailtls_operator.podrunner import PodRef
+from mailtls_operator.render import render
+from mailtls_operator.rollout import PodTarget, TableSet, apply_to_pod
+from testbed import (
     InstanceSettings,
     LocalCA,
     LocalInstance,
     LocalPodRunner,
     starttls_sink,
 )
-from mailtls_operator.local.stsworld import StsWorld
-from mailtls_operator.podrunner import PodRef
-from mailtls_operator.render import render
-from mailtls_operator.rollout import PodTarget, TableSet, apply_to_pod
+from testbed.stsworld import StsWorld
 
 ADDRESS = "127.0.84.43"
 

@@ -10,7 +10,6 @@ exactly when what Postfix would do changes.
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
@@ -90,10 +89,16 @@ def beats(a: Policy, b: Policy) -> bool:
     return a.age_key() < b.age_key()
 
 
+LOST_TO_EXCEPTION = "Overridden"
+"""A key taken by a break-glass exception (the loser's status says Overridden)."""
+LOST_TO_CONFLICT = "Conflict"
+"""A key taken by a stronger or older policy (the loser's Accepted says Conflict)."""
+
+
 def _loss_reason(winner: Policy, loser: Policy) -> str:
     if winner.exception is not None and loser.exception is None:
-        return "Overridden"
-    return "Conflict"
+        return LOST_TO_EXCEPTION
+    return LOST_TO_CONFLICT
 
 
 def select(policies: Iterable[Policy], instance: tuple[str, str] | None,
@@ -212,12 +217,8 @@ def render(policies: Iterable[Policy], *, instance: tuple[str, str] | None = Non
     revision = digest.hexdigest()
     where = f"{instance[0]}/{instance[1]}" if instance else "all policies"
     head = f"{HEADER}\n# instance: {where}\n# revision: {revision}\n"
-    out = io.StringIO()  # second pass: one growing buffer, no list of chunks beside it
-    out.write(f"{head}{REVISION_KEY} {revision_value(revision)}\n")
-    for chunk in _runs(keys, owners):
-        out.write(chunk)
-    tls_text = out.getvalue()
-    del out
+    tls_text = "".join([f"{head}{REVISION_KEY} {revision_value(revision)}\n",
+                        *_runs(keys, owners)])  # second pass: one allocation of the text
     transport_text = f"{head}{transport_body}" if transport_entries else ""
     values = {p.ref: p.value for p in chosen}
     return Tables(revision=revision, tls_policy=tls_text, transport=transport_text,

@@ -9,7 +9,7 @@ import pytest
 from mailtls_operator.discovery.dns import Dns
 from mailtls_operator.discovery.engine import Discoverer
 from mailtls_operator.discovery.fetch import ssl_context
-from mailtls_operator.local.stsworld import StsWorld
+from testbed.stsworld import StsWorld
 
 GOOD = ["partner.example", "testing.example", "none.example", "big.example",
         "redirect.example", "html.example", "signed.example", "unsigned.example"]

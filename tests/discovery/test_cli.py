@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mailtls_operator.cli import main
-from mailtls_operator.local.stsworld import StsWorld
+from testbed.stsworld import StsWorld
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="HTTPS on port 443 needs root")
 
@@ -65,7 +65,7 @@ def test_discover_exit_1_when_a_lookup_fails(world443: StsWorld,
 
 def test_discover_probe_reports_testing_domains(world443: StsWorld,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    from mailtls_operator.local import postfix_unavailable
+    from testbed import postfix_unavailable
 
     if (reason := postfix_unavailable()) is not None:
         pytest.skip(reason)

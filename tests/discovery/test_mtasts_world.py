@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from mailtls_operator.discover_cli import table_lines
+from mailtls_operator.cli.discover import table_lines
 from mailtls_operator.discovery.decide import DomainState
 from mailtls_operator.discovery.engine import Discoverer
 from mailtls_operator.discovery.report import domain_status
-from mailtls_operator.local.stsworld import Page, StsWorld
+from testbed.stsworld import Page, StsWorld
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 D = "partner.example"

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from mailtls_operator import probe
+from mailtls_operator.cli.probe import LOCAL, HostRunner
 from mailtls_operator.discovery.dns import Dns
 from mailtls_operator.discovery.engine import Discoverer
 from mailtls_operator.discovery.fetch import ssl_context
 from mailtls_operator.discovery.probing import Verdict, probe_testing
-from mailtls_operator.local import LocalCA, SmtpSink, postfix_unavailable, starttls_sink
-from mailtls_operator.local.stsworld import StsWorld
-from mailtls_operator.probe_cli import LOCAL, HostRunner
+from testbed import LocalCA, SmtpSink, postfix_unavailable, starttls_sink
+from testbed.stsworld import StsWorld
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from mailtls_operator.discovery.engine import Discoverer
 from mailtls_operator.discovery.report import cached_from_status
 from mailtls_operator.discovery.service import DiscoveryService
-from mailtls_operator.local.stsworld import StsWorld
+from testbed.stsworld import StsWorld
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 

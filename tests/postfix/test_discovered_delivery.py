@@ -21,10 +21,10 @@ from mailtls_operator.discovery.dns import Dns
 from mailtls_operator.discovery.engine import Discoverer
 from mailtls_operator.discovery.entries import entries
 from mailtls_operator.discovery.fetch import ssl_context
-from mailtls_operator.local import LocalCA, LocalPodRunner, SmtpSink, starttls_sink
-from mailtls_operator.local.stsworld import StsWorld
 from mailtls_operator.render import render
 from mailtls_operator.rollout import TableSet, apply_to_pod
+from testbed import LocalCA, LocalPodRunner, SmtpSink, starttls_sink
+from testbed.stsworld import StsWorld
 
 from .conftest import PodFactory
 from .helpers import INSTANCE, target

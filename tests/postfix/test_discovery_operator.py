@@ -20,12 +20,12 @@ from mailtls_operator.discovery.engine import Discoverer
 from mailtls_operator.discovery.fetch import ssl_context
 from mailtls_operator.discovery.objects import DiscoveryInvalid, crd_path, load_discovery
 from mailtls_operator.kube import Kube
-from mailtls_operator.local import LocalPodRunner
-from mailtls_operator.local.stsworld import StsWorld
-from tests.integration.apiserver import FieldCause, ResourceSpec
+from testbed import LocalPodRunner
+from testbed.apiserver import ApiServer, FieldCause, ResourceSpec
+from testbed.stsworld import StsWorld
 
 from .conftest import PodFactory
-from .test_through_operator import ApiServer, Kubectl, kubectl, seed_pods
+from .test_through_operator import Kubectl, kubectl, seed_pods
 
 __all__ = ["kubectl"]  # the fixture, re-used
 
@@ -138,7 +138,7 @@ async def test_discovered_lines_status_precedence_and_change_event(
         events = apiserver.list_objects("v1/events", "mail")
         messages = [e["message"] for e in events if e.get("reason") == "PolicyChanged"]
         assert any("partner.example: id 1 -> 2" in m for m in messages), messages
-        metric = op.metrics.registry.get_sample_value(
+        metric = op.ctx.metrics.registry.get_sample_value(
             "mailtls_discovered_policy_changes_total",
             {"namespace": "mail", "discovery": "partners", "field": "id"})
         assert metric == 1.0

@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from mailtls_operator.local import LocalPodRunner
 from mailtls_operator.versions import held_back, parse_version, unsupported
+from testbed import LocalPodRunner
+from testbed.apiserver import ApiServer
 
 from .conftest import PodFactory
 from .helpers import policy
-from .test_through_operator import ApiServer, Kubectl, kubectl, operator, seed_pods
+from .test_through_operator import Kubectl, kubectl, operator, seed_pods
 
 __all__ = ["kubectl"]  # the fixture, re-used
 

@@ -19,7 +19,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-from ..crd import GROUP, _path, _schema_message, _to_json_schema
+from ..crd import GROUP
+from ..crd.schema import _path, _schema_message, _to_json_schema
 from ..policy import Policy, PolicyInvalid, load_policy, parse_time
 from ..sources import SourceError, _files, _is_policy, _objects
 from .decide import SOURCES, DomainState

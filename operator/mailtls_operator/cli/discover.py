@@ -19,17 +19,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .discovery.decide import SOURCES, DomainState
-from .discovery.entries import DomainInvalid, domain_keys, entries
-from .discovery.report import describe
-from .render import REVISION_KEY, render
+from ..discovery.decide import SOURCES, DomainState
+from ..discovery.entries import DomainInvalid, domain_keys, entries
+from ..discovery.report import describe
+from ..render import REVISION_KEY, render
 
 EXIT_OK, EXIT_LOOKUP, EXIT_INVALID = 0, 1, 2
 
 
 def _discoverer(args: argparse.Namespace) -> Any:
     """The same :class:`Discoverer` the operator builds, from the CLI options (or exit 2)."""
-    from .discovery.engine import build_discoverer
+    from ..discovery.engine import build_discoverer
 
     if args.ca_file and not Path(args.ca_file).is_file():
         raise SystemExit(_bad(f"--ca-file: {args.ca_file}: no such file"))
@@ -79,9 +79,9 @@ def _probe_testing(discoverer: Any, states: list[DomainState], config_dir: str |
     """``--probe``: testing-mode domains probed with posttls-finger on this machine."""
     import shutil
 
-    from . import probe
-    from .discovery.probing import probe_testing
-    from .probe_cli import LOCAL, SBIN_PATH, HostRunner, _config_dir
+    from .. import probe
+    from ..discovery.probing import probe_testing
+    from .probe import LOCAL, SBIN_PATH, HostRunner, _config_dir
 
     if shutil.which(probe.PROGRAM, path=SBIN_PATH) is None:
         print(f"error: --probe: {probe.PROGRAM} not found (install Postfix)", file=sys.stderr)
@@ -104,8 +104,8 @@ def _probe_testing(discoverer: Any, states: list[DomainState], config_dir: str |
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .discovery.explain import explain
-    from .discovery.objects import DiscoveryInvalid, load_explain_inputs
+    from ..discovery.explain import explain
+    from ..discovery.objects import DiscoveryInvalid, load_explain_inputs
 
     now = datetime.now(UTC)
     try:
