@@ -47,6 +47,7 @@ class PolicyRecord:
     stale: bool = False
     """``policy`` is the last good generation, kept in the tables while the current
     one is refused (bad input changes nothing)."""
+    resource_version: str = ""
 
     @property
     def ref(self) -> str:
@@ -133,6 +134,13 @@ class World:
         self._verdicts[uid] = (key, verdict)
         return verdict
 
+    def holds(self, namespace: str, name: str, resource_version: str) -> bool:
+        """Is exactly this version of the policy recorded already?  (A restart lists every
+        policy itself, then Kopf replays each one: those events change nothing.)"""
+        rec = self.policies.get(namespace, {}).get(name)
+        return rec is not None and bool(resource_version) and \
+            rec.resource_version == resource_version
+
     def upsert_policy(self, obj: Mapping[str, Any]) -> set[InstanceKey]:
         """Record a policy; return the instances whose table input changed."""
         meta = _meta(obj)
@@ -150,6 +158,7 @@ class World:
             status=dict(obj.get("status") or {}),
             spec=dict(spec) if isinstance(spec, Mapping) else {},
             stale=isinstance(verdict, list) and last_good is not None,
+            resource_version=str(meta.get("resourceVersion") or ""),
         )
         self.policies.setdefault(ns, {})[name] = rec
         self._count_named(old, -1)

@@ -225,6 +225,15 @@ class Operator:
 
     # ------------------------------------------------------------------ events
 
+    def known(self, event_type: str | None, namespace: str, name: str,
+              resource_version: str) -> bool:
+        """An event for a version already recorded (the replay after a restart's own
+        list): marked seen and skipped before its body is even copied."""
+        if event_type == "DELETED" or not self.world.holds(namespace, name, resource_version):
+            return False
+        self._seen[(namespace, name)] = resource_version
+        return True
+
     def on_policy(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
         self._seen[(meta.get("namespace", ""), meta.get("name", ""))] = str(

@@ -48,6 +48,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def _policy(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        meta = body.metadata
+        if memo.operator.known(type, meta.namespace or "", meta.name or "",
+                               str(meta.get("resourceVersion") or "")):
+            return
         memo.operator.on_policy(type, _plain(body))
 
     @kopf.on.event(GROUP, VERSION, "mailtlsdiscoveries", registry=registry)
