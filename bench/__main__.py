@@ -38,6 +38,7 @@ def _benchmarks() -> dict[str, Callable[[], Runner]]:
         "operator_footprint": load("footprint"),
         "reload_under_load": load("reload_load"),
         "images": load("images"),
+        "discovery": load("discovery"),
     }
 
 

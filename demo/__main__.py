@@ -326,6 +326,8 @@ async def main() -> int:
 
             step("10. Final status")
             demo.print_policies()
+            from demo.discovery import run as discovery  # issue 16
+            await discovery(base, step)
             print(f"\n{BOLD}Demo finished in {time.monotonic() - started:.1f}s; stopping "
                   f"everything.{RESET}")
     finally:

@@ -28,6 +28,7 @@ API_CALLS: frozenset[tuple[str, str, str]] = frozenset({
     ("get", "apiextensions.k8s.io", "customresourcedefinitions"),
     ("list", GROUP, PLURAL),
     ("patch", GROUP, f"{PLURAL}/status"),
+    ("patch", GROUP, "mailtlsdiscoveries/status"),  # discovery (issue 16)
     ("list", "", "pods"),
     ("patch", "", "pods"),
     ("list", "", "configmaps"),
@@ -168,6 +169,12 @@ class Kube:
         return await self._call(self.custom.patch_namespaced_custom_object_status, GROUP,
                                 VERSION, namespace, PLURAL, name, {"status": status},
                                 _content_type=MERGE)
+
+    async def patch_discovery_status(self, namespace: str, name: str,
+                                     status: dict[str, Any]) -> dict[str, Any]:
+        return await self._call(self.custom.patch_namespaced_custom_object_status, GROUP,
+                                VERSION, namespace, "mailtlsdiscoveries", name,
+                                {"status": status}, _content_type=MERGE)
 
     async def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]
                            ) -> dict[str, Any]:

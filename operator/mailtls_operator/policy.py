@@ -35,6 +35,10 @@ RANK = {"none": 0, "may": 1, "encrypt": 2, "dane": 2,
 
 DEFAULT_MAX_EXCEPTION = timedelta(days=30)
 
+# Where a policy comes from, strongest first after break-glass exceptions
+# (DESIGN.md §11): a team's explicit policy > DANE > MTA-STS, whatever the levels.
+SOURCE_TIER = {"static": 2, "dane": 1, "mta-sts": 0}
+
 _LDH = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 _BRACKET = re.compile(r"\[([^\]]*)\](?::([0-9]+))?")
 _PORTED = re.compile(r"(.*?)(?::([0-9]+))?", re.DOTALL)
@@ -77,6 +81,7 @@ class Policy:
     exception: Exception_ | None = None
     tafile: tuple[str, ...] = ()
     spec_hash: str = ""
+    source: str = "static"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import groupby, repeat
 
-from .policy import LEVELS, Policy
+from .policy import LEVELS, SOURCE_TIER, Policy
 from .safetext import shown, unsafe_character
 
 REVISION_KEY = "mailtls-revision.invalid"
@@ -72,7 +72,8 @@ def beats(a: Policy, b: Policy) -> bool:
     """Does ``a`` win a key over ``b``?  A total order, so input order never matters.
 
     Break-glass exceptions beat ordinary policies; between exceptions the one
-    expiring first wins.  Otherwise the stricter level wins; equal strength
+    expiring first wins.  Then the source: a team's explicit policy beats a
+    discovered one, DANE beats MTA-STS.  Otherwise the stricter level wins; equal strength
     with different settings (``encrypt`` vs ``dane``, two ``secure`` with other
     names) goes to the oldest policy.
     """
@@ -81,6 +82,8 @@ def beats(a: Policy, b: Policy) -> bool:
     if a.exception is not None and b.exception is not None:
         if a.exception.expires_at != b.exception.expires_at:
             return a.exception.expires_at < b.exception.expires_at
+    elif a.source != b.source and SOURCE_TIER[a.source] != SOURCE_TIER[b.source]:
+        return SOURCE_TIER[a.source] > SOURCE_TIER[b.source]
     elif a.rank != b.rank:
         return a.rank > b.rank
     return a.age_key() < b.age_key()

@@ -45,6 +45,7 @@ TRUST_ANCHOR_UNCHECKED = "TrustAnchorUnchecked"
 """A note, not a warning: the restart strategy cannot look into pods for the tafile."""
 CHECK_UNAVAILABLE = "CheckUnavailable"
 """A safety check (the tafile check) could not run in the pod: the lines are held back."""
+UNSUPPORTED_ATTRIBUTE = "UnsupportedAttribute"  # versions.REASON: Postfix too old for a line
 BREAK_GLASS = "BreakGlass"
 EXCEPTION_ACTIVE = "ExceptionActive"
 PROBES_PASSED = "ProbesPassed"
@@ -52,7 +53,7 @@ PROBE_FAILED = "ProbeFailed"
 
 WARNING_REASONS = {INVALID, CONFLICT, ROLLOUT_FAILED, EXPIRED, POLICY_BYPASSED,
                    DNSSEC_DISABLED, TRUST_ANCHOR_MISSING, BREAK_GLASS, NO_INSTANCES,
-                   EXCEPTION_ACTIVE, UNSAFE_ENTRY, CHECK_UNAVAILABLE}
+                   EXCEPTION_ACTIVE, UNSAFE_ENTRY, CHECK_UNAVAILABLE, UNSUPPORTED_ATTRIBUTE}
 MAX_ENTRIES = 500
 MAX_MESSAGE = 4096
 """Characters of a condition message (the CRD allows 32768; a message quotes Postfix
@@ -139,7 +140,7 @@ def _ready(rec: PolicyRecord, views: Sequence[InstanceView], now: datetime) -> C
                          f"(pods labelled mailtls.io/instance"
                          f"{'=' + ','.join(rec.instances()) if rec.instances() else ''})")
     for reason in (UNSAFE_ENTRY, ROLLOUT_FAILED, TRUST_ANCHOR_MISSING, CHECK_UNAVAILABLE,
-                   POLICY_BYPASSED, DNSSEC_DISABLED):
+                   UNSUPPORTED_ATTRIBUTE, POLICY_BYPASSED, DNSSEC_DISABLED):
         msgs = [f"{v.name}: {m}" for v in views for r, m in v.warnings if r == reason]
         if reason == ROLLOUT_FAILED:
             msgs = [f"{v.name}: {v.failure}" for v in views if v.failure]

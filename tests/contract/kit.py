@@ -28,6 +28,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_SOURCE = ROOT / "crds" / "mailtlspolicies.mailtls.io.yaml"
+#: Every CRD, each copied byte for byte into the chart and the kustomize base.
+CRD_SOURCES = (CRD_SOURCE, ROOT / "crds" / "mailtlsdiscoveries.mailtls.io.yaml")
 CHART = ROOT / "charts" / "mailtls-operator"
 CHART_CRD_COPY = CHART / "files" / "crds" / CRD_SOURCE.name
 MANIFESTS = ROOT / "manifests"
@@ -220,11 +222,11 @@ def _file(what: str, docs: list[str]) -> str:
 
 def generate() -> dict[Path, str]:
     """Every generated file under manifests/ and the chart's CRD copy, by path."""
-    crd_text = CRD_SOURCE.read_text(encoding="utf-8")
-    out: dict[Path, str] = {
-        CHART_CRD_COPY: crd_text,
-        BASE / "crds" / CRD_SOURCE.name: crd_text,
-    }
+    out: dict[Path, str] = {}
+    for source in CRD_SOURCES:
+        crd_text = source.read_text(encoding="utf-8")
+        out[CHART_CRD_COPY.parent / source.name] = crd_text
+        out[BASE / "crds" / source.name] = crd_text
 
     defaults = render_chart({})
     what = f'default values, release "{RELEASE}", namespace "{NAMESPACE}"'

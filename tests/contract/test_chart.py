@@ -20,7 +20,7 @@ from .checks import all_problems
 from .kit import (
     CHART,
     CHART_CRD_COPY,
-    CRD_SOURCE,
+    CRD_SOURCES,
     NAMESPACE,
     RELEASE,
     ROOT,
@@ -93,6 +93,7 @@ def test_the_operators_calls_are_what_the_design_says() -> None:
     assert crd_get == CLUSTER_CALLS
     assert {(g, r) for _, g, r in CALLS} == {
         ("mailtls.io", "mailtlspolicies"), ("mailtls.io", "mailtlspolicies/status"),
+        ("mailtls.io", "mailtlsdiscoveries"), ("mailtls.io", "mailtlsdiscoveries/status"),
         ("", "pods"), ("", "configmaps"), ("", "events"),
         ("apps", "deployments"), ("apps", "statefulsets"), ("apps", "replicasets"),
         ("apiextensions.k8s.io", "customresourcedefinitions"),
@@ -125,6 +126,7 @@ def test_default_render_has_the_expected_objects() -> None:
         ("ClusterRole", "mailtls-operator-mailtlspolicy-editor"),
         ("ClusterRole", "mailtls-operator-mailtlspolicy-viewer"),
         ("ClusterRoleBinding", "mailtls-operator"),
+        ("CustomResourceDefinition", "mailtlsdiscoveries.mailtls.io"),
         ("CustomResourceDefinition", "mailtlspolicies.mailtls.io"),
         ("Deployment", "mailtls-operator"),
         ("PodDisruptionBudget", "mailtls-operator"),
@@ -420,24 +422,32 @@ def test_pod_disruption_budget_takes_one_of_min_available_or_max_unavailable() -
 
 
 def test_chart_crd_copy_is_byte_identical_to_the_source() -> None:
-    assert CHART_CRD_COPY.read_bytes() == CRD_SOURCE.read_bytes(), (
-        "charts/mailtls-operator/files/crds/ is stale: "
-        "run .venv/bin/python -m tests.contract.kit")
+    for source in CRD_SOURCES:
+        assert (CHART_CRD_COPY.parent / source.name).read_bytes() == source.read_bytes(), (
+            "charts/mailtls-operator/files/crds/ is stale: "
+            "run .venv/bin/python -m tests.contract.kit")
 
 
-def test_templated_crd_is_the_source_crd_plus_labels_and_keep() -> None:
-    source = yaml.safe_load(CRD_SOURCE.read_text(encoding="utf-8"))
-    (crd,) = find(chart_objects(), "CustomResourceDefinition")
-    assert crd["spec"] == source["spec"]
-    assert crd["metadata"]["name"] == source["metadata"]["name"]
-    assert source["metadata"]["labels"].items() <= crd["metadata"]["labels"].items()
-    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
-    (unkept,) = find(chart_objects({"crds": {"keep": False}}), "CustomResourceDefinition")
-    assert "annotations" not in unkept["metadata"]
+def _crds(values: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    return {c["metadata"]["name"]: c
+            for c in find(chart_objects(values or {}), "CustomResourceDefinition")}
+
+
+def test_templated_crds_are_the_source_crds_plus_labels_and_keep() -> None:
+    sources = [yaml.safe_load(s.read_text(encoding="utf-8")) for s in CRD_SOURCES]
+    crds = _crds()
+    assert sorted(crds) == sorted(s["metadata"]["name"] for s in sources)
+    for source in sources:
+        crd = crds[source["metadata"]["name"]]
+        assert crd["spec"] == source["spec"]
+        assert source["metadata"]["labels"].items() <= crd["metadata"]["labels"].items()
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    for unkept in _crds({"crds": {"keep": False}}).values():
+        assert "annotations" not in unkept["metadata"]
     assert find(chart_objects({"crds": {"enabled": False}}), "CustomResourceDefinition") == []
     argo = {"argocd.argoproj.io/sync-options": "Delete=false"}
-    (annotated,) = find(chart_objects({"crds": {"annotations": argo}}), "CustomResourceDefinition")
-    assert annotated["metadata"]["annotations"] == {**argo, "helm.sh/resource-policy": "keep"}
+    for annotated in _crds({"crds": {"annotations": argo}}).values():
+        assert annotated["metadata"]["annotations"] == {**argo, "helm.sh/resource-policy": "keep"}
 
 
 def test_chart_has_no_crds_dir_now_that_kopf_peering_is_gone() -> None:

@@ -17,7 +17,7 @@ from mailtls_operator.policy import validate_object
 from .checks import all_problems, problems
 from .kit import (
     BASE,
-    CRD_SOURCE,
+    CRD_SOURCES,
     EXAMPLES,
     NAMESPACE,
     OBSOLETE,
@@ -43,8 +43,10 @@ def test_generated_files_are_current() -> None:
 
 
 def test_crd_copies_are_byte_identical() -> None:
-    assert (BASE / "crds" / CRD_SOURCE.name).read_bytes() == CRD_SOURCE.read_bytes()
-    assert sorted(p.name for p in (BASE / "crds").iterdir()) == [CRD_SOURCE.name]
+    for source in CRD_SOURCES:
+        assert (BASE / "crds" / source.name).read_bytes() == source.read_bytes()
+    assert sorted(p.name for p in (BASE / "crds").iterdir()) == sorted(
+        s.name for s in CRD_SOURCES)
     assert [p for p in OBSOLETE if p.exists()] == []  # Kopf's peering objects and CRDs
 
 
@@ -90,7 +92,7 @@ def test_base_is_the_default_chart_in_effect() -> None:
     assert names(base) == names(chart + chart_crd_objects()) | {
         ("Namespace", "", "mailtls-system")}
     (base_crd,) = find(base, "CustomResourceDefinition", "mailtlspolicies.mailtls.io")
-    (chart_crd,) = find(chart, "CustomResourceDefinition")
+    (chart_crd,) = find(chart, "CustomResourceDefinition", "mailtlspolicies.mailtls.io")
     assert base_crd["spec"] == chart_crd["spec"]
 
 

@@ -20,6 +20,8 @@ from tests.integration.helpers import Cluster, idle, operating, policy
 pytestmark = pytest.mark.integration
 
 LEADER = "leader election (--leader-elect): tests/integration/test_leader.py"
+DISCOVERY = ("MailTLSDiscovery: served by the emulation only where a test declares it; "
+             "recorded and asserted in tests/postfix/test_discovery_operator.py")
 
 # Granted but not exercised against the emulation, each for a stated reason.
 NOT_RECORDABLE = {
@@ -31,6 +33,9 @@ NOT_RECORDABLE = {
     ("apps", "deployments", "get"): "restart strategy with a Deployment owner",
     ("apps", "deployments", "patch"): "restart strategy with a Deployment owner",
     ("apps", "replicasets", "get"): "a Deployment pod's owner is its ReplicaSet",
+    ("mailtls.io", "mailtlsdiscoveries", "list"): DISCOVERY,
+    ("mailtls.io", "mailtlsdiscoveries", "watch"): DISCOVERY,
+    ("mailtls.io", "mailtlsdiscoveries/status", "patch"): DISCOVERY,
     ("coordination.k8s.io", "leases", "get"): LEADER,
     ("coordination.k8s.io", "leases", "create"): LEADER,
     ("coordination.k8s.io", "leases", "patch"): LEADER,

@@ -21,6 +21,16 @@ always runs standalone (no peering); replicas coordinate through a Lease instead
 - apiGroups: [mailtls.io]
   resources: [mailtlspolicies/status]
   verbs: [patch]
+# Application: MailTLSDiscovery objects (domains whose policy is discovered from
+# MTA-STS and DANE), watched through Kopf.
+- apiGroups: [mailtls.io]
+  resources: [mailtlsdiscoveries]
+  verbs: [list, watch]
+# Application: their per-domain .status (source, mode, mx, id, fetchedAt, expiresAt,
+# lastError) and Ready condition.
+- apiGroups: [mailtls.io]
+  resources: [mailtlsdiscoveries/status]
+  verbs: [patch]
 # Application: Postfix pods (label mailtls.io/instance), listed and watched; patch sets
 # the annotation mailtls.io/applied-revision after a verified rollout.
 - apiGroups: [""]

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_parser(sub)
     add_probe_parser(sub)
+    from .discover import add_discover_parsers  # discover, explain (issue 16)
+    add_discover_parsers(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ import kopf
 from kubernetes import client, config
 
 from ..controller import Config, Operator, register
+from ..discovery.engine import build_discoverer
 from ..execrunner import KubernetesExecRunner
 from ..kube import Kube
 from ..leader import LeaderElector
@@ -77,6 +78,12 @@ def run_operator(args: argparse.Namespace) -> int:
         identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
         leader = LeaderElector(kube, args.lease_namespace, args.lease_name, identity)
     operator = Operator(kube, KubernetesExecRunner(api), cfg, metrics=metrics, leader=leader)
+    try:  # MailTLSDiscovery lookups (issue 16)
+        operator.discovery.discoverer = build_discoverer(args.discovery_nameserver,
+                                                         args.discovery_ca_file)
+    except (ValueError, OSError) as exc:
+        print(f"mailtls run: discovery: {exc}", file=sys.stderr)
+        return 2
     registry = kopf.OperatorRegistry()
     register(registry)
 

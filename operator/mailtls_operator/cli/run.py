@@ -56,6 +56,12 @@ def add_run_parser(sub: Any) -> None:
                    help="probe every policy's destinations (a failing probe of an enforced "
                         "policy is a warning in its Verified condition), or only audit-mode "
                         "policies (default: %(default)s)")
+    p.add_argument("--discovery-nameserver", metavar="HOST[:PORT]",
+                   help="DNS server for MailTLSDiscovery (MTA-STS, DANE): DANE needs a "
+                        "DNSSEC-validating resolver (AD bit) on a trusted path; default: "
+                        "the system resolver")
+    p.add_argument("--discovery-ca-file", metavar="FILE",
+                   help="CA certificates for MTA-STS policy fetches (default: system store)")
     p.add_argument("--status-qps", type=float, default=100.0, metavar="N",
                    help="policy status patches per second at most, in bursts of up to 5x "
                         "that: a bulk load's statuses follow its enforcement instead of "

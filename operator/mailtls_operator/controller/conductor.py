@@ -23,6 +23,7 @@ from typing import Any
 from .. import routing
 from ..configmap import MANAGED_BY, OPERATOR
 from ..crd import GROUP, PLURAL
+from ..discovery.service import DiscoveryService
 from ..facts import read_facts
 from ..kube import Kube
 from ..leader import LeaderElector
@@ -31,6 +32,7 @@ from ..metrics import Metrics
 from ..podrunner import PodRunner
 from ..render import Tables, render
 from ..status import UNSAFE_ENTRY
+from ..versionlint import VersionLint
 from ..world import INSTANCE_LABEL, InstanceKey, World
 from .context import RESTART, Config, Context, cancel_and_wait, utcnow
 from .observing import Observations
@@ -63,8 +65,13 @@ class Operator:
         self.statuses = Statuses(self.ctx)
         self.trimmer = Trimmer()
         self.statuses.writer.on_idle = self.after_work
+        self.discovery = DiscoveryService(  # MailTLSDiscovery (issue 16)
+            wake=lambda ns: self.wake({k for k in self.world.instances() if k[0] == ns}),
+            write_status=kube.patch_discovery_status, post_event=kube.post_event,
+            clock=clock, registry=self.ctx.metrics.registry)
+        self.versions = VersionLint()
         self.observations = Observations(self.ctx, self.statuses.write_statuses,
-                                         lambda: self.may_act)
+                                         lambda: self.may_act, self.discovery)
         self.workers: dict[InstanceKey, InstanceWorker] = {}
         self.started = False
         self._leader_task: asyncio.Task[None] | None = None
@@ -149,6 +156,7 @@ class Operator:
 
     async def stop(self) -> None:
         self._stopping = True
+        await self.discovery.stop()
         if self._resync is not None:
             self._resync.cancel()
         await cancel_and_wait(self._leader_task)
@@ -271,14 +279,19 @@ class Operator:
             await self.statuses.write_statuses(ns)
             return
         state.warnings = {}
-        policies = self.world.policies_for(key)
+        policies = self.world.policies_for(key) + self.discovery.entries_for(key)
         rendered = {p.ref: p.generation for p in policies}
         trust = await check_trust_anchors(self.ctx, key, state, policies)
         for ref, found in trust.found.items():
             state.warnings.setdefault(ref, []).append(found)
         if trust.retry:
             self.workers[key].wake_later(self.config.retry_base)
-        policies = [p for p in policies if not trust.held(p.ref)]
+        pod = next((p for p in self.world.pods_of(key) if p.ready), None)  # version lint
+        exec_ok = pod is not None and self.ctx.strategy_of(key) != RESTART  # no exec
+        too_new = await self.versions.hold(self.ctx.runner, key, (
+            self.ctx.target(pod).pod, pod.uid) if pod and exec_ok else None, policies,
+            state.warnings)
+        policies = [p for p in policies if not trust.held(p.ref) and p.ref not in too_new]
         started = time.perf_counter()
         tables = render(policies, instance=key, now=now)
         for ref, why in tables.refused.items():
@@ -304,6 +317,7 @@ class Operator:
             state.changed_keys |= state.unreleased
             state.unreleased.clear()
         await self.statuses.write_statuses(ns)
+        self.discovery.rendered(ns, tables, state.warnings)
         self._schedule_expiry(key, now)
         self.observations.soon(key)
 

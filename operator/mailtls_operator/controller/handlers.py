@@ -54,6 +54,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
             return
         memo.operator.on_policy(type, _plain(body))
 
+    @kopf.on.event(GROUP, VERSION, "mailtlsdiscoveries", registry=registry)
+    async def _discovery(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        memo.operator.discovery.on_object(type, _plain(body))
+
     @kopf.on.event("v1", "pods", labels={INSTANCE_LABEL: kopf.PRESENT}, registry=registry)
     async def _pod(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo.operator.on_pod(type, _plain(body))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from ..facts import read_facts
 from ..observer import due_probes, observe_queues, probe_policies
@@ -27,10 +28,11 @@ class Observations:
     ``write_statuses`` when something new was seen."""
 
     def __init__(self, ctx: Context, write_statuses: Callable[[str], Awaitable[None]],
-                 may_act: Callable[[], bool]) -> None:
+                 may_act: Callable[[], bool], discovery: Any = None) -> None:
         self.ctx = ctx
         self.write_statuses = write_statuses
         self.may_act = may_act
+        self.discovery = discovery  # testing-mode discovered lines are probed too
         self.stopping = False
 
     def soon(self, key: InstanceKey) -> None:
@@ -69,6 +71,8 @@ class Observations:
             try:
                 if await self._observe_once(key, state, state.tables):
                     await self.write_statuses(key[0])
+                    if self.discovery is not None:
+                        self.discovery.probed(key[0], state.seen.probes)
             except Exception:
                 log.exception("observing %s/%s failed", *key)
             again = state.observe_again
@@ -88,7 +92,8 @@ class Observations:
             return False
         pods = [ctx.target(p).pod for p in ready]
         now = ctx.clock()
-        policies = [p for p in ctx.world.policies_for(key)
+        found = self.discovery.entries_for(key) if self.discovery else []
+        policies = [p for p in ctx.world.policies_for(key) + found
                     if p.mode == "audit" or cfg.probe_enforced]
         due = due_probes(policies, state.seen.probes, now, cfg.observe_interval)
         if due:

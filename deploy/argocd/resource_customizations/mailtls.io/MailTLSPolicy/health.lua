@@ -8,7 +8,8 @@
 --   Degraded     a verdict that waiting will not change, a person must act:
 --                Accepted=False Invalid or Conflict; Ready=False RolloutFailed, or a
 --                refusal/warning the operator found in the Postfix instance
---                (TrustAnchorMissing, CheckUnavailable, PolicyBypassed, DNSSECDisabled),
+--                (TrustAnchorMissing, CheckUnavailable, UnsupportedAttribute, PolicyBypassed,
+--                DNSSECDisabled),
 --                lines the renderer refused (UnsafeEntry), or an expired break-glass
 --                exception (Expired)
 --   Healthy      Ready=True and status.observedGeneration == metadata.generation
@@ -23,6 +24,7 @@ local DEGRADED_REASONS = {
     RolloutFailed = true,
     TrustAnchorMissing = true,
     CheckUnavailable = true,
+    UnsupportedAttribute = true,
     UnsafeEntry = true,
     PolicyBypassed = true,
     DNSSECDisabled = true,

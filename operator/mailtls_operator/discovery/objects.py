@@ -1,0 +1,143 @@
+"""MailTLSDiscovery objects: validated with their CRD, turned into discovered entries.
+
+Pure.  The CRD file in ``crds/`` is the single source of validation truth for
+the kind, as for MailTLSPolicy: its schema is loaded here (through the same
+OpenAPI -> JSON Schema conversion as :mod:`mailtls_operator.crd`), then the
+model adds what a schema cannot say (IDNA, next-hop forms, duplicates).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from ..crd import GROUP
+from ..crd.schema import _path, _schema_message, _to_json_schema
+from ..policy import Policy, PolicyInvalid, load_policy, parse_time
+from ..sources import SourceError, _files, _is_policy, _objects
+from .decide import SOURCES, DomainState
+from .entries import DomainInvalid, domain_keys, entries
+
+KIND = "MailTLSDiscovery"
+PLURAL = "mailtlsdiscoveries"
+CRD_FILENAME = "mailtlsdiscoveries.mailtls.io.yaml"
+
+
+class DiscoveryInvalid(ValueError):
+    """A discovery object (or a file) that is refused; the message names it."""
+
+
+def crd_path() -> Path:
+    packaged = resources.files("mailtls_operator").joinpath("discovery/crd.yaml")
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[3] / "crds" / CRD_FILENAME
+
+
+@functools.cache
+def _validator() -> jsonschema.protocols.Validator:
+    with crd_path().open(encoding="utf-8") as fh:
+        crd = yaml.safe_load(fh)
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec_schema = _to_json_schema(schema, strict_objects=True)
+    cls = jsonschema.validators.validator_for(spec_schema, default=jsonschema.Draft7Validator)
+    validator: jsonschema.protocols.Validator = cls(spec_schema)
+    return validator
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """A valid MailTLSDiscovery."""
+
+    namespace: str
+    name: str
+    domains: tuple[str, ...]
+    sources: tuple[str, ...]
+    instances: tuple[str, ...] = ()
+    created: datetime = datetime(1970, 1, 1, tzinfo=UTC)
+    check_interval: int = 3600
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def covers(self, key: str) -> bool:
+        return any(key in domain_keys(d) for d in self.domains)
+
+    def domains_for(self, key: str) -> list[str]:
+        return [d for d in self.domains if key in domain_keys(d)]
+
+    def entries(self, states: Iterable[DomainState]) -> list[Policy]:
+        return entries(states, namespace=self.namespace, name=self.name,
+                       created=self.created, instances=self.instances)
+
+
+def load_discovery(obj: Mapping[str, Any]) -> Discovery:
+    """A MailTLSDiscovery object -> :class:`Discovery`, or :class:`DiscoveryInvalid`."""
+    meta = obj.get("metadata") or {}
+    ref = f"{meta.get('namespace') or 'default'}/{meta.get('name') or '?'}"
+    spec = obj.get("spec")
+    errors = [f"{_path('spec', e.absolute_path)}: {_schema_message(e)}"
+              for e in _validator().iter_errors(spec)] if spec is not None else ["spec: Required"]
+    if not errors:
+        assert isinstance(spec, Mapping)
+        seen: dict[str, int] = {}
+        for i, domain in enumerate(spec["domains"]):
+            try:
+                keys = domain_keys(domain)
+            except DomainInvalid as exc:
+                errors.append(f"spec.domains[{i}]: Invalid value: {exc}")
+                continue
+            if keys[0] in seen:
+                errors.append(f"spec.domains[{i}]: Duplicate value: same key as "
+                              f"spec.domains[{seen[keys[0]]}] ({keys[0]})")
+            seen.setdefault(keys[0], i)
+    if errors:
+        raise DiscoveryInvalid(f"{ref}: " + "; ".join(sorted(errors)))
+    assert isinstance(spec, Mapping)
+    created = meta.get("creationTimestamp")
+    sources = set(spec.get("sources") or SOURCES)
+    return Discovery(namespace=meta.get("namespace") or "default", name=meta["name"],
+                     domains=tuple(spec["domains"]),
+                     sources=tuple(s for s in SOURCES if s in sources),
+                     instances=tuple(spec.get("instances", ())),
+                     created=parse_time(created) if created else datetime(1970, 1, 1, tzinfo=UTC),
+                     check_interval=int(spec.get("checkIntervalSeconds", 3600)))
+
+
+def _is_discovery(obj: Any) -> bool:
+    return (isinstance(obj, dict) and obj.get("kind") == KIND
+            and str(obj.get("apiVersion", "")).startswith(f"{GROUP}/"))
+
+
+def load_explain_inputs(paths: list[str], now: datetime
+                        ) -> tuple[list[Policy], list[Discovery]]:
+    """Every MailTLSPolicy and MailTLSDiscovery in ``paths``, validated like the cluster does."""
+    policies: list[Policy] = []
+    discoveries: list[Discovery] = []
+    try:
+        files = [f for top in paths for f in _files(Path(top))]
+        for file in files:
+            docs = list(yaml.safe_load_all(file.read_bytes().decode("utf-8")))
+            for obj in (o for doc in docs for o in _objects(doc)):
+                if isinstance(obj, dict) and isinstance(obj.get("metadata"), dict):
+                    obj["metadata"].setdefault("namespace", "default")
+                if _is_policy(obj):
+                    policies.append(load_policy(obj, now=now))
+                elif _is_discovery(obj):
+                    discoveries.append(load_discovery(obj))
+    except (SourceError, DiscoveryInvalid) as exc:
+        raise DiscoveryInvalid(str(exc)) from exc
+    except PolicyInvalid as exc:
+        raise DiscoveryInvalid(str(exc)) from exc
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise DiscoveryInvalid(str(exc).replace("\n", " ")) from exc
+    return policies, discoveries

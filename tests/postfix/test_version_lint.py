@@ -1,0 +1,59 @@
+"""Version lint: a line the instance's Postfix cannot parse is held back, the rest rolls out.
+
+Pure checks of the attribute table, then the whole operator against a real
+Postfix pod whose ``postconf`` reports ``mail_version = 3.3.0`` (set in its
+main.cf: postconf answers the configured value, as an older Postfix would
+answer its own), so ``servername`` (Postfix 3.4) must be held back with
+``UnsupportedAttribute`` while an ordinary line is rolled out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mailtls_operator.versions import held_back, parse_version, unsupported
+from testbed import LocalPodRunner
+from testbed.apiserver import ApiServer
+
+from .conftest import PodFactory
+from .helpers import policy
+from .test_through_operator import Kubectl, kubectl, operator, seed_pods
+
+__all__ = ["kubectl"]  # the fixture, re-used
+
+
+def test_attribute_minimum_versions() -> None:
+    assert parse_version("3.7.11") == (3, 7, 11)
+    assert parse_version("3.10-20250117") == (3, 10)
+    assert parse_version("unknown") is None
+    assert unsupported("secure match=.example.net servername=hostname", (3, 3, 0)) == [
+        "servername needs Postfix 3.4"]
+    assert unsupported("secure match=.example.net servername=hostname", (3, 4)) == []
+    assert unsupported("encrypt connection_reuse=yes protocols=>=TLSv1.2", (3, 4, 0)) == [
+        "protocols=>=TLSv1.2 (range syntax) needs Postfix 3.6"]
+    assert unsupported("dane-only", (2, 10)) == ["level dane-only needs Postfix 2.11"]
+    assert unsupported("secure policy_type=sts", (3, 9)) == ["policy_type needs Postfix 3.10"]
+    old = policy("sni", "encrypt", ["a.example"], servername="hostname")
+    fine = policy("plain", "encrypt", ["b.example"])
+    assert set(held_back([old, fine], "3.3.0", "relay")) == {"mail/sni"}
+    assert held_back([old, fine], "", "relay") == {}  # unreadable: hold nothing
+
+
+@pytest.mark.postfix
+@pytest.mark.integration
+async def test_unsupported_attribute_held_back_from_old_postfix(
+        make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
+        run_operator: Any, kube_client: Any) -> None:
+    [(_, inst)] = seed_pods(make_pod, apiserver, 1, extra_main_cf={"mail_version": "3.3.0"})
+    async with operator(run_operator, kube_client, runner):
+        await kubectl.apply("sni", destinations=["sni.example"], level="encrypt",
+                            servername="hostname")
+        await kubectl.apply("fine", destinations=["fine.example"], level="encrypt")
+        held = await kubectl.until_ready("sni", reason="UnsupportedAttribute")
+        assert "servername needs Postfix 3.4" in held["message"]
+        assert "runs 3.3.0" in held["message"]
+        await kubectl.until_ready("fine")
+        assert inst.query("fine.example") == "encrypt"
+        assert inst.query("sni.example") is None
