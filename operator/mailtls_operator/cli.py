@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     from .probe_cli import add_probe_parser
     add_probe_parser(sub)
+    from .agent.cli import add_agent_parser
+    add_agent_parser(sub)
     return parser
 
 

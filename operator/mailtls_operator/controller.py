@@ -26,6 +26,9 @@ from typing import Any
 import kopf
 
 from . import mailqueue, postfix, probe, rollout
+from .agent.collect import STRATEGY as AGENT
+from .agent.collect import agent_trust_anchors, agent_view
+from .agent.desired import AGENT_DATA, agent_data
 from .configmap import (
     ANN_REVISION,
     LABEL_INSTANCE,
@@ -513,6 +516,10 @@ class Operator:
             state.failure = str(exc)
             log.error("%s", exc)
             return
+        if self._strategy(key) == AGENT:  # what the agents probe is desired state too
+            bodies[0].setdefault("data", {})[AGENT_DATA] = agent_data(
+                p for p in self.world.policies_for(key)
+                if p.mode == "audit" or self.config.probe_enforced)
         wrote = 0
         for wanted in [*bodies[1:], bodies[0]]:
             wrote += await self._write_one(ns, wanted)
@@ -570,6 +577,12 @@ class Operator:
         if strategy == "restart":
             result = await restart_rollout(self.kube, pods, tables.revision)
             state.pods_updated, state.failure = result.updated, result.failure
+        elif strategy == AGENT:  # no exec: the pods' agents report (DESIGN.md §11)
+            view = agent_view(pods, tables.revision)
+            state.pods_updated, state.failure = view.updated, view.failure
+            state.config = view.config or state.config
+            if state.config is not None:
+                self._lint(state, state.config, tables)
         else:
             await self._exec_rollout(key, state, pods, tables)
         self.metrics.rollout_seconds.observe(time.perf_counter() - started)
@@ -699,6 +712,8 @@ class Operator:
             return {p.ref: (TRUST_ANCHOR_UNCHECKED,
                             f"tafile {', '.join(p.tafile)} not checked in {key[1]}: the restart "
                             "strategy does not exec into pods") for p in users}
+        if self._strategy(key) == AGENT:
+            return agent_trust_anchors(key[1], users, agent_view(self.world.pods_of(key), ""))
         paths = sorted({f for p in users for f in p.tafile})
         ref = self._target(pod).pod
         cached = state.trust_anchors
@@ -784,6 +799,13 @@ class Operator:
     async def _observe_once(self, key: InstanceKey, state: InstanceState,
                             tables: Tables) -> bool:
         ns, inst = key
+        if self._strategy(key) == AGENT:  # the agents probed and released; read their reports
+            view = agent_view(self.world.pods_of(key), tables.revision)
+            changed = view.probes != state.seen.probes or view.deferred != state.seen.deferred
+            state.seen.probes, state.seen.deferred = dict(view.probes), view.deferred
+            state.seen.released = view.released
+            state.changed_keys.clear()
+            return changed
         ready = [p for p in self.world.pods_of(key) if p.ready]
         if not ready or state.config is None:
             return False
