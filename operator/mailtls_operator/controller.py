@@ -424,10 +424,11 @@ class Operator:
             self.wake({key})
             return
         try:
-            wanted = {b["metadata"]["name"]: b
-                      for b in configmap_bodies(ns, key[1], state.tables)}
+            bodies = configmap_bodies(ns, key[1], state.tables)
         except TableTooLarge:
             return
+        self._add_agent_data(key, bodies)
+        wanted = {b["metadata"]["name"]: b for b in bodies}
         restore = (not same_content(current, wanted[name]) if name in wanted
                    else current is not None)  # a stale part: the worker deletes it
         if restore:
@@ -516,10 +517,7 @@ class Operator:
             state.failure = str(exc)
             log.error("%s", exc)
             return
-        if self._strategy(key) == AGENT:  # what the agents probe is desired state too
-            bodies[0].setdefault("data", {})[AGENT_DATA] = agent_data(
-                p for p in self.world.policies_for(key)
-                if p.mode == "audit" or self.config.probe_enforced)
+        self._add_agent_data(key, bodies)
         wrote = 0
         for wanted in [*bodies[1:], bodies[0]]:
             wrote += await self._write_one(ns, wanted)
@@ -532,6 +530,13 @@ class Operator:
             log.info("ConfigMap %s/%s: revision %s (%d entries%s)", ns, configmap_name(inst),
                      tables.short_revision, len(tables.tls_entries) - 1,
                      f", {len(bodies) - 1} parts" if len(bodies) > 1 else "")
+
+    def _add_agent_data(self, key: InstanceKey, bodies: list[dict[str, Any]]) -> None:
+        """Agent mode: what the agents probe is desired state too (``agent.json``)."""
+        if self._strategy(key) == AGENT:
+            bodies[0].setdefault("data", {})[AGENT_DATA] = agent_data(
+                self.world.policies_for(key),
+                lambda p: p.mode == "audit" or self.config.probe_enforced)
 
     async def _write_one(self, ns: str, wanted: dict[str, Any]) -> int:
         """Create or patch one ConfigMap unless it already holds exactly ``wanted``."""

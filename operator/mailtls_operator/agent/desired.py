@@ -22,10 +22,10 @@ import base64
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ..configmap import ANN_REVISION, Unreadable, reassemble
 from ..render import REVISION_KEY, revision_value
@@ -62,13 +62,9 @@ class Desired:
     tls_entries: Mapping[str, str]
     transport_entries: Mapping[str, str]
     probes: tuple[ProbeSpec, ...] = field(default=())
-
-    @property
-    def tafiles(self) -> tuple[str, ...]:
-        """Trust-anchor files the probed policies name (the agent checks they are readable)."""
-        found = {word.partition("=")[2] for spec in self.probes
-                 for word in spec.value.split() if word.startswith("tafile=")}
-        return tuple(sorted(found))
+    tafiles: tuple[str, ...] = field(default=())
+    """Trust-anchor files the instance's policies name: the agent reports unreadable ones
+    (the operator then holds those policies back, as the exec strategy's check does)."""
 
 
 def entries(text: str) -> dict[str, str]:
@@ -110,14 +106,15 @@ def _header_revision(text: str) -> str:
     raise Malformed("tls_policy has no revision header")
 
 
-def _probes(raw: str | None) -> tuple[ProbeSpec, ...]:
+def _agent_data(raw: str | None) -> tuple[tuple[ProbeSpec, ...], tuple[str, ...]]:
     if not raw:
-        return ()
+        return (), ()
     try:
         doc = json.loads(raw)
-        return tuple(ProbeSpec(str(p["ref"]), str(p["value"]),
-                               tuple(str(k) for k in p["keys"]))
-                     for p in doc.get("probes", []))
+        return (tuple(ProbeSpec(str(p["ref"]), str(p["value"]),
+                                tuple(str(k) for k in p["keys"]))
+                      for p in doc.get("probes", [])),
+                tuple(str(f) for f in doc.get("tafiles", [])))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise Malformed(f"{AGENT_DATA}: {exc}") from exc
 
@@ -141,7 +138,8 @@ def load(tls_policy: str, transport: str, agent_data: str | None = None,
     tls = entries(tls_policy)
     if tls.get(REVISION_KEY) != revision_value(actual):
         raise Malformed(f"{REVISION_KEY} does not answer revision {actual[:16]}")
-    return Desired(actual, tls_policy, transport, tls, entries(transport), _probes(agent_data))
+    probes, tafiles = _agent_data(agent_data)
+    return Desired(actual, tls_policy, transport, tls, entries(transport), probes, tafiles)
 
 
 def from_configmaps(bodies: Sequence[Mapping[str, Any]]) -> Desired:
@@ -196,10 +194,19 @@ class ProbeablePolicy(Protocol):
     def value(self) -> str: ...
     @property
     def keys(self) -> tuple[str, ...]: ...
+    @property
+    def tafile(self) -> tuple[str, ...]: ...
 
 
-def agent_data(policies: Iterable[ProbeablePolicy]) -> str:
-    """``data["agent.json"]`` for an instance in agent mode (the operator writes it)."""
+P = TypeVar("P", bound=ProbeablePolicy)
+
+
+def agent_data(policies: Iterable[P], probed: Callable[[P], bool]) -> str:
+    """``data["agent.json"]`` for an instance in agent mode (the operator writes it): the
+    policies to probe, and every trust-anchor file any policy of the instance names."""
+    ordered = sorted(policies, key=lambda p: p.ref)
     probes = [{"ref": p.ref, "value": p.value, "keys": list(p.keys)}
-              for p in sorted(policies, key=lambda p: p.ref)]
-    return json.dumps({"probes": probes}, sort_keys=True, separators=(",", ":"))
+              for p in ordered if probed(p)]
+    tafiles = sorted({f for p in ordered for f in p.tafile})
+    return json.dumps({"probes": probes, "tafiles": tafiles}, sort_keys=True,
+                      separators=(",", ":"))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..configmap import ANN_PARTS, configmap_name, part_name
-from .api import AgentApi, ApiUnavailable, Expired
+from .api import AgentApi, ApiUnavailable, Expired, NotFound
 from .converge import Converger
 from .desired import Desired, Malformed, from_configmaps, from_directory
 
@@ -83,11 +83,17 @@ class Agent:
         failures = 0
         while True:
             try:
-                body = await self.api.get_configmap(self.namespace, self.primary)
+                try:
+                    body: dict[str, Any] | None = await self.api.get_configmap(
+                        self.namespace, self.primary)
+                except NotFound:  # not written yet: the watch's ADDED event brings it
+                    body = None
                 self._api_back()
                 failures = 0
-                await self._take(body)
-                rv = str((body.get("metadata") or {}).get("resourceVersion", ""))
+                rv = ""
+                if body is not None:
+                    await self._take(body)
+                    rv = str((body.get("metadata") or {}).get("resourceVersion", ""))
                 while True:  # resume from the last position until it expires
                     async for kind, obj in self.api.watch_configmap(
                             self.namespace, self.primary, rv,
