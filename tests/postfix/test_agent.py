@@ -24,9 +24,14 @@ from tests.integration.apiserver import ApiServer
 
 from .agent_helpers import NoExecRunner, agent_pod, make_agent, running
 from .conftest import PodFactory
-from .test_through_operator import Kubectl, kubectl, operator, poll  # noqa: F401 (fixture)
+from .test_through_operator import Kubectl, operator, poll
 
 pytestmark = [pytest.mark.postfix, pytest.mark.integration]
+
+
+@pytest.fixture
+def kubectl(apiserver: ApiServer, kube_client: Any) -> Kubectl:
+    return Kubectl(apiserver, kube_client)
 
 
 def seed_agent_pods(make_pod: PodFactory, apiserver: ApiServer, count: int,
