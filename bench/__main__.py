@@ -37,6 +37,7 @@ def _benchmarks() -> dict[str, Callable[[], Runner]]:
         "enforce_latency": load("enforce"),
         "operator_footprint": load("footprint"),
         "reload_under_load": load("reload_load"),
+        "agent_rollout": load("agent_rollout"),
     }
 
 
