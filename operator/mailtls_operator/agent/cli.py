@@ -95,8 +95,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except postfix.InvalidArgument as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    api = AgentApi(args.api_url, timeout=args.api_timeout) if args.api_url else \
-        AgentApi.from_kubernetes(args.kubeconfig, timeout=args.api_timeout)
+    if args.api_url:
+        api = AgentApi(args.api_url, timeout=args.api_timeout)
+    elif args.kubeconfig:
+        api = AgentApi.from_kubeconfig(args.kubeconfig, timeout=args.api_timeout)
+    else:
+        api = AgentApi.in_cluster(timeout=args.api_timeout)
     agent = Agent(api, Converger(ProcessRunner(args.postfix_config), settings),
                   LoopSettings(args.instance, args.configmap_dir, args.parts_dir,
                                args.observe_interval, retry_max=args.retry_max,
