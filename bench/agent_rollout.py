@@ -24,7 +24,6 @@ import asyncio
 import os
 import subprocess
 import sys
-
 from typing import Any
 
 from bench.common import Result, Summary, hwm_mib, rss_mib, run_with_postfix, stats, table

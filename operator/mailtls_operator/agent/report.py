@@ -76,12 +76,11 @@ class AgentReport:
                               smtp_dns_support_level=c.get("smtp_dns_support_level", ""),
                               default_transport=c.get("default_transport", "smtp"))
 
-    def to_json(self) -> str:
+    def to_json(self, *, with_time: bool = True) -> str:
         doc: dict[str, Any] = {
             "wanted": self.wanted, "applied": self.applied, "error": self.error,
             "source": self.source, "apiError": self.api_error, "config": self.config,
             "tafileMissing": self.tafile_missing, "released": self.released,
-            "at": rfc3339(self.at),
             "probes": [{"ref": ref, "value": pp.value, "at": rfc3339(pp.at),
                         "outcomes": [o.to_status() for o in pp.outcomes]}
                        for ref, pp in sorted(self.probes.items())],
@@ -89,6 +88,8 @@ class AgentReport:
                              "reason": d.sample_reason, "queueIds": list(d.queue_ids)}
                          for k, d in sorted(self.deferred.items())},
         }
+        if with_time:
+            doc["at"] = rfc3339(self.at)
         text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
         if len(text) > MAX_REPORT:  # never fail to report the revision for want of room
             doc["probes"], doc["deferred"], doc["truncated"] = [], {}, True
@@ -97,7 +98,7 @@ class AgentReport:
 
     def content(self) -> str:
         """The report without its time: what decides whether it must be sent again."""
-        return self.to_json().replace(f'"at":"{rfc3339(self.at)}"', '"at":""')
+        return self.to_json(with_time=False)
 
     def touch(self) -> None:
         self.at = datetime.now(UTC)
