@@ -136,5 +136,5 @@ def test_agent_data_lists_probed_policies_and_every_tafile() -> None:
     assert got.probes == (desired.ProbeSpec("mail/audit", audit.value, ("a.example",)),)
     assert got.probes[0].level == "secure"
     assert got.tafiles == ("/etc/ca.pem", "/etc/other.pem")
-    with pytest.raises(desired.Malformed, match="agent.json"):
+    with pytest.raises(desired.Malformed, match=r"agent\.json"):
         desired.load(t.tls_policy, t.transport, '{"probes": [{"ref": 1}]}')
