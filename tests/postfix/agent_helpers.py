@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import sys
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
+
+import pytest
 
 from mailtls_operator.agent.api import AgentApi
 from mailtls_operator.agent.converge import Converger, PodSettings
 from mailtls_operator.agent.loop import Agent, LoopSettings
 from mailtls_operator.agent.runner import ProcessRunner
+from mailtls_operator.configmap import configmap_bodies
 from mailtls_operator.local import LocalInstance
 from mailtls_operator.podrunner import ExecResult, PodRef
 from tests.integration.apiserver import ApiServer
@@ -65,3 +69,21 @@ async def running(agents: Sequence[Agent]) -> AsyncIterator[Sequence[Agent]]:
                 await task
         for a in agents:
             await a.api.close()
+
+
+@contextlib.contextmanager
+def small_configmap_limits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """ConfigMap limits small enough that a few hundred entries are split into parts,
+    patched where ``configmap_bodies`` reads them (whichever module that is)."""
+    module = sys.modules[configmap_bodies.__module__]
+    cache = getattr(module, "_CACHE", None)
+    if cache is not None:
+        cache.clear()
+    monkeypatch.setattr(module, "COMPRESS_ABOVE", 1024)
+    monkeypatch.setattr(module, "BODY_MAX", 2048)
+    monkeypatch.setattr(module, "CHUNK", 1024)
+    try:
+        yield
+    finally:
+        if cache is not None:
+            cache.clear()

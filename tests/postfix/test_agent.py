@@ -22,7 +22,7 @@ from mailtls_operator.policy import load_policy
 from mailtls_operator.render import REVISION_KEY, Tables, render
 from tests.integration.apiserver import ApiServer
 
-from .agent_helpers import NoExecRunner, agent_pod, make_agent, running
+from .agent_helpers import NoExecRunner, agent_pod, make_agent, running, small_configmap_limits
 from .conftest import PodFactory
 from .test_through_operator import Kubectl, operator, poll
 
@@ -211,3 +211,47 @@ async def test_a_malformed_configmap_keeps_the_last_good_table_and_is_reported(
         seen = await apiserver.wait_until(refused, 10)
         assert seen.applied == good.revision
         assert inst.query("c.example") == "encrypt"
+
+
+def many(count: int, level: str) -> Tables:
+    return tables_for(*((f"d{i}.example", level) for i in range(count)))
+
+
+async def test_a_split_table_is_read_part_by_part_and_a_missing_part_keeps_the_old_one(
+        make_pod: PodFactory, apiserver: ApiServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1)
+    with small_configmap_limits(monkeypatch):
+        first = configmap_bodies("mail", "relay", many(300, "encrypt"))
+        second = configmap_bodies("mail", "relay", many(300, "may"))
+    assert len(first) > 2 and len(second) == len(first)
+    for body in first:
+        apiserver.seed("v1/configmaps", body)
+    async with running([make_agent(apiserver, name, inst)]):
+        await poll(lambda: inst.query("d299.example") == "encrypt")
+        apiserver.seed("v1/configmaps", second[0])  # the new manifest before its parts
+
+        def refused() -> Any:
+            r = report(apiserver, name)
+            return r if r is not None and r.error else None
+        seen = await apiserver.wait_until(refused, 10)
+        assert "revisions" in seen.error or "sha256" in seen.error
+        assert inst.query("d0.example") == "encrypt"  # never a mix of two revisions
+        for body in second[1:]:  # the parts arrive; the next event of the primary takes them
+            apiserver.seed("v1/configmaps", body)
+        apiserver.seed("v1/configmaps", {**second[0], "metadata": {
+            **second[0]["metadata"], "labels": {**second[0]["metadata"]["labels"],
+                                                "touched": "1"}}})
+        await poll(lambda: inst.query("d0.example") == "may")
+
+
+async def test_a_table_edited_in_the_pod_is_installed_again(
+        make_pod: PodFactory, apiserver: ApiServer) -> None:
+    [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1)
+    good = tables_for(("e.example", "encrypt"))
+    publish(apiserver, good)
+    async with running([make_agent(apiserver, name, inst)]):
+        await poll(lambda: inst.query("e.example") == "encrypt")
+        old = tables_for(("e.example", "none"))
+        inst.install_table(inst.map_path, old.tls_policy)  # restored from an old backup
+        assert inst.query("e.example") == "none"
+        await poll(lambda: inst.query("e.example") == "encrypt", timeout=10)

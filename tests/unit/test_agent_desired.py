@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +14,7 @@ from mailtls_operator.agent import desired
 from mailtls_operator.configmap import configmap_bodies
 from mailtls_operator.policy import Policy, load_policy
 from mailtls_operator.render import REVISION_KEY, Tables, render
+from tests.postfix.agent_helpers import small_configmap_limits
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -34,18 +34,8 @@ def tables(n: int = 3, level: str = "encrypt") -> Tables:
 
 @pytest.fixture
 def small_limits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """ConfigMap limits small enough that a few hundred entries are split into parts
-    (patched where ``configmap_bodies`` reads them, whichever module that is)."""
-    module = sys.modules[configmap_bodies.__module__]
-    cache = getattr(module, "_CACHE", None)
-    if cache is not None:
-        cache.clear()
-    monkeypatch.setattr(module, "COMPRESS_ABOVE", 1024)
-    monkeypatch.setattr(module, "BODY_MAX", 2048)
-    monkeypatch.setattr(module, "CHUNK", 1024)
-    yield
-    if cache is not None:
-        cache.clear()
+    with small_configmap_limits(monkeypatch):
+        yield
 
 
 def test_a_rendered_configmap_loads_as_rendered() -> None:

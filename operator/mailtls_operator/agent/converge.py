@@ -122,6 +122,19 @@ class Converger:
         self.report.error, self.report.source = why, source
         log.error("ConfigMap refused, the last good table stays live: %s", why)
 
+    async def drifted(self) -> bool:
+        """Does the live table no longer answer the revision the agent installed (edited or
+        restored by hand)?  Then it is forgotten, and the next install rolls it again."""
+        if self.live is None:
+            return False
+        if await self.live_revision_value() == self.live.tls_entries[REVISION_KEY]:
+            return False
+        log.warning("the live table no longer answers revision %s: installing it again",
+                    self.live.revision[:16])
+        self.live = None
+        self.report.applied = ""
+        return True
+
     async def observe(self) -> None:
         """Lint facts, queue (releasing mail under changed keys), due probes."""
         if self.live is None:

@@ -187,6 +187,9 @@ class Agent:
                                        self.settings.observe_interval or None)
             self._observe_wake.clear()
             async with self._lock:
+                wanted = self.converger.wanted
+                if await self.converger.drifted() and wanted is not None:
+                    await self.converger.install(wanted, self.converger.report.source)
                 await self.converger.observe()
             self._report_wake.set()
 
