@@ -28,6 +28,11 @@ def test_agent_mode_grants_no_exec_to_anyone() -> None:
     assert all("pods/exec" not in r.get("resources", []) for r in rules(objects))
     assert all(not str(r.get("resources")).count("exec") for r in rules(objects))
     assert "--strategy=agent" in operator_container(objects)["args"]
+    # the operator only reads pods in agent mode: the agents write their own annotations
+    operator_pod_rules = [r for o in find(objects, "ClusterRole") for r in o.get("rules") or []
+                          if "pods" in r.get("resources", [])]
+    assert operator_pod_rules and all(sorted(r["verbs"]) == ["list", "watch"]
+                                      for r in operator_pod_rules)
 
 
 def test_the_agent_reads_only_its_instances_configmaps_and_patches_only_pods() -> None:
