@@ -55,7 +55,7 @@ def test_other_commands_run_as_subprocesses_with_the_postfix_config(tmp_path: Pa
     res = asyncio.run(runner.run(POD, ["sh", "-c", 'printf %s "$MAIL_CONFIG"']))
     assert (res.returncode, res.stdout) == (0, str(tmp_path).encode())
     res = asyncio.run(runner.run(POD, ["/nonexistent/postmap"]))
-    assert res.returncode == 126 and b"exec: /nonexistent/postmap" in res.stderr
+    assert res.returncode == 127 and b"/nonexistent/postmap" in res.stderr
     with pytest.raises(PodRunnerError, match="did not finish"):
         asyncio.run(runner.run(POD, ["sleep", "5"], timeout=0.2))
     assert runner.commands == 3
