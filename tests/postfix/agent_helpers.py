@@ -17,7 +17,6 @@ from mailtls_operator.agent.loop import Agent, LoopSettings
 from mailtls_operator.agent.runner import ProcessRunner
 from mailtls_operator.configmap import configmap_bodies
 from mailtls_operator.local import LocalInstance
-from mailtls_operator.podrunner import ExecResult, PodRef
 from tests.integration.apiserver import ApiServer
 
 
@@ -32,18 +31,6 @@ def agent_pod(name: str, inst: LocalInstance, instance: str = "relay") -> dict[s
                                     {"name": "agent", "image": "mailtls"}]},
             "status": {"phase": "Running",
                        "conditions": [{"type": "Ready", "status": "True"}]}}
-
-
-class NoExecRunner:
-    """The operator's PodRunner in agent mode: any call is a failure of the test."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[PodRef, Sequence[str]]] = []
-
-    async def run(self, pod: PodRef, argv: Sequence[str], *, stdin: bytes | None = None,
-                  timeout: float = 60.0) -> ExecResult:
-        self.calls.append((pod, argv))
-        raise AssertionError(f"the operator ran {argv} in {pod} in agent mode")
 
 
 def make_agent(apiserver: ApiServer, name: str, inst: LocalInstance, **loop: Any) -> Agent:

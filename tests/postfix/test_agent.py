@@ -21,8 +21,9 @@ from mailtls_operator.local import LocalInstance, SmtpSink
 from mailtls_operator.policy import load_policy
 from mailtls_operator.render import REVISION_KEY, Tables, render
 from tests.integration.apiserver import ApiServer
+from tests.integration.helpers import NoPodsRunner
 
-from .agent_helpers import NoExecRunner, agent_pod, make_agent, running, small_configmap_limits
+from .agent_helpers import agent_pod, make_agent, running, small_configmap_limits
 from .conftest import PodFactory
 from .test_through_operator import Kubectl, operator, poll
 
@@ -60,7 +61,7 @@ async def test_a_change_is_live_in_every_pod_without_exec_and_stuck_mail_is_rele
         run_operator: Any, kube_client: Any) -> None:
     routes = {"plain.example": f"smtp:{plain.nexthop}"}
     pods = seed_agent_pods(make_pod, apiserver, 3, routes=routes)
-    no_exec = NoExecRunner()
+    no_exec = NoPodsRunner()
     agents = [make_agent(apiserver, name, inst) for name, inst in pods]
     async with running(agents), operator(run_operator, kube_client, no_exec,  # type: ignore[arg-type]
                                          observe_interval=0.3):
@@ -101,7 +102,7 @@ async def test_probes_and_lint_come_from_the_agents(
         make_pod: PodFactory, plain: SmtpSink, ca_signed: SmtpSink, ca: Any,
         apiserver: ApiServer, kubectl: Kubectl, run_operator: Any, kube_client: Any) -> None:
     [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1)
-    no_exec = NoExecRunner()
+    no_exec = NoPodsRunner()
     async with running([make_agent(apiserver, name, inst)]), operator(
             run_operator, kube_client, no_exec, observe_interval=0.3):  # type: ignore[arg-type]
         await kubectl.apply("plain", destinations=[plain.nexthop], level="encrypt",

@@ -16,6 +16,7 @@ from mailtls_operator.agent.report import (
 from mailtls_operator.mailqueue import DeferredSummary
 from mailtls_operator.observer import PolicyProbes
 from mailtls_operator.probe import ProbeOutcome
+from mailtls_operator.rollout import InstanceConfig
 from mailtls_operator.world import PodRecord
 
 AT = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
@@ -26,9 +27,8 @@ def full_report(**kw: object) -> AgentReport:
     outcome = ProbeOutcome("[127.0.0.1]:2525", "Fail", "NoStartTLS", "no STARTTLS", AT)
     report = AgentReport(
         wanted=REV, applied=REV, source="api",
-        config={"relayhost": "[relay]:25", "transport_maps": "lmdb:/t",
-                "smtp_tls_policy_maps": "lmdb:/p", "smtp_dns_support_level": "",
-                "default_transport": "smtp"},
+        config=InstanceConfig(relayhost="[relay]:25", transport_maps="lmdb:/t",
+                              smtp_tls_policy_maps="lmdb:/p"),
         tafile_missing=["/etc/ca.pem"],
         probes={"mail/p": PolicyProbes("encrypt", AT, [outcome])},
         deferred={"[127.0.0.1]:2525": DeferredSummary(2, AT, "TLS is required", ("A1", "B2"))},
@@ -44,8 +44,7 @@ def test_a_report_survives_the_annotation_round_trip() -> None:
     assert annotations[ANN_APPLIED] == REV
     back = parse_report(annotations[ANN_REPORT])
     assert back == report
-    config = back.instance_config()
-    assert config is not None and config.relay_nexthops == ("[relay]:25",)
+    assert back.config is not None and back.config.relay_nexthops == ("[relay]:25",)
 
 
 def test_the_time_alone_does_not_make_a_report_new() -> None:

@@ -61,7 +61,7 @@ def agent_view(pods: Sequence[PodRecord], revision: str) -> AgentView:
     reports = _reports(ready)
     failure = next((f"{pod.namespace}/{pod.name}: agent: {r.error}" for pod, r in reports
                     if r.error and pod.annotations.get(ANN_APPLIED) != revision), None)
-    config = next((c for _, r in reports if (c := r.instance_config()) is not None), None)
+    config = next((r.config for _, r in reports if r.config is not None), None)
     probes: dict[str, PolicyProbes] = {}
     for _, r in reports:  # the first pod (by name) that probed a policy speaks for it
         for ref, pp in r.probes.items():

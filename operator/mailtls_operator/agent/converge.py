@@ -145,11 +145,7 @@ class Converger:
         except Exception as exc:
             log.warning("postconf: %s", exc)
             return
-        self.report.config = {
-            "relayhost": config.relayhost, "transport_maps": config.transport_maps,
-            "smtp_tls_policy_maps": config.smtp_tls_policy_maps,
-            "smtp_dns_support_level": config.smtp_dns_support_level,
-            "default_transport": config.default_transport}
+        self.report.config = config
         self.report.tafile_missing = [p for p in self.live.tafiles
                                       if not os.access(p, os.R_OK)]
         await self._queue(config, timeout)

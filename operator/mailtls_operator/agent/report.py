@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,27 +59,19 @@ class AgentReport:
     source: str = ""
     """Where ``wanted`` came from: ``api`` or ``volume`` (during an API outage)."""
     api_error: str = ""
-    config: dict[str, str] | None = None
+    config: InstanceConfig | None = None
+    """The instance's routing values (``postconf -x``), for the operator's lint."""
     tafile_missing: list[str] = field(default_factory=list)
     probes: dict[str, PolicyProbes] = field(default_factory=dict)
     deferred: dict[str, DeferredSummary] = field(default_factory=dict)
     released: int = 0
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
-    def instance_config(self) -> InstanceConfig | None:
-        if self.config is None:
-            return None
-        c = self.config
-        return InstanceConfig(relayhost=c.get("relayhost", ""),
-                              transport_maps=c.get("transport_maps", ""),
-                              smtp_tls_policy_maps=c.get("smtp_tls_policy_maps", ""),
-                              smtp_dns_support_level=c.get("smtp_dns_support_level", ""),
-                              default_transport=c.get("default_transport", "smtp"))
-
     def to_json(self, *, with_time: bool = True) -> str:
         doc: dict[str, Any] = {
             "wanted": self.wanted, "applied": self.applied, "error": self.error,
-            "source": self.source, "apiError": self.api_error, "config": self.config,
+            "source": self.source, "apiError": self.api_error,
+            "config": None if self.config is None else asdict(self.config),
             "tafileMissing": self.tafile_missing, "released": self.released,
             "probes": [{"ref": ref, "value": pp.value, "at": rfc3339(pp.at),
                         "outcomes": [o.to_status() for o in pp.outcomes]}
@@ -133,7 +125,8 @@ def parse_report(text: str) -> AgentReport:
             wanted=str(doc.get("wanted", "")), applied=str(doc.get("applied", "")),
             error=str(doc.get("error", "")), source=str(doc.get("source", "")),
             api_error=str(doc.get("apiError", "")),
-            config={str(k): str(v) for k, v in config.items()} if config else None,
+            config=InstanceConfig(**{f.name: str(config[f.name]) for f in fields(
+                InstanceConfig) if f.name in config}) if config else None,
             tafile_missing=[str(x) for x in doc.get("tafileMissing", [])],
             probes=probes, deferred=deferred, released=int(doc.get("released", 0)),
             at=_time(doc["at"]))

@@ -5,8 +5,8 @@ through the Kubernetes exec API (:mod:`..rollout`, :mod:`..probe`,
 :mod:`..mailqueue`), so there is one staging/postmap/swap/verify logic, not
 two.  Here the argv runs as a local subprocess: no shell, stdin written then
 closed, ``MAIL_CONFIG`` pointing at the pod's Postfix configuration, the whole
-process group killed after ``timeout``: ``mailtls probe``'s host runner.  The ``pod`` argument is ignored: the
-only pod an agent can touch is its own.
+process group killed after ``timeout``: ``mailtls probe``'s host runner.  The
+``pod`` argument is ignored: the only pod an agent can touch is its own.
 
 The four file steps of a rollout (:func:`..postfix.write_file`,
 ``sha256_file``, ``move``, ``remove``: the exact argv shapes those build) are
