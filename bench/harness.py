@@ -170,7 +170,8 @@ class Env:
     def idle(self) -> bool:
         """The operator has nothing pending (read from this thread: flags only)."""
         op = self.operator
-        return op.started and all(w.idle.is_set() for w in list(op.workers.values()))
+        return op.started and all(w.idle.is_set() for w in list(op.workers.values())) \
+            and op.status_writer.idle.is_set()
 
     async def until(self, predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
         return await self.server.wait_until(predicate, timeout)

@@ -157,7 +157,8 @@ class Demo:
                 if status.get("observedGeneration") != obj["metadata"].get("generation") or \
                         cond is None or cond["reason"] == "Pending":
                     return False
-            return all(w.idle.is_set() for w in self.operator.workers.values())
+            return all(w.idle.is_set() for w in self.operator.workers.values()) \
+                and self.operator.status_writer.idle.is_set()
         await self.server.wait_until(done, timeout)
 
     def status(self, name: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -59,6 +60,7 @@ from .policy import DEFAULT_MAX_EXCEPTION, Policy
 from .render import REVISION_KEY, Tables, render
 from .status import (
     CHECK_UNAVAILABLE,
+    PENDING,
     TRUST_ANCHOR_MISSING,
     TRUST_ANCHOR_UNCHECKED,
     UNSAFE_ENTRY,
@@ -68,6 +70,7 @@ from .status import (
     policy_status,
     transitions,
 )
+from .statuswriter import StatusWriter
 from .workloads import restart_rollout
 from .world import (
     ANN_APPLIED,
@@ -111,6 +114,13 @@ class Config:
     probe_enforced: bool = True
     """Probe enforce-mode policies too (audit-mode ones are always probed)."""
     probe_concurrency: int = 4
+    status_qps: float = 100.0
+    """Status patches per second at most (a token bucket of ``status_burst``): a bulk
+    load's statuses follow its enforcement instead of flooding the API server."""
+    status_burst: int = 500
+    pending_grace: float = 2.0
+    """Seconds a Pending status waits before it is written: a rollout that is done by
+    then writes its policies once (RolledOut)."""
     probe_timeouts: probe.ProbeTimeouts = field(default_factory=probe.ProbeTimeouts)
 
 
@@ -269,9 +279,12 @@ class Operator:
         self.states: dict[InstanceKey, InstanceState] = {}
         self.workers: dict[InstanceKey, InstanceWorker] = {}
         self.started = False
-        self._status_locks: dict[str, asyncio.Lock] = {}
-        self._status_failures: dict[str, int] = {}
-        self._status_retry: dict[str, asyncio.TimerHandle] = {}
+        self.status_writer = StatusWriter(
+            self._write_status, qps=self.config.status_qps, burst=self.config.status_burst,
+            retry_base=self.config.retry_base, retry_max=self.config.retry_max,
+            describe=_one_line,
+            on_failure=lambda rec: self.metrics.status_write_failures.labels(
+                rec.namespace).inc())
         self._io = asyncio.Semaphore(16)
         self._stopping = False
 
@@ -334,13 +347,13 @@ class Operator:
         self._stopping = True
         if self._resync is not None:
             self._resync.cancel()
-        for handle in self._status_retry.values():
-            handle.cancel()
+
         if self._leader_task is not None:
             self._leader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._leader_task
         await asyncio.gather(*(w.stop() for w in self.workers.values()))
+        await self.status_writer.stop()
         for task in list(self._background):
             task.cancel()
         for state in self.states.values():
@@ -370,14 +383,15 @@ class Operator:
         """Until no worker has pending work (tests and the demo use this)."""
         deadline = time.monotonic() + timeout
         while True:
-            busy = [w for w in self.workers.values() if not w.idle.is_set()]
+            busy = [w.idle for w in self.workers.values() if not w.idle.is_set()]
+            if not self.status_writer.idle.is_set():
+                busy.append(self.status_writer.idle)
             if not busy:
                 return
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"workers still busy: {[w.key for w in busy]}")
-            await asyncio.wait([asyncio.ensure_future(w.idle.wait()) for w in busy],
-                               timeout=left)
+                raise TimeoutError(f"workers or status writes still busy: {len(busy)}")
+            await asyncio.wait([asyncio.ensure_future(e.wait()) for e in busy], timeout=left)
 
     # ------------------------------------------------------------------ events
 
@@ -385,6 +399,7 @@ class Operator:
         meta = body.get("metadata") or {}
         if event_type == "DELETED":
             keys = self.world.delete_policy(meta.get("namespace", ""), meta.get("name", ""))
+            self.status_writer.forget(f"{meta.get('namespace', '')}/{meta.get('name', '')}")
         else:
             keys = self.world.upsert_policy(body)
         self.wake(keys)
@@ -877,51 +892,30 @@ class Operator:
         return views
 
     async def write_statuses(self, namespace: str) -> None:
-        """Patch the status of every policy of the namespace whose status changed."""
-        lock = self._status_locks.setdefault(namespace, asyncio.Lock())
-        async with lock:
-            now = self.clock()
-            writes = []
-            written: list[PolicyRecord] = []
-            counts: dict[str, int] = {}
-            for rec in self.world.records(namespace):
-                extra_conditions, extra_fields = self._observed(rec)
-                status = policy_status(rec, self.views_for(rec), now, extra_conditions,
-                                       extra_fields)
-                ready = status["conditions"][0]["reason"]
-                counts[ready] = counts.get(ready, 0) + 1
-                if status != {k: rec.status.get(k) for k in status}:
-                    writes.append(self._write_status(rec, status))
-                    written.append(rec)
-            for reason, n in counts.items():
-                self.metrics.policies.labels(namespace, reason).set(n)
-            self.metrics.exceptions_active.labels(namespace).set(sum(
-                1 for rec in self.world.records(namespace) if rec.policy is not None
-                and rec.policy.exception is not None and not rec.policy.is_expired(now)))
-            results = await asyncio.gather(*writes, return_exceptions=True)
-        # One policy's refused or failed write never stops the others (nor the caller's
-        # probes and expiry scheduling): it is logged by name and the namespace retried.
-        failed = [(rec, r) for rec, r in zip(written, results, strict=True)
-                  if isinstance(r, BaseException)]
-        for _, result in failed:
-            if isinstance(result, asyncio.CancelledError):
-                raise result
-        if not failed:
-            self._status_failures.pop(namespace, None)
-            return
-        n = self._status_failures[namespace] = self._status_failures.get(namespace, 0) + 1
-        delay = min(self.config.retry_max, self.config.retry_base * 2 ** (n - 1))
-        for rec, exc in failed:
-            log.warning("status of %s not written (%s); retrying in %.1fs", rec.ref,
-                        _one_line(exc), delay)
-        self.metrics.status_write_failures.labels(namespace).inc(len(failed))
-        if not self._stopping:
-            handle = asyncio.get_running_loop().call_later(
-                delay, lambda: self._spawn(self.write_statuses(namespace)))
-            old = self._status_retry.pop(namespace, None)
-            if old is not None:
-                old.cancel()
-            self._status_retry[namespace] = handle
+        """Offer the status of every policy of the namespace whose status changed to the
+        status writer (coalesced, rate-limited, retried: see statuswriter.py).  Never
+        blocks on the API: enforcement goes on while statuses drain.  A ``Pending``
+        status waits ``pending_grace`` seconds, so a rollout that finishes first costs
+        its policies one write, not two."""
+        now = self.clock()
+        counts: dict[str, int] = {}
+        for rec in self.world.records(namespace):
+            extra_conditions, extra_fields = self._observed(rec)
+            status = policy_status(rec, self.views_for(rec), now, extra_conditions,
+                                   extra_fields)
+            ready = status["conditions"][0]["reason"]
+            counts[ready] = counts.get(ready, 0) + 1
+            if status != {k: rec.status.get(k) for k in status}:
+                self.status_writer.offer(
+                    rec.ref, rec, status,
+                    delay=self.config.pending_grace if ready == PENDING else 0.0)
+            else:
+                self.status_writer.forget(rec.ref)  # already stored: nothing to write
+        for reason, n in counts.items():
+            self.metrics.policies.labels(namespace, reason).set(n)
+        self.metrics.exceptions_active.labels(namespace).set(sum(
+            1 for rec in self.world.records(namespace) if rec.policy is not None
+            and rec.policy.exception is not None and not rec.policy.is_expired(now)))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in the background, kept alive until it ends, cancelled at stop."""
@@ -955,19 +949,19 @@ class Operator:
         return conditions, fields
 
     async def _write_status(self, rec: PolicyRecord, status: dict[str, Any]) -> None:
+        """One status patch (the status writer calls it; a failure raises to it), then an
+        Event when a condition changed to something a person should act on."""
         changed = transitions(rec.status.get("conditions") or [], status["conditions"])
         async with self._io:
             try:
                 await self.kube.patch_policy_status(rec.namespace, rec.name, status)
             except NotFound:
                 return  # deleted meanwhile
-            rec.status = {**rec.status, **status}
-            if changed:  # one Event per change of the policy, led by its weightiest condition
-                warnings = [c for c in changed if event_type(c) == "Warning"]
-                lead = (warnings or changed)[0]
-                await self._event(rec, event_type(lead), lead["reason"], "; ".join(
-                    f"{c['type']}={c['status']} {c['reason']}: {c['message']}"
-                    for c in changed))
+        rec.status = {**rec.status, **status}
+        warnings = [c for c in changed if event_type(c) == "Warning"]
+        if warnings:  # one Event per change, led by its weightiest condition
+            await self._event(rec, "Warning", warnings[0]["reason"], "; ".join(
+                f"{c['type']}={c['status']} {c['reason']}: {c['message']}" for c in warnings))
 
     async def _event(self, rec: PolicyRecord, kind: str, reason: str, message: str) -> None:
         try:
@@ -983,6 +977,23 @@ class Operator:
 
 def register(registry: kopf.OperatorRegistry) -> None:
     """Register the handlers on ``registry``; each is one call into :class:`Operator`."""
+
+    @kopf.on.startup(registry=registry)
+    def _configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        """Server-side label selectors: on a shared cluster the API server sends only
+        Postfix pods and our own ConfigMaps, not every pod and ConfigMap of the
+        namespaces (the handlers' ``labels=`` filters are client-side, after the
+        transfer and parsing).  Kopf applies these to every watch and list.
+
+        No diff base: we register only event handlers, so Kopf's "last handled
+        essence" is never used, yet building it deep-copies every body of every event
+        (10,000 policies and their status echoes in a bulk load)."""
+        settings.watching.label_selectors["v1", "pods"] = INSTANCE_LABEL
+        settings.watching.label_selectors["v1", "configmaps"] = f"{MANAGED_BY}={OPERATOR}"
+        settings.persistence.diffbase_storage = _NoDiffBase()
+        # Thousands of long-lived policy records make every full collection walk them
+        # all; young collections stay frequent enough for the event churn.
+        gc.set_threshold(20_000, 20, 100)
 
     @kopf.on.startup(registry=registry, backoff=2.0)  # e.g. the API server answered 503
     async def _startup(memo: kopf.Memo, **_: Any) -> None:
@@ -1003,6 +1014,19 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.event("v1", "configmaps", labels={MANAGED_BY: OPERATOR}, registry=registry)
     async def _configmap(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo.operator.on_configmap(type, _plain(body))
+
+
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """A diff base that is never built nor stored (no on.create/update/resume handlers)."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
 
 
 def _one_line(exc: BaseException) -> str:

@@ -67,7 +67,8 @@ def run_operator(args: argparse.Namespace) -> int:
                  default_strategy=args.strategy,
                  max_exception=timedelta(days=args.max_exception_days),
                  observe_interval=args.probe_interval,
-                 probe_enforced=args.probe_scope == "all")
+                 probe_enforced=args.probe_scope == "all",
+                 status_qps=args.status_qps, status_burst=max(1, int(args.status_qps * 5)))
     metrics = Metrics()
     if args.metrics != "off":
         metrics.serve(*_hostport(args.metrics))

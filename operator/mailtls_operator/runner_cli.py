@@ -54,6 +54,10 @@ def add_run_parser(sub: Any) -> None:
                    help="probe every policy's destinations (a failing probe of an enforced "
                         "policy is a warning in its Verified condition), or only audit-mode "
                         "policies (default: %(default)s)")
+    p.add_argument("--status-qps", type=float, default=100.0, metavar="N",
+                   help="policy status patches per second at most, in bursts of up to 5x "
+                        "that: a bulk load's statuses follow its enforcement instead of "
+                        "flooding the API server; 0 means unlimited (default: %(default)s)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     p.set_defaults(func=_run)
 

@@ -451,6 +451,7 @@ class ApiRequest(NamedTuple):
     subresource: str | None
     namespace: str | None
     name: str | None
+    label_selector: str | None = None  # of a list or watch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -896,7 +897,8 @@ class ApiServer(kmock.KubernetesEmulator):
         return ApiRequest(
             _verb(str(request.method.value), request.params, request.name),
             str(request.resource.group), str(request.resource.version),
-            str(request.resource.plural), request.subresource, request.namespace, request.name)
+            str(request.resource.plural), request.subresource, request.namespace, request.name,
+            request.params.get("labelSelector"))
 
     def _record(self, request: rendering.Request) -> None:
         if self._is_resource(request):

@@ -92,7 +92,8 @@ def make_operator(kube_client: kubernetes.client.ApiClient, **cfg: Any) -> Opera
 
 def idle(op: Operator) -> bool:
     """Read from the test's thread: flags only, no awaiting across loops."""
-    return op.started and all(w.idle.is_set() for w in list(op.workers.values()))
+    return op.started and all(w.idle.is_set() for w in list(op.workers.values())) \
+        and op.status_writer.idle.is_set()
 
 
 @asynccontextmanager

@@ -63,8 +63,12 @@ async def test_every_recorded_call_is_granted_and_every_grant_is_used(
                                    instances=[]))
         await cluster.apply(policy("named", destinations=["b.example"], level="may",
                                    instances=["lonely"]))
+        await cluster.apply(policy("loser", destinations=["b.example"], level="none",
+                                   instances=["lonely"]))  # a Conflict: a Warning Event
         await cluster.until(lambda: cluster.table("mail", "lonely") == [
             "a.example encrypt", "b.example may"])
+        await cluster.until(lambda: (c := cluster.condition("mail", "loser", "Accepted"))
+                            and c["reason"] == "Conflict")
         await cluster.until(lambda: cluster.table("mail", "restart-relay") == [
             "a.example encrypt"])
         await cluster.until(lambda: idle(op))
@@ -72,6 +76,7 @@ async def test_every_recorded_call_is_granted_and_every_grant_is_used(
                                    match=["nexthop"], instances=[]))  # ConfigMaps patched
         await cluster.until(lambda: cluster.table("mail", "restart-relay") == [
             "a.example secure match=nexthop"])
+        await cluster.delete("mail", "loser")
         await cluster.delete("mail", "named")  # its instance has no pods: ConfigMap deleted
         await cluster.until(lambda: cluster.configmap("mail", "lonely") is None)
         await cluster.until(lambda: idle(op))

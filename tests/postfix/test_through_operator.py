@@ -340,8 +340,9 @@ async def test_an_operator_killed_mid_rollout_is_finished_by_the_next_one(
             await asyncio.to_thread(gated.reached.wait, 15)
             assert pods[0][1].query("a.example") == "encrypt"
             assert pods[2][1].query("a.example") == "may"
-            pending = kubectl.ready("p")  # written before the rollout began
-            assert pending is not None and pending["reason"] == "Pending"
+            # offered as the rollout began, written once the pending grace has passed
+            pending = await poll(lambda: (r := kubectl.ready("p")) and r["reason"] == "Pending"
+                                 and r)
             assert "relay: 0/3 pods on revision" in pending["message"]
         # the operator is gone mid-rollout: relay-1 swapped, not verified; relay-2 untouched
     finally:
@@ -397,7 +398,8 @@ async def test_a_change_to_one_policy_leaves_the_others_status_alone(
             await kubectl.apply(f"p{i}", destinations=[f"d{i}.example"], level="encrypt")
         for i in range(5):
             await kubectl.until_ready(f"p{i}")
-        await poll(lambda: all(w.idle.is_set() for w in op.workers.values()))
+        await poll(lambda: all(w.idle.is_set() for w in op.workers.values())
+                   and op.status_writer.idle.is_set())
         await asyncio.sleep(0.3)  # the last status write's Event is posted after the write
         before = kubectl.status("p1")
 
@@ -431,7 +433,8 @@ async def test_a_restart_after_several_changes_rewrites_no_status(
     assert len(revisions) == 3
     apiserver.reset_log()
     async with operator(run_operator, kube_client, runner) as op:
-        await poll(lambda: op.states and all(w.idle.is_set() for w in op.workers.values()))
+        await poll(lambda: op.states and all(w.idle.is_set() for w in op.workers.values())
+                   and op.status_writer.idle.is_set())
         await asyncio.sleep(0.3)
     assert apiserver.request_count("patch", PLURAL, subresource="status") == 0
     assert apiserver.request_count(("create", "patch"), "configmaps") == 0
