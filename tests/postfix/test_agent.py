@@ -137,6 +137,28 @@ async def test_probes_and_lint_come_from_the_agents(
     assert no_exec.calls == [] and exec_requests(apiserver) == 0
 
 
+async def test_a_pod_whose_agent_fails_makes_the_rollout_fail_and_recovers(
+        make_pod: PodFactory, apiserver: ApiServer, kubectl: Kubectl, run_operator: Any,
+        kube_client: Any) -> None:
+    pods = seed_agent_pods(make_pod, apiserver, 2)
+    async with running([make_agent(apiserver, n, i) for n, i in pods]), operator(
+            run_operator, kube_client, NoPodsRunner(), retry_base=0.3):  # type: ignore[arg-type]
+        await kubectl.apply("p", destinations=["a.example"], level="may")
+        await kubectl.until_ready("p", timeout=20)
+        pods[0][1].lock_map_dir()  # relay-0 cannot write its table directory
+        try:
+            await kubectl.apply("p", destinations=["a.example"], level="encrypt")
+            failed = await kubectl.until_ready("p", reason="RolloutFailed", timeout=20)
+            assert "mail/relay-0: agent:" in failed["message"]
+            assert pods[0][1].query("a.example") == "may"  # the last good table serves
+            await poll(lambda: pods[1][1].query("a.example") == "encrypt")
+        finally:
+            pods[0][1].unlock_map_dir()
+        await kubectl.until_ready("p", timeout=20)  # the agent retried by itself
+        assert pods[0][1].query("a.example") == "encrypt"
+    assert exec_requests(apiserver) == 0
+
+
 # -- without the operator: ConfigMaps written straight into the emulation ---------------
 
 

@@ -107,9 +107,7 @@ class Agent:
                 failures += 1
                 self._api_lost(str(exc))
                 await self._from_volume()
-                delay = min(self.settings.retry_max,
-                            self.settings.retry_base * 2 ** min(failures - 1, 16))
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self._delay(failures))
 
     def _api_back(self) -> None:
         if not self.api_ok:
@@ -180,18 +178,35 @@ class Agent:
 
     # -- observing and reporting ------------------------------------------------------
 
+    def _behind(self) -> bool:
+        wanted, live = self.converger.wanted, self.converger.live
+        return wanted is not None and (live is None or live.revision != wanted.revision)
+
     async def _observer(self) -> None:
+        """Observe after each change and every ``observe_interval``; while the wanted revision
+        failed to install, try it again with backoff (level-based: no new event needed)."""
+        failures = 0
         while True:
+            wait = self.settings.observe_interval or None
+            if self._behind():
+                failures += 1
+                backoff = self._delay(failures)
+                wait = backoff if wait is None else min(wait, backoff)
+            else:
+                failures = 0
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._observe_wake.wait(),
-                                       self.settings.observe_interval or None)
+                await asyncio.wait_for(self._observe_wake.wait(), wait)
             self._observe_wake.clear()
             async with self._lock:
                 wanted = self.converger.wanted
-                if await self.converger.drifted() and wanted is not None:
+                if wanted is not None and (self._behind() or await self.converger.drifted()):
                     await self.converger.install(wanted, self.converger.report.source)
                 await self.converger.observe()
             self._report_wake.set()
+
+    def _delay(self, failures: int) -> float:
+        return min(self.settings.retry_max,
+                   self.settings.retry_base * 2.0 ** min(failures - 1, 16))
 
     async def _reporter(self) -> None:
         failures = 0
@@ -210,8 +225,7 @@ class Agent:
             except ApiUnavailable as exc:
                 failures += 1
                 log.warning("report not written (retrying): %s", exc)
-                await asyncio.sleep(min(self.settings.retry_max,
-                                        self.settings.retry_base * 2 ** min(failures - 1, 16)))
+                await asyncio.sleep(self._delay(failures))
                 self._report_wake.set()
                 continue
             failures = 0
