@@ -63,6 +63,7 @@ async def test_a_change_is_live_in_every_pod_without_exec_and_stuck_mail_is_rele
     pods = seed_agent_pods(make_pod, apiserver, 3, routes=routes)
     no_exec = NoPodsRunner()
     agents = [make_agent(apiserver, name, inst) for name, inst in pods]
+    masters = [inst.master_pid() for _, inst in pods]
     async with running(agents), operator(run_operator, kube_client, no_exec,  # type: ignore[arg-type]
                                          observe_interval=0.3):
         await kubectl.apply("plain-partner", destinations=[plain.nexthop], level="encrypt")
@@ -94,6 +95,7 @@ async def test_a_change_is_live_in_every_pod_without_exec_and_stuck_mail_is_rele
         assert report(apiserver, "relay-0").released >= 1
     assert no_exec.calls == []
     assert exec_requests(apiserver) == 0
+    assert [inst.master_pid() for _, inst in pods] == masters  # Postfix never restarted
     # the agents patched only their own pods' mailtls.io annotations
     assert apiserver.request_count("patch", "pods") >= 3
 
