@@ -56,6 +56,11 @@ def test_other_commands_run_as_subprocesses_with_the_postfix_config(tmp_path: Pa
     assert (res.returncode, res.stdout) == (0, str(tmp_path).encode())
     res = asyncio.run(runner.run(POD, ["/nonexistent/postmap"]))
     assert res.returncode == 127 and b"/nonexistent/postmap" in res.stderr
-    with pytest.raises(PodRunnerError, match="did not finish"):
-        asyncio.run(runner.run(POD, ["sleep", "5"], timeout=0.2))
+
+    async def too_slow() -> None:
+        with pytest.raises(PodRunnerError, match="did not finish"):
+            await runner.run(POD, ["sleep", "5"], timeout=0.2)
+        await asyncio.sleep(0.1)  # the killed process's pipes close in this loop, not at GC
+
+    asyncio.run(too_slow())
     assert runner.commands == 3
