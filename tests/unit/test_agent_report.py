@@ -65,6 +65,18 @@ def test_an_unreadable_report_is_no_report() -> None:
     assert report_of({ANN_REPORT: "{not json"}) is None
     assert report_of({ANN_REPORT: '{"at": 1}'}) is None
     assert report_of({}) is None
+    bad = full_report()
+    bad.probes["mail/p"].outcomes[0] = ProbeOutcome("d", "Pass", "no reason", "m", AT)
+    assert report_of(bad.annotations()) is None  # not a verdict the status may carry
+
+
+def test_a_claimed_probe_message_becomes_one_bounded_line() -> None:
+    report = full_report()
+    report.probes["mail/p"].outcomes[0] = ProbeOutcome("d", "Fail", "NoStartTLS",
+                                                       "a\nb\x1b" + "x" * 5000, AT)
+    [outcome] = parse_report(report.to_json()).probes["mail/p"].outcomes
+    assert "\n" not in outcome.message and "\x1b" not in outcome.message
+    assert len(outcome.message) <= 1024
 
 
 def pod(name: str, applied: str | None, report: AgentReport | None,

@@ -25,6 +25,7 @@ know the name of.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
@@ -32,13 +33,14 @@ from typing import Any
 
 from ..mailqueue import DeferredSummary
 from ..observer import PolicyProbes
-from ..probe import ProbeOutcome, rfc3339
+from ..probe import FAIL, PASS, ProbeOutcome, clean, rfc3339
 from ..rollout import InstanceConfig
 
 ANN_APPLIED = "mailtls.io/applied-revision"
 ANN_REPORT = "mailtls.io/agent-report"
 AGENT_ANNOTATIONS = (ANN_APPLIED, ANN_REPORT)
 """The only annotations an agent may write (the admission policy's list)."""
+_REASON = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
 MAX_REPORT = 128 * 1024
 """Bytes; past this the probe and deferred details are cut (annotations total 256 KiB)."""
 
@@ -106,15 +108,27 @@ class BadReport(ValueError):
     """An annotation that is not a report this version understands."""
 
 
+def _outcome(o: Mapping[str, Any]) -> ProbeOutcome:
+    """A probe outcome as a pod claims it: the words status will carry are checked (a
+    result, a CamelCase reason) and the message is made one printable, bounded line."""
+    result, reason = str(o["result"]), str(o["reason"])
+    if result not in (PASS, FAIL) or not _REASON.fullmatch(reason):
+        raise ValueError(f"not a probe verdict: {result!r} {reason!r}")
+    return ProbeOutcome(clean(str(o["destination"]), 255), result, reason,
+                        clean(str(o["message"])), _time(o["time"]))
+
+
 def parse_report(text: str) -> AgentReport:
-    """The operator's side: read ``mailtls.io/agent-report``; raise :class:`BadReport`."""
+    """The operator's side: read ``mailtls.io/agent-report``; raise :class:`BadReport`.
+
+    The annotation is written by a pod, so it is read as untrusted input: anything
+    that is not a report of this shape is refused whole.
+    """
     try:
         doc = json.loads(text)
         probes = {
-            str(p["ref"]): PolicyProbes(str(p["value"]), _time(p["at"]), [
-                ProbeOutcome(str(o["destination"]), str(o["result"]), str(o["reason"]),
-                             str(o["message"]), _time(o["time"]))
-                for o in p["outcomes"]])
+            str(p["ref"]): PolicyProbes(str(p["value"]), _time(p["at"]),
+                                        [_outcome(o) for o in p["outcomes"]])
             for p in doc.get("probes", [])}
         deferred = {
             str(k): DeferredSummary(int(d["recipients"]), _time(d["oldest"]), str(d["reason"]),
