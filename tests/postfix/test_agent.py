@@ -179,8 +179,9 @@ def publish(apiserver: ApiServer, tables: Tables) -> None:
         apiserver.seed("v1/configmaps", body)
 
 
+@pytest.mark.parametrize("outage", ["errors", "silence"])
 async def test_an_api_outage_keeps_the_table_and_the_agent_catches_up(
-        make_pod: PodFactory, apiserver: ApiServer) -> None:
+        make_pod: PodFactory, apiserver: ApiServer, outage: str) -> None:
     [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1)
     first = tables_for(("a.example", "encrypt"))
     publish(apiserver, first)
@@ -189,7 +190,10 @@ async def test_an_api_outage_keeps_the_table_and_the_agent_catches_up(
         await poll(lambda: inst.query("a.example") == "encrypt")
         await apiserver.wait_until(lambda: (r := report(apiserver, name)) is not None
                                    and r.applied == first.revision, 10)
-        apiserver.inject_fault(status=503, times=None)  # the API stops answering
+        if outage == "errors":
+            apiserver.inject_fault(status=503, times=None)
+        else:  # the API stops answering at all: every request hangs past the agent's timeout
+            apiserver.inject_fault(status=None, delay=60, times=None)
         apiserver.expire_watches("v1/configmaps")
         await poll(lambda: not agent.api_ok)
         second = tables_for(("a.example", "may"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,12 +96,16 @@ class Agent:
                     await self._take(body)
                     rv = str((body.get("metadata") or {}).get("resourceVersion", ""))
                 while True:  # resume from the last position until it expires
+                    opened, events = time.monotonic(), 0
                     async for kind, obj in self.api.watch_configmap(
                             self.namespace, self.primary, rv,
                             timeout_seconds=self.settings.watch_timeout):
+                        events += 1
                         rv = str((obj.get("metadata") or {}).get("resourceVersion", rv))
                         if kind in ("ADDED", "MODIFIED"):
                             await self._take(obj)
+                    if not events and time.monotonic() - opened < 1.0:
+                        await asyncio.sleep(self.settings.retry_base)  # no hot loop
             except Expired:
                 continue
             except ApiUnavailable as exc:
@@ -132,6 +137,9 @@ class Agent:
                 bodies.append(await self.api.get_configmap(
                     self.namespace, part_name(self.settings.instance, number)))
             desired = from_configmaps(bodies)
+        except NotFound as exc:  # a part not written (yet): the set is incomplete
+            await self._refuse(f"a part ConfigMap is missing: {exc}", "api")
+            return
         except (Malformed, ValueError) as exc:
             await self._refuse(str(exc), "api")
             return
