@@ -9,6 +9,8 @@ the pod's own Postfix (here: the local instance, through the agent's ProcessRunn
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -284,3 +286,27 @@ async def test_a_table_edited_in_the_pod_is_installed_again(
         inst.install_table(inst.map_path, old.tls_policy)  # restored from an old backup
         assert inst.query("e.example") == "none"
         await poll(lambda: inst.query("e.example") == "encrypt", timeout=10)
+
+
+async def test_the_mailtls_agent_command_runs_the_same_loop(
+        make_pod: PodFactory, apiserver: ApiServer) -> None:
+    """The CLI as the sidecar runs it (flags, POD_NAME/POD_NAMESPACE from the environment)."""
+    [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1)
+    tables = tables_for(("f.example", "encrypt"))
+    publish(apiserver, tables)
+    env = {**os.environ, **inst.env, "POD_NAME": name, "POD_NAMESPACE": "mail",
+           "PATH": f"{inst.env['PATH']}:{os.environ.get('PATH', '')}"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mailtls_operator.cli", "agent", "--instance", "relay",
+        "--api-url", str(apiserver.url), "--map-path", str(inst.map_path),
+        "--map-type", inst.settings.map_type, "--configmap-dir", str(inst.configmap_dir),
+        "--observe-interval", "0", env=env, stdin=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        await poll(lambda: inst.query("f.example") == "encrypt", timeout=20)
+        await apiserver.wait_until(lambda: (r := report(apiserver, name)) is not None
+                                   and r.applied == tables.revision, 10)
+    finally:
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 10)
+    assert b"live and verified" in err
