@@ -550,8 +550,8 @@ class Operator:
         """Agent mode: what the agents probe is desired state too (``agent.json``)."""
         if self._strategy(key) == AGENT:
             bodies[0].setdefault("data", {})[AGENT_DATA] = agent_data(
-                self.world.policies_for(key),
-                lambda p: p.mode == "audit" or self.config.probe_enforced)
+                self.world.policies_for(key), lambda p: p.mode == "audit",
+                probe_enforced=self.config.probe_enforced)
 
     async def _write_one(self, ns: str, wanted: dict[str, Any]) -> int:
         """Create or patch one ConfigMap unless it already holds exactly ``wanted``."""

@@ -115,16 +115,31 @@ def test_changed_keys_are_the_lines_that_differ() -> None:
     assert desired.changed_keys(old, old) == set()
 
 
-def test_agent_data_lists_probed_policies_and_every_tafile() -> None:
+def test_agent_data_lists_audit_policies_and_every_tafile_enforced_ones_come_from_the_table(
+        ) -> None:
     audit = pol("audit", destinations=["a.example"], level="secure", match=["nexthop"],
                 tafile=["/etc/ca.pem"], mode="audit")
-    enforced = pol("enf", destinations=["b.example"], level="verify", match=["nexthop"],
-                   tafile=["/etc/other.pem"])
-    raw = desired.agent_data([enforced, audit], lambda p: p.mode == "audit")
-    t = tables()
-    got = desired.load(t.tls_policy, t.transport, raw)
-    assert got.probes == (desired.ProbeSpec("mail/audit", audit.value, ("a.example",)),)
+    enforced = pol("enf", destinations=["b.example", "bücher.example"], level="verify",
+                   match=["nexthop"], tafile=["/etc/other.pem"])
+    t = render([audit, enforced], instance=("mail", "relay"), now=NOW)
+    for probe_enforced in (True, False):
+        raw = desired.agent_data([enforced, audit], lambda p: p.mode == "audit",
+                                 probe_enforced=probe_enforced)
+        assert "b.example" not in raw  # enforced destinations are not written twice
+        got = desired.load(t.tls_policy, t.transport, raw)
+        assert got.tafiles == ("/etc/ca.pem", "/etc/other.pem")
+        wanted = [desired.ProbeSpec("mail/audit", audit.value, ("a.example",))]
+        if probe_enforced:
+            wanted.append(desired.ProbeSpec("mail/enf", enforced.value, tuple(sorted(
+                enforced.keys))))
+        assert list(got.probes) == wanted
     assert got.probes[0].level == "secure"
-    assert got.tafiles == ("/etc/ca.pem", "/etc/other.pem")
     with pytest.raises(desired.Malformed, match=r"agent\.json"):
         desired.load(t.tls_policy, t.transport, '{"probes": [{"ref": 1}]}')
+
+
+def test_table_policies_reads_each_owner_and_its_keys() -> None:
+    t = tables(3)
+    specs = desired.table_policies(t.tls_policy)
+    assert [(s.ref, s.keys, s.value) for s in specs] == [
+        (f"mail/p{i}", (f"d{i}.example",), "encrypt") for i in range(3)]

@@ -9,9 +9,11 @@ the ConfigMaps the operator already writes (DESIGN.md §11):
   set by recomputing the revision the renderer wrote in the table's header
   (sha256 of the TLS body, a NUL, the transport text) -- a truncated, mixed or
   hand-edited set is refused and the last good table stays live;
-- which policies to probe, in ``data["agent.json"]`` of the primary ConfigMap
-  (written only for instances in agent mode): ``{"probes": [{"ref", "value",
-  "keys"}]}``, audit-mode policies included (their lines are not in the table);
+- which policies to probe: ``data["agent.json"]`` of the primary ConfigMap
+  (written only for instances in agent mode) lists the audit-mode ones (their
+  lines are not in the table), ``{"probes": [{"ref", "value", "keys"}],
+  "tafiles": [...], "probeEnforced": bool}``; the enforced ones are read from
+  the table's ``# ns/name`` owner comments (:func:`table_policies`);
 - which keys changed: not written anywhere, the agent diffs the table it
   replaces with the new one (:func:`changed_keys`).
 """
@@ -106,17 +108,42 @@ def _header_revision(text: str) -> str:
     raise Malformed("tls_policy has no revision header")
 
 
-def _agent_data(raw: str | None) -> tuple[tuple[ProbeSpec, ...], tuple[str, ...]]:
+_OWNER = re.compile(r"# ([a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?)")
+
+
+def table_policies(tls_policy: str) -> list[ProbeSpec]:
+    """The enforced policies in a rendered table: each ``# ns/name`` comment line and the
+    ``KEY VALUE`` lines that follow it (the renderer groups a policy's lines so)."""
+    found: dict[str, tuple[str, list[str]]] = {}
+    owner: str | None = None
+    for line in tls_policy.splitlines():
+        if line.startswith("#"):
+            m = _OWNER.fullmatch(line)
+            owner = m.group(1) if m else None
+            continue
+        key, _, value = line.partition(" ")
+        if owner is None or not value or key == REVISION_KEY:
+            continue
+        found.setdefault(owner, (value, []))[1].append(key)
+    return [ProbeSpec(ref, value, tuple(keys)) for ref, (value, keys) in found.items()]
+
+
+def _agent_data(raw: str | None, tls_policy: str
+                ) -> tuple[tuple[ProbeSpec, ...], tuple[str, ...]]:
     if not raw:
         return (), ()
     try:
         doc = json.loads(raw)
-        return (tuple(ProbeSpec(str(p["ref"]), str(p["value"]),
-                                tuple(str(k) for k in p["keys"]))
-                      for p in doc.get("probes", [])),
-                tuple(str(f) for f in doc.get("tafiles", [])))
+        listed = [ProbeSpec(str(p["ref"]), str(p["value"]), tuple(str(k) for k in p["keys"]))
+                  for p in doc.get("probes", [])]
+        tafiles = tuple(str(f) for f in doc.get("tafiles", []))
+        enforced = bool(doc.get("probeEnforced", False))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise Malformed(f"{AGENT_DATA}: {exc}") from exc
+    if enforced:
+        seen = {p.ref for p in listed}
+        listed += [p for p in table_policies(tls_policy) if p.ref not in seen]
+    return tuple(sorted(listed, key=lambda p: p.ref)), tafiles
 
 
 def load(tls_policy: str, transport: str, agent_data: str | None = None,
@@ -138,7 +165,7 @@ def load(tls_policy: str, transport: str, agent_data: str | None = None,
     tls = entries(tls_policy)
     if tls.get(REVISION_KEY) != revision_value(actual):
         raise Malformed(f"{REVISION_KEY} does not answer revision {actual[:16]}")
-    probes, tafiles = _agent_data(agent_data)
+    probes, tafiles = _agent_data(agent_data, tls_policy)
     return Desired(actual, tls_policy, transport, tls, entries(transport), probes, tafiles)
 
 
@@ -201,12 +228,20 @@ class ProbeablePolicy(Protocol):
 P = TypeVar("P", bound=ProbeablePolicy)
 
 
-def agent_data(policies: Iterable[P], probed: Callable[[P], bool]) -> str:
-    """``data["agent.json"]`` for an instance in agent mode (the operator writes it): the
-    policies to probe, and every trust-anchor file any policy of the instance names."""
+def agent_data(policies: Iterable[P], audit: Callable[[P], bool], *,
+               probe_enforced: bool) -> str:
+    """``data["agent.json"]`` for an instance in agent mode (the operator writes it).
+
+    It lists only what the tables cannot say -- the ``audit`` policies to probe (their
+    lines are not in the table) and every trust-anchor file any policy of the instance
+    names -- plus ``probeEnforced``: the agent then probes the enforced policies it reads
+    from the table itself (:func:`table_policies`), so a bulk load of enforced policies
+    does not write its destinations twice into the 1 MiB ConfigMap.
+    """
     ordered = sorted(policies, key=lambda p: p.ref)
     probes = [{"ref": p.ref, "value": p.value, "keys": list(p.keys)}
-              for p in ordered if probed(p)]
+              for p in ordered if audit(p)]
     tafiles = sorted({f for p in ordered for f in p.tafile})
-    return json.dumps({"probes": probes, "tafiles": tafiles}, sort_keys=True,
+    return json.dumps({"probes": probes, "tafiles": tafiles,
+                       "probeEnforced": probe_enforced}, sort_keys=True,
                       separators=(",", ":"))
