@@ -103,8 +103,9 @@ async def test_a_change_is_live_in_every_pod_without_exec_and_stuck_mail_is_rele
 
 
 async def test_probes_and_lint_come_from_the_agents(
-        make_pod: PodFactory, plain: SmtpSink, ca_signed: SmtpSink, ca: Any,
-        apiserver: ApiServer, kubectl: Kubectl, run_operator: Any, kube_client: Any) -> None:
+        make_pod: PodFactory, plain: SmtpSink, self_signed: SmtpSink, ca_signed: SmtpSink,
+        ca: Any, apiserver: ApiServer, kubectl: Kubectl, run_operator: Any,
+        kube_client: Any) -> None:
     [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1)
     no_exec = NoPodsRunner()
     async with running([make_agent(apiserver, name, inst)]), operator(
@@ -113,6 +114,11 @@ async def test_probes_and_lint_come_from_the_agents(
                             mode="audit")
         await kubectl.apply("ca", destinations=[ca_signed.nexthop], level="secure",
                             match=["sink.mailtls.test"], tafile=[str(ca.pem_path)],
+                            mode="audit")
+        await kubectl.apply("self-signed", destinations=[self_signed.nexthop], level="secure",
+                            match=["sink.mailtls.test"], mode="audit")
+        await kubectl.apply("wrong-name", destinations=[ca_signed.nexthop], level="secure",
+                            match=["other.mailtls.test"], tafile=[str(ca.pem_path)],
                             mode="audit")
         await kubectl.apply("dane", destinations=["dane.example"], level="dane")
         await kubectl.apply("missing-ca", destinations=["partner.example"], level="secure",
@@ -126,6 +132,8 @@ async def test_probes_and_lint_come_from_the_agents(
             return result
 
         assert (await probed("plain"))["reason"] == "NoStartTLS"
+        assert (await probed("self-signed"))["reason"] == "Untrusted"
+        assert (await probed("wrong-name"))["reason"] == "NameMismatch"
         passed = await probed("ca")
         assert (passed["result"], passed["reason"], passed["instance"]) == (
             "Pass", "Verified", "relay")
