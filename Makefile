@@ -49,7 +49,7 @@ test-unit: install ## unit and contract tests only (no Postfix, no API emulation
 	$(BIN)/pytest -q tests/unit tests/contract
 
 lint: install ## ruff, mypy --strict and the import-linter layer contract
-	$(BIN)/ruff check operator tests bench demo
+	$(BIN)/ruff check operator testbed tests bench demo
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

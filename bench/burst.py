@@ -56,7 +56,7 @@ async def _scenario(result: Result) -> None:
                             and env.pods_on(env.revision() or "", pods.names))
             await env.settle()
             state = env.operator.states[key]
-            before = {"renders": state.renders, "rollouts": state.rollouts,
+            before: dict[str, Any] = {"renders": state.renders, "rollouts": state.rollouts,
                       "writes": state.configmap_writes,
                       "compiles": {p: runner.table_compiles(p) for p in pods.names}}
             env.server.reset_log()

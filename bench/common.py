@@ -220,7 +220,7 @@ def cpu_seconds(pid: int | str = "self") -> float:
 
 def postfix_available() -> str | None:
     """None if real Postfix instances can run here, else why not."""
-    from mailtls_operator.local import postfix_unavailable
+    from testbed import postfix_unavailable
 
     return postfix_unavailable()
 

@@ -1,7 +1,7 @@
 """The operator under measurement: the API emulation of the integration tests, the real
 operator (Kopf + official client) in its own thread, and real local Postfix "pods".
 
-Everything is on loopback.  The emulator (``tests/integration/apiserver.py``) runs in
+Everything is on loopback.  The emulator (``testbed/apiserver.py``) runs in
 the benchmark's event loop; the operator in its own thread and loop, exactly as in
 ``tests/integration``.  :class:`BenchServer` adds one thing: the time at which each
 object was stored, taken in the server as it commits, so a latency ends at the moment
@@ -26,14 +26,14 @@ import attrs
 import kmock
 import kopf
 import kubernetes.client
-from tests.integration.apiserver import ApiServer, RunningOperator, run_operator
 
 from mailtls_operator import configmap
 from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.kube import Kube
-from mailtls_operator.local import InstanceSettings, LocalInstance, LocalPodRunner, stop_all
 from mailtls_operator.podrunner import ExecResult, PodRef, PodRunner
 from mailtls_operator.render import REVISION_KEY
+from testbed import InstanceSettings, LocalInstance, LocalPodRunner, stop_all
+from testbed.apiserver import ApiServer, RunningOperator, run_operator
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
 # Kopf warns that it cannot install signal handlers outside the main thread: by design here.
@@ -169,9 +169,7 @@ class Env:
 
     def idle(self) -> bool:
         """The operator has nothing pending (read from this thread: flags only)."""
-        op = self.operator
-        return op.started and all(w.idle.is_set() for w in list(op.workers.values())) \
-            and op.status_writer.idle.is_set()
+        return self.operator.converged
 
     async def until(self, predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
         return await self.server.wait_until(predicate, timeout)

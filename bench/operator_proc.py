@@ -42,9 +42,9 @@ def main() -> None:
     stages["operator imports"] = _rss_mib()
     # The local harness (LocalPodRunner) pulls in aiosmtpd and cryptography, which the
     # production operator (KubernetesExecRunner) does not load: reported separately.
-    from mailtls_operator.local.instance import InstanceSettings, LocalInstance
-    from mailtls_operator.local.runner import LocalPodRunner
     from mailtls_operator.podrunner import PodRef
+    from testbed.instance import InstanceSettings, LocalInstance
+    from testbed.runner import LocalPodRunner
 
     stages["+ local pod runner imports"] = _rss_mib()
     if args.report:

@@ -19,10 +19,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from mailtls_operator.local import InstanceSettings, LocalInstance, LocalPodRunner
 from mailtls_operator.podrunner import PodRef
 from mailtls_operator.render import REVISION_KEY, revision_value
 from mailtls_operator.rollout import PodTarget, Step, TableSet, apply_to_pod
+from testbed import InstanceSettings, LocalInstance, LocalPodRunner
 
 STEPS = [Step.WRITE, Step.POSTMAP, Step.SWAP, Step.RELOAD, Step.VERIFY]
 

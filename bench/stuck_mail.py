@@ -33,11 +33,12 @@ import time
 from pathlib import Path
 
 from mailtls_operator import mailqueue as mq
-from mailtls_operator.local import InstanceSettings, LocalInstance, LocalPodRunner, plain_sink
+from mailtls_operator.facts import read_instance_config
 from mailtls_operator.podrunner import PodRef
 from mailtls_operator.policy import Policy, load_policy
 from mailtls_operator.render import render
-from mailtls_operator.rollout import PodTarget, TableSet, apply_to_pod, read_instance_config
+from mailtls_operator.rollout import PodTarget, TableSet, apply_to_pod
+from testbed import InstanceSettings, LocalInstance, LocalPodRunner, plain_sink
 
 
 def _policy(level: str, key: str) -> Policy:

@@ -26,11 +26,11 @@ import kmock
 import kopf
 import kubernetes.client
 import yaml
-from tests.integration.apiserver import ApiServer, run_operator
 
 from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.kube import Kube
-from mailtls_operator.local import (
+from mailtls_operator.podrunner import PodRef
+from testbed import (
     InstanceSettings,
     LocalCA,
     LocalInstance,
@@ -38,7 +38,7 @@ from mailtls_operator.local import (
     plain_sink,
     starttls_sink,
 )
-from mailtls_operator.podrunner import PodRef
+from testbed.apiserver import ApiServer, run_operator
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
 EXAMPLES = Path(__file__).resolve().parents[1] / "manifests" / "examples" / "policies"
@@ -157,8 +157,7 @@ class Demo:
                 if status.get("observedGeneration") != obj["metadata"].get("generation") or \
                         cond is None or cond["reason"] == "Pending":
                     return False
-            return all(w.idle.is_set() for w in self.operator.workers.values()) \
-                and self.operator.status_writer.idle.is_set()
+            return self.operator.idle
         await self.server.wait_until(done, timeout)
 
     def status(self, name: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any, Final
 from . import postfix
 from .podrunner import PodRef, PodRunner, PodRunnerError
 from .render import REVISION_KEY
-from .rollout import InstanceConfig
+from .routing import InstanceConfig, governing_key
 
 # -- records ---------------------------------------------------------------------
 
@@ -138,99 +138,6 @@ def tls_reason(delay_reason: str) -> str | None:
 def is_tls_reason(delay_reason: str) -> bool:
     """Was the recipient deferred because of TLS (policy, certificate, handshake, DANE)?"""
     return tls_reason(delay_reason) is not None
-
-
-# -- routing: which policy key governs a recipient -----------------------------------
-
-_NO_TLS_TRANSPORTS: Final = frozenset({"error", "retry", "discard", "local", "virtual",
-                                       "lmtp", "pipe"})
-"""Transports that never consult ``smtp_tls_policy_maps`` (lmtp has its own map)."""
-_HOSTNAME: Final = re.compile(r"[^\s\[\]:/@]+")
-
-
-def _transport_lookup(domain: str, entries: Mapping[str, str]) -> str | None:
-    """The transport entry for ``domain`` in transport(5) order: the domain, then
-    ``.parent`` walking up, then ``*`` (parent_domain_matches_subdomains without
-    transport_maps, the default)."""
-    if domain in entries:
-        return entries[domain]
-    rest = domain
-    while "." in rest:
-        rest = rest.split(".", 1)[1]
-        if f".{rest}" in entries:
-            return entries[f".{rest}"]
-    return entries.get("*")
-
-
-def nexthops(domain: str, config: InstanceConfig,
-             transport_entries: Mapping[str, str] | None = None) -> tuple[str, ...] | None:
-    """The next-hop(s) smtp(8) uses for ``domain``, or None if mail to it does not go
-    through an SMTP client that reads the TLS policy table.
-
-    ``transport_entries`` are the instance's transport table entries
-    (``domain`` -> ``transport:nexthop``; the operator's routes, plus the
-    site's own if known).  A ``transport:`` entry with an empty next-hop
-    resets it to the recipient domain (bypassing the relayhost); ``:`` keeps
-    the default.  Without a route, the relay next-hop(s) (``relayhost``, or
-    ``default_transport = smtp:[host]``) win, else the recipient domain.
-    """
-    domain = domain.rstrip(".").lower()
-    relays = config.relay_nexthops
-    default: tuple[str, ...] = relays if relays else (domain,)
-    entry = _transport_lookup(domain, transport_entries or {})
-    if entry is None:
-        return default
-    channel, _, hop = entry.strip().partition(":")
-    channel = channel.strip().lower()
-    hop = hop.strip()
-    if channel and channel in _NO_TLS_TRANSPORTS:
-        return None
-    if hop:
-        return (hop.lower(),)
-    return (domain,) if channel else default
-
-
-def policy_lookup(nexthop: str, table_keys: Iterable[str]) -> str | None:
-    """The TLS policy key Postfix uses for ``nexthop`` (smtp_tls_policy.c).
-
-    A bare host or domain name is looked up as itself, then as ``.parent``
-    walking up (``a.b.example`` -> ``.b.example`` -> ``.example``); anything
-    else (``[host]``, ``[host]:port``, ``host:port``) only verbatim.
-    Case-insensitive, like Postfix's table lookups.
-    """
-    keys = table_keys if isinstance(table_keys, (set, frozenset)) else set(table_keys)
-    name = nexthop.lower()
-    if name in keys:
-        return name
-    if not _HOSTNAME.fullmatch(name):
-        return None
-    rest = name
-    while "." in rest[1:]:
-        rest = rest[rest.index(".", 1):]
-        if rest in keys:
-            return rest
-    return None
-
-
-def governing_key(recipient_domain: str, table_keys: Iterable[str], config: InstanceConfig,
-                  transport_entries: Mapping[str, str] | None = None) -> str | None:
-    """The TLS policy key that governs delivery to ``recipient_domain``, or None.
-
-    Same routing as :func:`rollout.bypassed_keys`: with a relayhost and no
-    transport route the next-hop is the relayhost, so a key for the recipient
-    domain does not govern it (the relayhost trap).  With several relay
-    next-hops, the first one with a key counts.
-    """
-    hops = nexthops(recipient_domain, config, transport_entries)
-    if not hops:
-        return None
-    keys = table_keys if isinstance(table_keys, (set, frozenset)) else set(table_keys)
-    keys = {k for k in keys if k != REVISION_KEY}
-    for hop in hops:
-        key = policy_lookup(hop, keys)
-        if key is not None:
-            return key
-    return None
 
 
 # -- grouping ----------------------------------------------------------------------

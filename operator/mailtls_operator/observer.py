@@ -18,13 +18,11 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from . import mailqueue, postfix, probe
 from .podrunner import PodRef, PodRunner
 from .policy import Policy
-from .rollout import InstanceConfig
-from .status import PROBE_FAILED, PROBES_PASSED, VERIFIED, Condition
+from .routing import InstanceConfig
 
 log = logging.getLogger("mailtls.observer")
 
@@ -110,23 +108,23 @@ async def observe_queues(runner: PodRunner, pods: Sequence[PodRef], config: Inst
     return mailqueue.merge_deferred(*per_pod), released
 
 
+def due_probes(policies: Sequence[Policy], known: Mapping[str, PolicyProbes], now: datetime,
+               interval: float) -> list[Policy]:
+    """The policies that changed since their last probe, or whose probe is older than
+    ``interval`` seconds (0: only after changes)."""
+    return [p for p in policies
+            if (last := known.get(p.ref)) is None or last.value != p.value
+            or (interval > 0 and (now - last.at).total_seconds() >= interval)]
+
+
 async def probe_policies(runner: PodRunner, pod: PodRef, policies: Sequence[Policy],
-                         known: Mapping[str, PolicyProbes], now: datetime, interval: float, *,
+                         defaults: probe.ClientDefaults, now: datetime, *,
                          concurrency: int = 4, timeouts: probe.ProbeTimeouts | None = None
                          ) -> dict[str, PolicyProbes]:
-    """Probe the policies that changed since their last probe, or whose probe is older than
-    ``interval`` seconds (0: only after changes)."""
-    due = [p for p in policies
-           if (last := known.get(p.ref)) is None or last.value != p.value
-           or (interval > 0 and (now - last.at).total_seconds() >= interval)]
+    """Probe ``policies`` (the due ones: :func:`due_probes`) with the smtp client's
+    defaults read in the same cycle."""
     out: dict[str, PolicyProbes] = {}
-    if not due:
-        return out
-    try:
-        defaults = await probe.read_client_defaults(runner, pod)
-    except Exception as exc:
-        log.warning("%s: cannot read the client's TLS defaults, no probes: %s", pod, exc)
-        return out
+    due = list(policies)
     sem = asyncio.Semaphore(concurrency)  # policies in parallel, not only a policy's keys
 
     async def one(policy: Policy) -> None:
@@ -141,24 +139,3 @@ async def probe_policies(runner: PodRunner, pod: PodRef, policies: Sequence[Poli
 
     await asyncio.gather(*(one(p) for p in due))
     return out
-
-
-def verified_condition(probes: Sequence[tuple[str, PolicyProbes]]) -> Condition | None:
-    """``Verified`` from the probes of every instance: a person can act on the message."""
-    outcomes = [(inst, o) for inst, pp in probes for o in pp.outcomes]
-    if not outcomes:
-        return None
-    failed = [(inst, o) for inst, o in outcomes if o.failed]
-    if failed:
-        shown = "; ".join(f"{o.destination} from {inst}: {o.reason}: {o.message}"
-                          for inst, o in failed[:3])
-        more = f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""
-        return Condition(VERIFIED, "False", PROBE_FAILED,
-                         f"{len(failed)} of {len(outcomes)} probe(s) fail: {shown}{more}")
-    return Condition(VERIFIED, "True", PROBES_PASSED,
-                     f"{len(outcomes)} probe(s) pass the policy's level")
-
-
-def probe_status(probes: Sequence[tuple[str, PolicyProbes]]) -> list[dict[str, Any]]:
-    """``status.probes[]``: one item per destination and instance."""
-    return [{**o.to_status(), "instance": inst} for inst, pp in probes for o in pp.outcomes]

@@ -4,7 +4,7 @@ Everything that touches a pod's filesystem or Postfix (postmap, postfix reload,
 postconf, postqueue, posttls-finger) goes through :class:`PodRunner` as an argv
 list plus optional stdin bytes.  Production uses the Kubernetes exec API
 (:mod:`mailtls_operator.execrunner`); the test suite and ``make demo`` use
-:mod:`mailtls_operator.local.runner`, which runs the same argv against real local
+:mod:`testbed.runner`, which runs the same argv against real local
 Postfix instances.  Tests inject a runner; nothing patches import paths.
 """
 

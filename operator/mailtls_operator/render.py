@@ -10,7 +10,6 @@ exactly when what Postfix would do changes.
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
@@ -50,7 +49,7 @@ class Tables:
     """key -> namespace/name of the policy whose line it is."""
     losses: dict[str, list[Loss]] = field(default_factory=dict)
     """namespace/name -> keys it declared but did not get."""
-    contributors: Mapping[str, list[str]] = field(default_factory=dict)
+    contributors: Lines = field(default_factory=lambda: Lines({}, {}))
     """namespace/name -> table lines it contributes (``KEY VALUE``)."""
     refused: dict[str, str] = field(default_factory=dict)
     """namespace/name -> why its lines were not written (an unsafe key or value that
@@ -87,10 +86,16 @@ def beats(a: Policy, b: Policy) -> bool:
     return a.age_key() < b.age_key()
 
 
+LOST_TO_EXCEPTION = "Overridden"
+"""A key taken by a break-glass exception (the loser's status says Overridden)."""
+LOST_TO_CONFLICT = "Conflict"
+"""A key taken by a stronger or older policy (the loser's Accepted says Conflict)."""
+
+
 def _loss_reason(winner: Policy, loser: Policy) -> str:
     if winner.exception is not None and loser.exception is None:
-        return "Overridden"
-    return "Conflict"
+        return LOST_TO_EXCEPTION
+    return LOST_TO_CONFLICT
 
 
 def select(policies: Iterable[Policy], instance: tuple[str, str] | None,
@@ -209,18 +214,14 @@ def render(policies: Iterable[Policy], *, instance: tuple[str, str] | None = Non
     revision = digest.hexdigest()
     where = f"{instance[0]}/{instance[1]}" if instance else "all policies"
     head = f"{HEADER}\n# instance: {where}\n# revision: {revision}\n"
-    out = io.StringIO()  # second pass: one growing buffer, no list of chunks beside it
-    out.write(f"{head}{REVISION_KEY} {revision_value(revision)}\n")
-    for chunk in _runs(keys, owners):
-        out.write(chunk)
-    tls_text = out.getvalue()
-    del out
+    tls_text = "".join([f"{head}{REVISION_KEY} {revision_value(revision)}\n",
+                        *_runs(keys, owners)])  # second pass: one allocation of the text
     transport_text = f"{head}{transport_body}" if transport_entries else ""
     values = {p.ref: p.value for p in chosen}
     return Tables(revision=revision, tls_policy=tls_text, transport=transport_text,
                   tls_entries=_Entries(keys, owners, revision_value(revision)),
                   transport_entries=transport_entries, owners=_Owners(keys, owners),
-                  losses=losses, contributors=_Lines(contributed, values), refused=refused)
+                  losses=losses, contributors=Lines(contributed, values), refused=refused)
 
 
 def _runs(keys: list[str], owners: list[Policy]) -> Iterator[str]:
@@ -303,7 +304,7 @@ class _Owners(_Sorted, Mapping[str, str]):
         return self._owner(key) is not None
 
 
-class _Lines(Mapping[str, list[str]]):
+class Lines(Mapping[str, list[str]]):
     """namespace/name -> its ``KEY VALUE`` lines, made when asked (a status shows 500 of
     them at most); stored as the policy's own key tuple and value."""
 
@@ -328,6 +329,11 @@ class _Lines(Mapping[str, list[str]]):
     def keys_of(self, ref: str) -> tuple[str, ...]:
         """The keys ``ref`` contributes, without building its lines."""
         return self._keys.get(ref, ())
+
+    def entry(self, ref: str) -> tuple[tuple[str, ...], str]:
+        """(keys, value) of ``ref``: identifies its lines without making them (the keys
+        are the policy's own tuple, the value its own string: nothing is copied)."""
+        return self._keys[ref], self._values[ref]
 
 
 def _nexthop(key: str) -> str:

@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from .render import Loss
+from .render import LOST_TO_CONFLICT, LOST_TO_EXCEPTION, Loss
 from .world import PolicyRecord
 
 # Condition types
@@ -91,7 +91,7 @@ def _accepted(rec: PolicyRecord, views: Sequence[InstanceView]) -> Condition:
     if rec.errors:
         return Condition(ACCEPTED, "False", INVALID, "; ".join(str(e) for e in rec.errors))
     conflicts = sorted({(lo.key, lo.winner) for v in views for lo in v.losses
-                        if lo.reason == CONFLICT})
+                        if lo.reason == LOST_TO_CONFLICT})
     if conflicts:
         shown = ", ".join(f"{key}: {winner} wins" for key, winner in conflicts[:5])
         more = f" (+{len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
@@ -104,7 +104,7 @@ def _accepted(rec: PolicyRecord, views: Sequence[InstanceView]) -> Condition:
 
 def _overridden(views: Sequence[InstanceView]) -> Condition | None:
     beaten = sorted({(lo.key, lo.winner) for v in views for lo in v.losses
-                     if lo.reason == "Overridden"})
+                     if lo.reason == LOST_TO_EXCEPTION})
     if not beaten:
         return None
     shown = ", ".join(f"{key} by {winner}" for key, winner in beaten[:5])
@@ -231,3 +231,45 @@ def transitions(previous: Sequence[dict[str, Any]], current: Sequence[dict[str, 
 def event_type(condition: dict[str, Any]) -> str:
     return "Warning" if condition["reason"] in WARNING_REASONS and \
         not (condition["type"] == OVERRIDDEN and condition["status"] == "False") else "Normal"
+
+
+# -- Verified: what the probes of every instance say ---------------------------------
+
+
+class ProbeLike(Protocol):
+    """One destination probed from one pod (:class:`~.probe.ProbeOutcome`)."""
+
+    @property
+    def destination(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def message(self) -> str: ...
+
+    @property
+    def failed(self) -> bool: ...
+
+    def to_status(self) -> dict[str, str]: ...
+
+
+def verified_condition(probes: Sequence[tuple[str, Sequence[ProbeLike]]]) -> Condition | None:
+    """``Verified`` from (instance, outcomes) pairs: a person can act on the message."""
+    outcomes = [(inst, o) for inst, found in probes for o in found]
+    if not outcomes:
+        return None
+    failed = [(inst, o) for inst, o in outcomes if o.failed]
+    if failed:
+        shown = "; ".join(f"{o.destination} from {inst}: {o.reason}: {o.message}"
+                          for inst, o in failed[:3])
+        more = f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""
+        return Condition(VERIFIED, "False", PROBE_FAILED,
+                         f"{len(failed)} of {len(outcomes)} probe(s) fail: {shown}{more}")
+    return Condition(VERIFIED, "True", PROBES_PASSED,
+                     f"{len(outcomes)} probe(s) pass the policy's level")
+
+
+def probe_status(probes: Sequence[tuple[str, Sequence[ProbeLike]]]) -> list[dict[str, Any]]:
+    """``status.probes[]``: one item per destination and instance."""
+    return [{**o.to_status(), "instance": inst} for inst, found in probes for o in found]

@@ -21,15 +21,16 @@ AGENT_VALUES = {"strategy": "agent",
 
 def pod_spec() -> dict[str, Any]:
     [deployment] = find(kustomize(OVERLAY), "Deployment", "relay")
-    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    spec: dict[str, Any] = dict(deployment["spec"]["template"]["spec"])
     assert deployment["spec"]["template"]["metadata"]["annotations"][
         "mailtls.io/strategy"] == "agent"
     return spec
 
 
 def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
-    [found] = [c for c in spec["containers"] if c["name"] == name]
-    return found
+    found: list[dict[str, Any]] = [c for c in spec["containers"] if c["name"] == name]
+    assert len(found) == 1, name
+    return found[0]
 
 
 def test_the_overlay_builds_and_validates() -> None:

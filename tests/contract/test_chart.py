@@ -45,7 +45,7 @@ EVERYTHING = {
     "extraArgs": ["--max-delay=9"],
     "image": {"digest": "sha256:" + "a" * 64},
 }
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "namespaced": NAMESPACED,
     "restart": RESTART,
@@ -66,7 +66,7 @@ VARIANTS = {
 # kopf.dev peering objects). The chart must grant exactly this, nothing more.
 def _watched() -> set[tuple[str, str, str]]:
     registry = build_registry()
-    return {(verb, selector.group or "", selector.any_name)
+    return {(verb, selector.group or "", str(selector.any_name))
             for selector in registry._watching.get_all_selectors() for verb in ("list", "watch")}
 
 
@@ -456,7 +456,7 @@ def test_values_yaml_validates_against_the_schema_and_bad_values_are_refused() -
     values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(values)
-        for bad, where in [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"strategy": "reboot"}, "/strategy"),
             ({"replicaCount": -1}, "/replicaCount"),
             ({"leaderElection": {"enabled": False}, "replicaCount": 2}, "/replicaCount"),
@@ -468,7 +468,8 @@ def test_values_yaml_validates_against_the_schema_and_bad_values_are_refused() -
             ({"image": {"digest": "latest"}}, "/image/digest"),
             ({"rollout": {"parallelism": 0}}, "/rollout/parallelism"),
             ({"crds": {"enabled": "yes"}}, "/crds/enabled"),
-        ]:
+        ]
+        for bad, where in cases:
             with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
                 chart.validate_schema(bad)
             with pytest.raises(helm.HelmValuesError):

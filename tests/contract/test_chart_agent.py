@@ -75,7 +75,7 @@ def _policy() -> dict[str, Any]:
 def _eval(expression: str, activation: dict[str, Any]) -> bool:
     env = celpy.Environment()
     program = env.program(env.compile(expression))
-    return bool(program.evaluate({k: celpy.json_to_cel(v) for k, v in activation.items()}))
+    return bool(program.evaluate({k: celpy.adapter.json_to_cel(v) for k, v in activation.items()}))
 
 
 def admitted(user: str, pod_claim: str | None, old: dict[str, Any],
@@ -90,7 +90,7 @@ def admitted(user: str, pod_claim: str | None, old: dict[str, Any],
     return all(_eval(v["expression"], activation) for v in spec["validations"])
 
 
-POD = {"metadata": {"name": "relay-0", "namespace": "mail",
+POD: dict[str, Any] = {"metadata": {"name": "relay-0", "namespace": "mail",
                     "labels": {"mailtls.io/instance": "relay"},
                     "annotations": {"mailtls.io/strategy": "agent"}},
        "spec": {"containers": [{"name": "postfix", "image": "postfix"}]}}
@@ -112,7 +112,8 @@ def test_an_agent_may_write_its_report_on_its_own_pod() -> None:
 @pytest.mark.parametrize("case", ["other pod", "no claim", "strategy", "label", "spec",
                                   "foreign annotation", "remove annotation"])
 def test_an_agent_may_not(case: str) -> None:
-    old, new, claim = POD, patched(**{AGENT_ANNOTATIONS[0]: "x"}), "relay-0"
+    old, new = POD, patched(**{AGENT_ANNOTATIONS[0]: "x"})
+    claim: str | None = "relay-0"
     if case == "other pod":
         claim = "relay-1"
     elif case == "no claim":

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -81,7 +82,7 @@ def test_base_is_the_default_chart_in_effect() -> None:
     assert base_deploy["spec"]["template"]["spec"] == chart_deploy["spec"]["template"]["spec"]
     assert base_deploy["metadata"]["namespace"] == "mailtls-system"
 
-    def names(objects: list[dict]) -> set[tuple[str, str, str]]:
+    def names(objects: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
         return {(o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"])
                 for o in objects}
 
@@ -121,7 +122,7 @@ def test_examples_include_every_policy_file_and_the_policies_are_valid() -> None
         assert validate_object(obj) == [], obj["metadata"]["name"]
 
 
-def _postfix_pod() -> tuple[dict, dict]:
+def _postfix_pod() -> tuple[dict[str, Any], dict[str, Any]]:
     objects = kustomize(POSTFIX)
     (deployment,) = find(objects, "Deployment", "relay")
     (config,) = [o for o in find(objects, "ConfigMap") if o["metadata"]["name"].startswith(
@@ -148,7 +149,7 @@ def test_example_postfix_is_an_instance_the_operator_can_manage() -> None:
                    and v["configMap"]["name"] == "relay-mailtls")
     assert mailtls["configMap"]["optional"] is True
 
-    def mounts(container: dict) -> dict[str, str]:
+    def mounts(container: dict[str, Any]) -> dict[str, str]:
         return {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
 
     table_dir = str(Path(annotations["mailtls.io/map-path"]).parent)

@@ -18,8 +18,8 @@ import kopf
 import kubernetes.client
 import pytest
 
-from tests.integration.apiserver import ApiServer, RunningOperator, RunOperator
-from tests.integration.apiserver import run_operator as _run_operator
+from testbed.apiserver import ApiServer, RunningOperator, RunOperator
+from testbed.apiserver import run_operator as _run_operator
 from tests.integration.helpers import Cluster
 
 

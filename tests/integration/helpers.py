@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import kubernetes.client
@@ -14,7 +14,7 @@ from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.kube import Kube
 from mailtls_operator.podrunner import ExecResult, PodRef
 from mailtls_operator.render import REVISION_KEY
-from tests.integration.apiserver import ApiServer
+from testbed.apiserver import ApiServer
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
 
@@ -48,12 +48,14 @@ class Cluster:
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         if self.server.get_object(PLURAL, ns, name) is None:
-            return await asyncio.to_thread(self.custom.create_namespaced_custom_object, GROUP,
-                                           VERSION, ns, PLURAL, obj)
-        return await asyncio.to_thread(  # like kubectl apply: the whole spec is replaced
+            created = await asyncio.to_thread(self.custom.create_namespaced_custom_object,
+                                              GROUP, VERSION, ns, PLURAL, obj)
+            return cast(dict[str, Any], created)  # the client types custom objects as object
+        patched = await asyncio.to_thread(  # like kubectl apply: the whole spec is replaced
             self.custom.patch_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, name,
             [{"op": "replace", "path": "/spec", "value": obj["spec"]}],
             _content_type="application/json-patch+json")
+        return cast(dict[str, Any], patched)
 
     async def delete(self, namespace: str, name: str) -> None:
         await asyncio.to_thread(self.custom.delete_namespaced_custom_object, GROUP, VERSION,
@@ -78,6 +80,12 @@ class Cluster:
         return next((c for c in self.status(namespace, name).get("conditions", [])
                      if c["type"] == type_), None)
 
+    def has(self, namespace: str, name: str, type_: str) -> dict[str, Any]:
+        """The condition, which the test expects to be there."""
+        found = self.condition(namespace, name, type_)
+        assert found is not None, f"{namespace}/{name} has no {type_} condition"
+        return found
+
     async def until(self, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
         return await self.server.wait_until(predicate, timeout)
 
@@ -92,8 +100,7 @@ def make_operator(kube_client: kubernetes.client.ApiClient, **cfg: Any) -> Opera
 
 def idle(op: Operator) -> bool:
     """Read from the test's thread: flags only, no awaiting across loops."""
-    return op.started and all(w.idle.is_set() for w in list(op.workers.values())) \
-        and op.status_writer.idle.is_set()
+    return op.idle
 
 
 @asynccontextmanager

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.apiserver import ApiServer
+from testbed.apiserver import ApiServer
 from tests.integration.helpers import PLURAL, Cluster, idle, operating, policy
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ async def test_watches_and_lists_are_narrowed_by_label_and_unrelated_objects_cos
                  and r.resource in ("pods", "configmaps")]
         assert {(r.resource, r.verb) for r in reads} >= {("pods", "watch"),
                                                          ("configmaps", "watch")}
-        selectors = {r.resource: set() for r in reads}
+        selectors: dict[str, set[str | None]] = {r.resource: set() for r in reads}
         for r in reads:
             selectors[r.resource].add(r.label_selector)
         assert selectors == {"pods": {"mailtls.io/instance"},
@@ -70,7 +70,7 @@ async def test_a_bulk_load_costs_one_status_patch_per_policy_and_no_routine_even
     ours = [e for e in events if (e.get("involvedObject") or e.get("regarding") or {}
                                   ).get("kind") == "MailTLSPolicy"]
     # only the Conflict of the losing policy is for a person to act on
-    assert {(e.get("reason"), (e.get("involvedObject") or e.get("regarding"))["name"])
+    assert {(e.get("reason"), (e.get("involvedObject") or e.get("regarding") or {}).get("name"))
             for e in ours} == {("Conflict", "loser")}, ours
     writes = [r for r in apiserver.request_log if r.verb in ("create", "patch", "update",
                                                              "delete")]

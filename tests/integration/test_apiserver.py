@@ -24,7 +24,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from mailtls_operator.crd import validate_with_crd
-from tests.integration.apiserver import (
+from testbed.apiserver import (
     WRITE_VERBS,
     ApiRequest,
     ApiServer,
@@ -42,8 +42,10 @@ MERGE = {"Content-Type": "application/merge-patch+json"}
 JSON_PATCH = {"Content-Type": "application/json-patch+json"}
 
 
-async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """The sync client off the loop, so that the server in this loop can answer."""
+async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """The sync client off the loop, so that the server in this loop can answer.  Any: the
+    client types custom objects as ``object`` and every model field as optional, and these
+    tests assert the exact shapes the server returned."""
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
@@ -52,7 +54,7 @@ async def refused(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[in
     try:
         await call(fn, *args, **kwargs)
     except ApiException as e:
-        return e.status, json.loads(e.body)
+        return e.status, json.loads(e.body or "{}")
     pytest.fail("the request was accepted")
 
 
@@ -595,10 +597,12 @@ def throwaway_registry() -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
-    def mirror(name: str, namespace: str, spec: kopf.Spec, body: kopf.Body, memo: kopf.Memo,
-               patch: kopf.Patch, **_: Any) -> None:
+    def mirror(name: str, namespace: str | None, spec: kopf.Spec, body: kopf.Body,
+               memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
+        assert namespace is not None  # a namespaced resource
         memo.created.append(name)
-        mirrored = {"metadata": {"name": f"mirror-{name}"}, "data": {"level": spec["level"]}}
+        mirrored: Any = {"metadata": {"name": f"mirror-{name}"},
+                         "data": {"level": spec["level"]}}  # the client takes dicts too
         kopf.adopt(mirrored)
         k8s.CoreV1Api(memo.client).create_namespaced_config_map(namespace, mirrored)
         patch.status["mirrored"] = True

@@ -15,7 +15,7 @@ import pytest
 
 from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.kube import Kube
-from tests.integration.apiserver import WRITE_VERBS, ApiServer
+from testbed.apiserver import WRITE_VERBS, ApiServer
 from tests.integration.helpers import Cluster, NoPodsRunner, idle, operating, policy
 
 pytestmark = pytest.mark.integration

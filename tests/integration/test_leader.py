@@ -13,7 +13,7 @@ import pytest
 from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.kube import Kube
 from mailtls_operator.leader import LeaderElector
-from tests.integration.apiserver import ApiServer
+from testbed.apiserver import ApiServer
 from tests.integration.helpers import Cluster, NoPodsRunner, policy
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from testbed.apiserver import ApiServer
 from tests.contract.kit import chart_objects, operator_grants
-from tests.integration.apiserver import ApiServer
 from tests.integration.helpers import Cluster, idle, operating, policy
 
 pytestmark = pytest.mark.integration

@@ -14,13 +14,13 @@ from typing import Any
 
 import kubernetes.client
 import pytest
-from kubernetes.client.rest import ApiException
+from kubernetes.client import ApiException
 
 from mailtls_operator.execrunner import KubernetesExecRunner
 from mailtls_operator.podrunner import ExecResult, PodRef
 from mailtls_operator.world import ANN_TEMPLATE_REVISION as TEMPLATE_REVISION
+from testbed.apiserver import ApiServer
 from tests.contract.kit import chart_objects, operator_grants
-from tests.integration.apiserver import ApiServer
 from tests.integration.helpers import (
     GROUP,
     PLURAL,
@@ -36,18 +36,19 @@ pytestmark = pytest.mark.integration
 
 
 def _refusal(exc: ApiException) -> dict[str, Any]:
-    body: dict[str, Any] = json.loads(exc.body)
+    body: dict[str, Any] = json.loads(exc.body or "{}")
     return body
 
 
 async def test_a_trailing_newline_is_refused_as_a_real_api_server_refuses_it(
         cluster: Cluster) -> None:
     """Go's RE2 has no ``$`` before a final newline; Python's re.search had."""
-    for spec in ({"destinations": ["example.com\n"], "level": "encrypt"},
+    specs: list[dict[str, Any]] = [{"destinations": ["example.com\n"], "level": "encrypt"},
                  {"destinations": ["example.com"], "level": "secure",
                   "match": ["nexthop\n", "dot-nexthop"]},
                  {"destinations": ["example.com"], "level": "encrypt",
-                  "exclude": ["3DES\nexample.net none"]}):
+                  "exclude": ["3DES\nexample.net none"]}]
+    for spec in specs:
         with pytest.raises(ApiException) as refused:
             await cluster.apply(policy("hostile", **spec))
         assert refused.value.status == 422
@@ -82,7 +83,7 @@ async def test_strategic_merge_patch_on_a_custom_resource_answers_415(
             _content_type="application/strategic-merge-patch+json")
     assert refused.value.status == 415
     assert "application/merge-patch+json" in _refusal(refused.value)["message"]
-    pod = {"metadata": {"name": "x", "namespace": "mail"},
+    pod: Any = {"metadata": {"name": "x", "namespace": "mail"},  # the client takes dicts
            "spec": {"containers": [{"name": "c", "image": "i"}]}}
     await asyncio.to_thread(cluster.core.create_namespaced_pod, "mail", pod)
     await asyncio.to_thread(  # built-in kinds keep strategic merge patch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ from pathlib import Path
 import kubernetes.client
 import pytest
 
-from tests.integration.apiserver import ApiServer
+from testbed.apiserver import ApiServer
 
 pytestmark = pytest.mark.integration
 MAILTLS = str(Path(sys.executable).with_name("mailtls"))
@@ -97,3 +98,7 @@ async def test_run_without_the_crd_says_so_and_exits(
             proc.kill()
     assert proc.returncode != 0
     assert b"CRD mailtlspolicies.mailtls.io is not installed" in out
+    # --log-format json (the default): every log line is one real JSON object
+    records = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert any("is not installed" in r["message"] for r in records)

@@ -16,8 +16,8 @@ from mailtls_operator.agent.converge import Converger, PodSettings
 from mailtls_operator.agent.loop import Agent, LoopSettings
 from mailtls_operator.agent.runner import ProcessRunner
 from mailtls_operator.configmap import configmap_bodies
-from mailtls_operator.local import LocalInstance
-from tests.integration.apiserver import ApiServer
+from testbed import LocalInstance
+from testbed.apiserver import ApiServer
 
 
 def agent_pod(name: str, inst: LocalInstance, instance: str = "relay") -> dict[str, Any]:

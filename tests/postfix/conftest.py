@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from mailtls_operator.local import (
+from mailtls_operator.podrunner import PodRef
+from testbed import (
     InstanceSettings,
     LocalCA,
     LocalInstance,
@@ -26,7 +27,6 @@ from mailtls_operator.local import (
     starttls_sink,
     stop_all,
 )
-from mailtls_operator.podrunner import PodRef
 
 
 @pytest.fixture(autouse=True)

@@ -6,11 +6,11 @@ import itertools
 from collections.abc import Mapping
 from typing import Any
 
-from mailtls_operator.local import LocalInstance
 from mailtls_operator.podrunner import PodRef
 from mailtls_operator.policy import Policy, load_policy
 from mailtls_operator.render import REVISION_KEY, render, revision_value
 from mailtls_operator.rollout import PodTarget, TableSet
+from testbed import LocalInstance
 
 INSTANCE = ("mail", "relay")
 _created = itertools.count()

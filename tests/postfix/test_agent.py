@@ -19,10 +19,10 @@ import pytest
 from mailtls_operator.agent.desired import AGENT_DATA
 from mailtls_operator.agent.report import ANN_REPORT, parse_report
 from mailtls_operator.configmap import configmap_bodies
-from mailtls_operator.local import LocalInstance, SmtpSink
 from mailtls_operator.policy import load_policy
 from mailtls_operator.render import REVISION_KEY, Tables, render
-from tests.integration.apiserver import ApiServer
+from testbed import LocalInstance, SmtpSink
+from testbed.apiserver import ApiServer
 from tests.integration.helpers import NoPodsRunner
 
 from .agent_helpers import agent_pod, make_agent, running, small_configmap_limits

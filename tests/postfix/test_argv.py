@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailtls_operator import postfix
-from mailtls_operator.local import LocalPodRunner
-from mailtls_operator.rollout import InstanceConfig, bypassed_keys, sample_keys
+from mailtls_operator.rollout import sample_keys
+from mailtls_operator.routing import InstanceConfig, bypassed_keys
+from testbed import LocalPodRunner
 
 from .conftest import PodFactory
 

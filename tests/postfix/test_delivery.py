@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from mailtls_operator import postfix
-from mailtls_operator.local import LocalCA, LocalPodRunner, SmtpSink
 from mailtls_operator.rollout import PodStatus, apply_to_pod
+from testbed import LocalCA, LocalPodRunner, SmtpSink
 
 from .conftest import PodFactory
 from .helpers import policy, raw_tables, tables, target

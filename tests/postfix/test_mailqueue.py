@@ -12,8 +12,9 @@ import pytest
 
 from mailtls_operator import mailqueue as mq
 from mailtls_operator import postfix
-from mailtls_operator.local import LocalPodRunner, SmtpSink, free_port
-from mailtls_operator.rollout import PodStatus, apply_to_pod, read_instance_config
+from mailtls_operator.facts import read_instance_config
+from mailtls_operator.rollout import PodStatus, apply_to_pod
+from testbed import LocalPodRunner, SmtpSink, free_port
 
 from .conftest import PodFactory
 from .helpers import policy, tables, target

@@ -23,7 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from mailtls_operator import probe
-from mailtls_operator.local import (
+from mailtls_operator.rollout import apply_to_pod
+from testbed import (
     LocalCA,
     LocalPodRunner,
     SmtpSink,
@@ -31,7 +32,6 @@ from mailtls_operator.local import (
     plain_sink,
     starttls_sink,
 )
-from mailtls_operator.rollout import apply_to_pod
 
 from .conftest import PodFactory
 from .helpers import policy, tables, target

@@ -13,14 +13,10 @@ from collections.abc import Callable
 
 import pytest
 
-from mailtls_operator.local import LocalPodRunner, SmtpSink, plain_sink
-from mailtls_operator.rollout import (
-    PodTarget,
-    bypassed_keys,
-    read_instance_config,
-    roll_out,
-    table_problems,
-)
+from mailtls_operator.facts import read_instance_config
+from mailtls_operator.rollout import PodTarget, roll_out
+from mailtls_operator.routing import bypassed_keys, table_problems
+from testbed import LocalPodRunner, SmtpSink, plain_sink
 
 from .conftest import PodFactory
 from .helpers import policy, tables, target

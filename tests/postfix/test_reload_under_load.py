@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from mailtls_operator.local import LocalInstance, LocalPodRunner, SmtpSink
 from mailtls_operator.rollout import PodStatus, roll_out
+from testbed import LocalInstance, LocalPodRunner, SmtpSink
 
 from .conftest import PodFactory
 from .helpers import policy, tables, target

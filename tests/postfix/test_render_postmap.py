@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ def config_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def compile_and_query(config_dir: Path, text: str, entries: dict[str, str],
+def compile_and_query(config_dir: Path, text: str, entries: Mapping[str, str],
                       map_type: str) -> dict[str, str]:
     with tempfile.TemporaryDirectory(dir=config_dir) as tmp:
         table = Path(tmp) / "tls_policy"

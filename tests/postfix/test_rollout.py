@@ -15,7 +15,6 @@ from dataclasses import replace
 import pytest
 
 from mailtls_operator import postfix
-from mailtls_operator.local import LocalInstance, LocalPodRunner, SmtpSink
 from mailtls_operator.podrunner import ExecResult, PodRef
 from mailtls_operator.rollout import (
     PodStatus,
@@ -25,6 +24,7 @@ from mailtls_operator.rollout import (
     apply_to_pod,
     roll_out,
 )
+from testbed import LocalInstance, LocalPodRunner, SmtpSink
 
 from .conftest import PodFactory
 from .helpers import live_revision, policy, raw_tables, tables, target

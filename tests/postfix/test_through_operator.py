@@ -11,7 +11,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import kubernetes.client
@@ -19,9 +19,9 @@ import pytest
 
 from mailtls_operator.controller import Config, Operator, build_registry
 from mailtls_operator.kube import Kube
-from mailtls_operator.local import LocalInstance, LocalPodRunner, SmtpSink
 from mailtls_operator.render import REVISION_KEY
-from tests.integration.apiserver import ApiServer
+from testbed import LocalInstance, LocalPodRunner, SmtpSink
+from testbed.apiserver import ApiServer
 
 from .conftest import PodFactory
 
@@ -54,17 +54,19 @@ class Kubectl:
         self.server = server
         self.custom = kubernetes.client.CustomObjectsApi(client)
 
-    async def apply(self, name: str, **spec: Any) -> None:
+    async def apply(self, name: str, **spec: Any) -> str:
+        """Create or replace the spec; returns the stored resourceVersion."""
         obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MailTLSPolicy",
                "metadata": {"name": name, "namespace": "mail"}, "spec": spec}
         if self.server.get_object(PLURAL, "mail", name) is None:
-            await asyncio.to_thread(self.custom.create_namespaced_custom_object, GROUP, VERSION,
-                                    "mail", PLURAL, obj)
+            stored = await asyncio.to_thread(self.custom.create_namespaced_custom_object, GROUP,
+                                             VERSION, "mail", PLURAL, obj)
         else:
-            await asyncio.to_thread(
+            stored = await asyncio.to_thread(
                 self.custom.patch_namespaced_custom_object, GROUP, VERSION, "mail", PLURAL, name,
                 [{"op": "replace", "path": "/spec", "value": spec}],
                 _content_type="application/json-patch+json")
+        return str(cast(dict[str, Any], stored)["metadata"]["resourceVersion"])
 
     def ready(self, name: str) -> dict[str, Any] | None:
         obj = self.server.get_object(PLURAL, "mail", name) or {}
@@ -166,12 +168,12 @@ async def test_pods_are_updated_one_at_a_time_and_reapplying_runs_nothing(
             return sum(1 for c in runner.calls
                        if c.argv[0] in ("sh", "postmap", "mv", "cp", "rm", "postfix"))
 
-        await asyncio.sleep(0.3)
+        await poll(lambda: op.idle)
         before = rollout_calls()
-        await kubectl.apply("p", destinations=["a.example"], level="encrypt")  # same spec
         op_state = op.states[("mail", "relay")]
         rollouts = op_state.rollouts
-        await asyncio.sleep(0.5)
+        version = await kubectl.apply("p", destinations=["a.example"], level="encrypt")  # same
+        await poll(lambda: op.has_seen("mail", "p", version) and op.idle)
         assert rollout_calls() == before
         assert op_state.rollouts == rollouts
 
@@ -398,9 +400,7 @@ async def test_a_change_to_one_policy_leaves_the_others_status_alone(
             await kubectl.apply(f"p{i}", destinations=[f"d{i}.example"], level="encrypt")
         for i in range(5):
             await kubectl.until_ready(f"p{i}")
-        await poll(lambda: all(w.idle.is_set() for w in op.workers.values())
-                   and op.status_writer.idle.is_set())
-        await asyncio.sleep(0.3)  # the last status write's Event is posted after the write
+        await poll(lambda: op.idle)  # the last status write and its Event included
         before = kubectl.status("p1")
 
         def p1_events() -> int:
@@ -409,11 +409,11 @@ async def test_a_change_to_one_policy_leaves_the_others_status_alone(
 
         events = p1_events()
         apiserver.reset_log()
-        await kubectl.apply("p0", destinations=["d0.example"], level="may")
+        version = await kubectl.apply("p0", destinations=["d0.example"], level="may")
         await poll(lambda: kubectl.status("p0")["observedGeneration"] == 2)
         await kubectl.until_ready("p0")
         await poll(lambda: pods[1][1].query("d0.example") == "may")
-        await asyncio.sleep(0.3)
+        await poll(lambda: op.has_seen("mail", "p0", version) and op.idle)
         patched = {r.name for r in apiserver.request_log
                    if r.verb == "patch" and r.resource == PLURAL and r.subresource == "status"}
         assert patched == {"p0"}
@@ -433,9 +433,10 @@ async def test_a_restart_after_several_changes_rewrites_no_status(
     assert len(revisions) == 3
     apiserver.reset_log()
     async with operator(run_operator, kube_client, runner) as op:
-        await poll(lambda: op.states and all(w.idle.is_set() for w in op.workers.values())
-                   and op.status_writer.idle.is_set())
-        await asyncio.sleep(0.3)
+        versions = {f"p{i}": (apiserver.get_object(PLURAL, "mail", f"p{i}") or {})["metadata"][
+            "resourceVersion"] for i in range(3)}
+        await poll(lambda: op.states and op.idle and all(
+            op.has_seen("mail", name, str(v)) for name, v in versions.items()))
     assert apiserver.request_count("patch", PLURAL, subresource="status") == 0
     assert apiserver.request_count(("create", "patch"), "configmaps") == 0
 

@@ -13,10 +13,10 @@ from mailtls_operator.agent.report import (
     parse_report,
     report_of,
 )
+from mailtls_operator.facts import InstanceFacts
 from mailtls_operator.mailqueue import DeferredSummary
 from mailtls_operator.observer import PolicyProbes
 from mailtls_operator.probe import ProbeOutcome
-from mailtls_operator.rollout import InstanceConfig
 from mailtls_operator.world import PodRecord
 
 AT = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
@@ -27,8 +27,8 @@ def full_report(**kw: object) -> AgentReport:
     outcome = ProbeOutcome("[127.0.0.1]:2525", "Fail", "NoStartTLS", "no STARTTLS", AT)
     report = AgentReport(
         wanted=REV, applied=REV, source="api",
-        config=InstanceConfig(relayhost="[relay]:25", transport_maps="lmdb:/t",
-                              smtp_tls_policy_maps="lmdb:/p"),
+        facts=InstanceFacts({"relayhost": "[relay]:25", "transport_maps": "lmdb:/t",
+                             "smtp_tls_policy_maps": "lmdb:/p"}),
         tafile_missing=["/etc/ca.pem"],
         probes={"mail/p": PolicyProbes("encrypt", AT, [outcome])},
         deferred={"[127.0.0.1]:2525": DeferredSummary(2, AT, "TLS is required", ("A1", "B2"))},
@@ -44,7 +44,7 @@ def test_a_report_survives_the_annotation_round_trip() -> None:
     assert annotations[ANN_APPLIED] == REV
     back = parse_report(annotations[ANN_REPORT])
     assert back == report
-    assert back.config is not None and back.config.relay_nexthops == ("[relay]:25",)
+    assert back.facts is not None and back.facts.routing.relay_nexthops == ("[relay]:25",)
 
 
 def test_the_time_alone_does_not_make_a_report_new() -> None:
@@ -96,7 +96,7 @@ def test_the_operator_view_of_an_instance() -> None:
     view = agent_view(pods, REV)
     assert view.updated == 1
     assert view.failure == "mail/relay-1: agent: postmap: fatal: x"
-    assert view.config is not None and view.reported
+    assert view.facts is not None and view.reported
     assert view.released == 6
     assert view.deferred["[127.0.0.1]:2525"].recipients == 4
     assert set(view.probes) == {"mail/p"}

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mailtls_operator.cli import build_parser
+from mailtls_operator.cli.logs import JsonFormatter
 from mailtls_operator.render import REVISION_KEY
 
 MAILTLS = str(Path(sys.executable).with_name("mailtls"))
@@ -125,3 +129,27 @@ def test_help_explains_every_command() -> None:
                  ["probe", "--help"]):
         out = run(*args)
         assert out.returncode == 0 and "usage: mailtls" in out.stdout
+
+
+def test_json_log_lines_are_json_whatever_the_message_holds() -> None:
+    record = logging.LogRecord("mailtls.controller", logging.WARNING, __file__, 1,
+                               "status of %s not written: %s", ("mail/p", 'say "no"\\\nbye é'),
+                               None)
+    doc = json.loads(JsonFormatter().format(record))
+    assert doc["level"] == "WARNING" and doc["logger"] == "mailtls.controller"
+    assert doc["message"] == 'status of mail/p not written: say "no"\\\nbye é'
+    assert doc["time"].endswith("Z")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    line = JsonFormatter().format(record)
+    assert "\n" not in line and "ValueError: boom" in json.loads(line)["exception"]
+
+
+def test_run_accepts_the_log_formats_and_refuses_others() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["run"]).log_format == "json"
+    assert parser.parse_args(["run", "--log-format", "text"]).log_format == "text"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--log-format", "xml"])

@@ -34,6 +34,7 @@ from mailtls_operator.configmap import (
     Unreadable,
     configmap_bodies,
     configmap_body,
+    layout,
     merge_patch,
     part_name,
     part_number,
@@ -53,9 +54,9 @@ Body = dict[str, Any]
 @pytest.fixture(autouse=True)
 def _cold_cache() -> Iterator[None]:
     """Tests that change CHUNK or MAX_PARTS must not see (or leave) remembered bodies."""
-    configmap._CACHE.clear()
+    configmap.clear_cache()
     yield
-    configmap._CACHE.clear()
+    configmap.clear_cache()
 
 
 def synthetic(lines: int, seed: int = 1, value: str = "secure match=nexthop:dot-nexthop"
@@ -188,7 +189,7 @@ def test_a_plain_table_whose_json_escaping_would_overflow_is_compressed() -> Non
 
 def test_a_long_instance_name_with_a_plain_transport_and_many_chunks_fits(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(configmap, "CHUNK", 32 * 1024)  # many chunks: a long manifest
+    monkeypatch.setattr(layout, "CHUNK", 32 * 1024)  # many chunks: a long manifest
     instance = "i" * 63
     t = tables(synthetic(200_000), synthetic(17_000, seed=8, value="smtp:x"))
     bodies = configmap_bodies("mail", instance, t)
@@ -351,10 +352,10 @@ def test_reassemble_refuses_a_half_updated_set() -> None:
 
 def test_beyond_max_parts_is_refused_with_a_clear_message(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(configmap, "MAX_PARTS", 2)
+    monkeypatch.setattr(layout, "MAX_PARTS", 2)
     with pytest.raises(TableTooLarge, match=r"mail/relay: .* would need 3 part ConfigMaps"
                                             r".* at most 2 are written"):
         configmap_bodies("mail", "relay", tables(synthetic(200_000)))
-    monkeypatch.setattr(configmap, "MAX_PARTS", 3)
+    monkeypatch.setattr(layout, "MAX_PARTS", 3)
     check_set(configmap_bodies("mail", "relay", tables(synthetic(200_000))),
               tables(synthetic(200_000)))

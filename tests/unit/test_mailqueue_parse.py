@@ -15,10 +15,11 @@ from datetime import UTC, datetime
 import pytest
 
 from mailtls_operator import mailqueue as mq
+from mailtls_operator import routing
 from mailtls_operator.podrunner import ExecResult, PodRef, PodRunnerError
 from mailtls_operator.postfix import InvalidArgument
 from mailtls_operator.render import REVISION_KEY
-from mailtls_operator.rollout import InstanceConfig
+from mailtls_operator.routing import InstanceConfig
 
 QUEUE = """\
 {"queue_name": "deferred", "queue_id": "ECA1320C46B", "arrival_time": 1795578736, "message_size": 462, "forced_expire": false, "sender": "sender@mailtls.test", "recipients": [{"address": "user@plain.test", "delay_reason": "TLS is required, but was not offered by host 127.0.0.1[127.0.0.1]"}]}
@@ -99,56 +100,57 @@ def test_tls_reasons(reason: str, kind: str | None) -> None:
 
 
 def test_transport_route_decides_the_key() -> None:
-    assert mq.governing_key("plain.test", KEYS, DIRECT, TRANSPORT) == PLAIN
-    assert mq.governing_key("PLAIN.test.", KEYS, DIRECT, TRANSPORT) == PLAIN
-    assert mq.governing_key("other.test", KEYS, DIRECT, TRANSPORT) is None
+    assert routing.governing_key("plain.test", KEYS, DIRECT, TRANSPORT) == PLAIN
+    assert routing.governing_key("PLAIN.test.", KEYS, DIRECT, TRANSPORT) == PLAIN
+    assert routing.governing_key("other.test", KEYS, DIRECT, TRANSPORT) is None
 
 
 def test_domain_keys_follow_postfix_lookup_order() -> None:
     keys = {"example.com", ".example.com", ".com", "b.example.com"}
-    assert mq.governing_key("example.com", keys, DIRECT) == "example.com"
-    assert mq.governing_key("a.b.example.com", keys, DIRECT) == ".example.com"
-    assert mq.governing_key("b.example.com", keys, DIRECT) == "b.example.com"
-    assert mq.governing_key("x.org", keys, DIRECT) is None
+    assert routing.governing_key("example.com", keys, DIRECT) == "example.com"
+    assert routing.governing_key("a.b.example.com", keys, DIRECT) == ".example.com"
+    assert routing.governing_key("b.example.com", keys, DIRECT) == "b.example.com"
+    assert routing.governing_key("x.org", keys, DIRECT) is None
     # the domain itself is not looked up as ".domain"
-    assert mq.governing_key("sub.example", {".sub.example"}, DIRECT) is None
-    assert mq.governing_key("a.sub.example", {".sub.example"}, DIRECT) == ".sub.example"
-    assert mq.governing_key("x.com", {".com"}, DIRECT) == ".com"
+    assert routing.governing_key("sub.example", {".sub.example"}, DIRECT) is None
+    assert routing.governing_key("a.sub.example", {".sub.example"}, DIRECT) == ".sub.example"
+    assert routing.governing_key("x.com", {".com"}, DIRECT) == ".com"
 
 
 def test_explicit_nexthops_match_only_verbatim() -> None:
-    assert mq.policy_lookup("[127.0.0.1]:2525", {"[127.0.0.1]:2525"}) == "[127.0.0.1]:2525"
-    assert mq.policy_lookup("[127.0.0.1]:2525", {"[127.0.0.1]", "127.0.0.1:2525"}) is None
-    assert mq.policy_lookup("mx.example.com:587", {".example.com"}) is None
-    assert mq.policy_lookup("[mx.example.com]", {".example.com", "mx.example.com"}) is None
+    assert routing.policy_lookup("[127.0.0.1]:2525", {"[127.0.0.1]:2525"}) == "[127.0.0.1]:2525"
+    assert routing.policy_lookup("[127.0.0.1]:2525", {"[127.0.0.1]", "127.0.0.1:2525"}) is None
+    assert routing.policy_lookup("mx.example.com:587", {".example.com"}) is None
+    assert routing.policy_lookup("[mx.example.com]", {".example.com", "mx.example.com"}) is None
 
 
 def test_relayhost_trap() -> None:
     relay = InstanceConfig(relayhost="[smarthost.example]:587", transport_maps="lmdb:/t")
     keys = {"partner.example", "[smarthost.example]:587"}
     # no route: the next-hop is the relayhost, the domain key never governs
-    assert mq.governing_key("partner.example", keys, relay) == "[smarthost.example]:587"
-    assert mq.governing_key("partner.example", {"partner.example"}, relay) is None
+    assert routing.governing_key("partner.example", keys, relay) == "[smarthost.example]:587"
+    assert routing.governing_key("partner.example", {"partner.example"}, relay) is None
     # route: direct (transport "smtp:" resets the next-hop to the recipient domain)
     routed = {"partner.example": "smtp:"}
-    assert mq.governing_key("partner.example", keys, relay, routed) == "partner.example"
+    assert routing.governing_key("partner.example", keys, relay, routed) == "partner.example"
     # ":" keeps the default next-hop (the relayhost)
-    assert mq.governing_key("partner.example", keys, relay,
+    assert routing.governing_key("partner.example", keys, relay,
                             {"partner.example": ":"}) == "[smarthost.example]:587"
     # parent-domain transport entry and wildcard
-    assert mq.governing_key("a.partner.example", {"a.partner.example"}, relay,
+    assert routing.governing_key("a.partner.example", {"a.partner.example"}, relay,
                             {".partner.example": "smtp:"}) == "a.partner.example"
-    assert mq.governing_key("x.example", {"[h]:25"}, relay, {"*": "smtp:[h]:25"}) == "[h]:25"
+    assert routing.governing_key("x.example", {"[h]:25"}, relay, {"*": "smtp:[h]:25"}) == "[h]:25"
     # relay via default_transport with a next-hop
     dt = InstanceConfig(default_transport="smtp:[relay.example]")
-    assert mq.governing_key("partner.example", {"[relay.example]"}, dt) == "[relay.example]"
+    assert routing.governing_key("partner.example", {"[relay.example]"}, dt) == "[relay.example]"
 
 
 def test_non_smtp_transports_have_no_tls_policy() -> None:
     for value in ("error:no mail", "discard:", "local:", "lmtp:unix:/run/lmtp"):
-        assert mq.governing_key("x.example", {"x.example"}, DIRECT, {"x.example": value}) is None
-    assert mq.governing_key("x.example", {"[h]:25"}, DIRECT,
-                            {"x.example": "relay:[h]:25"}) == "[h]:25"
+        assert routing.governing_key("x.example", {"x.example"}, DIRECT,
+                                     {"x.example": value}) is None
+    assert routing.governing_key("x.example", {"[h]:25"}, DIRECT,
+                                 {"x.example": "relay:[h]:25"}) == "[h]:25"
 
 
 # -- grouping and status ------------------------------------------------------------

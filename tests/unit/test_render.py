@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailtls_operator.policy import PolicyInvalid, load_policy
+from mailtls_operator.policy import Policy, PolicyInvalid, load_policy
 from mailtls_operator.render import REVISION_KEY, render
 
 from .strategies import specs
@@ -20,7 +20,7 @@ NOW = datetime(2026, 11, 25, tzinfo=UTC)
 
 
 def pol(name: str, level: str, dests: list[str], created: str = "2026-01-01T00:00:00Z",
-        namespace: str = "mail", **extra: Any):  # type: ignore[no-untyped-def]
+        namespace: str = "mail", **extra: Any) -> Policy:
     return load_policy(obj({"destinations": dests, "level": level, **extra}, name=name,
                            namespace=namespace, created=created), now=NOW)
 
@@ -43,10 +43,14 @@ def test_table_is_sorted_with_provenance_and_revision() -> None:
     assert tables.transport == ""
 
 
+def _match(i: int) -> dict[str, Any]:
+    return {"match": ["nexthop"]} if i % 3 == 2 else {}
+
+
 def test_identical_input_in_any_order_gives_identical_bytes() -> None:
     policies = [pol(f"p{i}", ["may", "encrypt", "secure"][i % 3], [f"d{i % 7}.example"],
                     created=f"2026-01-{1 + i % 28:02d}T00:00:00Z",
-                    **({"match": ["nexthop"]} if i % 3 == 2 else {})) for i in range(40)]
+                    **_match(i)) for i in range(40)]
     first = render(policies, instance=("mail", "relay"))
     for seed in range(5):
         shuffled = policies[:]

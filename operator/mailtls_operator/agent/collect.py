@@ -14,9 +14,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..facts import InstanceFacts
 from ..mailqueue import DeferredSummary, merge_deferred
 from ..observer import PolicyProbes
-from ..rollout import InstanceConfig
 from ..status import TRUST_ANCHOR_MISSING, TRUST_ANCHOR_UNCHECKED
 from ..world import ANN_APPLIED, PodRecord
 from .report import AgentReport, report_of
@@ -30,7 +30,7 @@ class AgentView:
 
     updated: int
     failure: str | None
-    config: InstanceConfig | None = None
+    facts: InstanceFacts | None = None
     probes: dict[str, PolicyProbes] = field(default_factory=dict)
     deferred: dict[str, DeferredSummary] = field(default_factory=dict)
     released: int = 0
@@ -61,15 +61,15 @@ def agent_view(pods: Sequence[PodRecord], revision: str) -> AgentView:
     reports = _reports(ready)
     failure = next((f"{pod.namespace}/{pod.name}: agent: {r.error}" for pod, r in reports
                     if r.error and pod.annotations.get(ANN_APPLIED) != revision), None)
-    config = next((r.config for _, r in reports if r.config is not None), None)
+    facts = next((r.facts for _, r in reports if r.facts is not None), None)
     probes: dict[str, PolicyProbes] = {}
     for _, r in reports:  # the first pod (by name) that probed a policy speaks for it
         for ref, pp in r.probes.items():
             probes.setdefault(ref, pp)
     deferred = merge_deferred(*(r.deferred for _, r in reports))
     missing = frozenset(p for _, r in reports for p in r.tafile_missing)
-    return AgentView(updated, failure, config, probes, deferred,
-                     sum(r.released for _, r in reports), missing, config is not None)
+    return AgentView(updated, failure, facts, probes, deferred,
+                     sum(r.released for _, r in reports), missing, facts is not None)
 
 
 class _PolicyWithTafile(Protocol):

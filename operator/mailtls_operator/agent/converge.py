@@ -24,9 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .. import mailqueue, postfix, probe, rollout
+from ..facts import read_facts
 from ..observer import PolicyProbes, read_deferred
 from ..podrunner import PodRef, PodRunner
 from ..render import REVISION_KEY
+from ..routing import InstanceConfig
 from .desired import Desired, ProbeSpec, changed_keys, entries
 from .report import AgentReport
 
@@ -140,18 +142,18 @@ class Converger:
         if self.live is None:
             return
         timeout = self.settings.timeout
-        try:
-            config = await rollout.read_instance_config(self.runner, self.pod, timeout=timeout)
+        try:  # one postconf -x: routing for the lint and the queue, client defaults
+            facts = await read_facts(self.runner, self.pod, timeout=timeout)
         except Exception as exc:
             log.warning("postconf: %s", exc)
             return
-        self.report.config = config
+        self.report.facts = facts
         self.report.tafile_missing = [p for p in self.live.tafiles
                                       if not os.access(p, os.R_OK)]
-        await self._queue(config, timeout)
-        await self._probe(self.live.probes)
+        await self._queue(facts.routing, timeout)
+        await self._probe(self.live.probes, facts.client)
 
-    async def _queue(self, config: rollout.InstanceConfig, timeout: float) -> None:
+    async def _queue(self, config: InstanceConfig, timeout: float) -> None:
         try:
             deferred = await read_deferred(self.runner, self.pod, config,
                                            list(self.live.tls_entries) if self.live else [],
@@ -169,7 +171,8 @@ class Converger:
             deferred = {k: v for k, v in deferred.items() if k not in release}
         self.report.deferred = deferred
 
-    async def _probe(self, specs: tuple[ProbeSpec, ...]) -> None:
+    async def _probe(self, specs: tuple[ProbeSpec, ...], defaults: probe.ClientDefaults
+                     ) -> None:
         now, interval = self.clock(), self.settings.probe_interval
         known = self.report.probes
         for ref in set(known) - {s.ref for s in specs}:
@@ -177,11 +180,6 @@ class Converger:
         due = [s for s in specs if (last := known.get(s.ref)) is None or last.value != s.value
                or (interval > 0 and (now - last.at).total_seconds() >= interval)]
         if not due:
-            return
-        try:
-            defaults = await probe.read_client_defaults(self.runner, self.pod)
-        except Exception as exc:
-            log.warning("cannot read the client's TLS defaults, no probes: %s", exc)
             return
 
         async def one(spec: ProbeSpec) -> None:

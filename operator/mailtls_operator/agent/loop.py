@@ -181,7 +181,7 @@ class Agent:
             await self.converger.install(desired, source)
             after = self.converger.live.revision if self.converger.live else None
         self._report_wake.set()
-        if after != before or self.converger.report.config is None:
+        if after != before or self.converger.report.facts is None:
             self._observe_wake.set()
 
     # -- observing and reporting ------------------------------------------------------

@@ -27,14 +27,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ..facts import InstanceFacts
 from ..mailqueue import DeferredSummary
 from ..observer import PolicyProbes
 from ..probe import FAIL, PASS, ProbeOutcome, clean, rfc3339
-from ..rollout import InstanceConfig
 
 ANN_APPLIED = "mailtls.io/applied-revision"
 ANN_REPORT = "mailtls.io/agent-report"
@@ -61,8 +61,8 @@ class AgentReport:
     source: str = ""
     """Where ``wanted`` came from: ``api`` or ``volume`` (during an API outage)."""
     api_error: str = ""
-    config: InstanceConfig | None = None
-    """The instance's routing values (``postconf -x``), for the operator's lint."""
+    facts: InstanceFacts | None = None
+    """The pod's ``postconf -x`` values the operator's lint needs (routing, DNSSEC)."""
     tafile_missing: list[str] = field(default_factory=list)
     probes: dict[str, PolicyProbes] = field(default_factory=dict)
     deferred: dict[str, DeferredSummary] = field(default_factory=dict)
@@ -73,7 +73,7 @@ class AgentReport:
         doc: dict[str, Any] = {
             "wanted": self.wanted, "applied": self.applied, "error": self.error,
             "source": self.source, "apiError": self.api_error,
-            "config": None if self.config is None else asdict(self.config),
+            "facts": None if self.facts is None else dict(self.facts.values),
             "tafileMissing": self.tafile_missing, "released": self.released,
             "probes": [{"ref": ref, "value": pp.value, "at": rfc3339(pp.at),
                         "outcomes": [o.to_status() for o in pp.outcomes]}
@@ -134,13 +134,13 @@ def parse_report(text: str) -> AgentReport:
             str(k): DeferredSummary(int(d["recipients"]), _time(d["oldest"]), str(d["reason"]),
                                     tuple(str(q) for q in d["queueIds"]))
             for k, d in (doc.get("deferred") or {}).items()}
-        config = doc.get("config")
+        facts = doc.get("facts")
         return AgentReport(
             wanted=str(doc.get("wanted", "")), applied=str(doc.get("applied", "")),
             error=str(doc.get("error", "")), source=str(doc.get("source", "")),
             api_error=str(doc.get("apiError", "")),
-            config=InstanceConfig(**{f.name: str(config[f.name]) for f in fields(
-                InstanceConfig) if f.name in config}) if config else None,
+            facts=InstanceFacts({str(k): str(v) for k, v in facts.items()})
+            if facts else None,
             tafile_missing=[str(x) for x in doc.get("tafileMissing", [])],
             probes=probes, deferred=deferred, released=int(doc.get("released", 0)),
             at=_time(doc["at"]))

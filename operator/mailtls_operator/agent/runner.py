@@ -24,12 +24,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .. import postfix
+from ..cli.probe import HostRunner
 from ..podrunner import ExecResult, PodRef
-from ..probe_cli import HostRunner
 
 
 class ProcessRunner(HostRunner):
-    """:class:`~..probe_cli.HostRunner` (no shell, ``MAIL_CONFIG``, timeouts, process-group
+    """:class:`~..cli.probe.HostRunner` (no shell, ``MAIL_CONFIG``, timeouts, process-group
     kill) plus the file steps in-process; ``env`` replaces the environment (tests)."""
 
     def __init__(self, config_dir: str | None = None,

@@ -24,7 +24,8 @@ import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..podrunner import ExecResult, PodRef, PodRunnerError, StdinUnsupportedError
+from mailtls_operator.podrunner import ExecResult, PodRef, PodRunnerError, StdinUnsupportedError
+
 from .instance import LocalInstance
 
 

@@ -1,10 +1,12 @@
-"""``mailtls run``: the operator's command line (parsed here, run by :mod:`.operator_main`)."""
+"""``mailtls run``: the operator's command line (parsed here, run by :mod:`.operate`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 from typing import Any
+
+from .logs import FORMATS
 
 
 def add_run_parser(sub: Any) -> None:
@@ -59,10 +61,13 @@ def add_run_parser(sub: Any) -> None:
                         "that: a bulk load's statuses follow its enforcement instead of "
                         "flooding the API server; 0 means unlimited (default: %(default)s)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    p.add_argument("--log-format", choices=FORMATS, default="json",
+                   help="stderr log lines: one JSON object each, or plain text "
+                        "(default: %(default)s)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .operator_main import run_operator
+    from .operate import run_operator  # here: keeps kopf off the offline commands
 
     return run_operator(args)

@@ -28,13 +28,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import probe
-from .podrunner import ExecResult, PodRef, PodRunner, PodRunnerError
-from .policy import Policy
+from .. import probe
+from ..podrunner import ExecResult, PodRef, PodRunner, PodRunnerError
+from ..policy import Policy
+from .offline import EXIT_INVALID, add_offline_options, load_offline
 
 EXIT_OK = 0
 EXIT_FAIL = 1
-EXIT_INVALID = 2
 EXIT_UNAVAILABLE = 3
 SBIN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 LOCAL = PodRef("local", "localhost")
@@ -163,9 +163,7 @@ async def _main(args: argparse.Namespace, policies: list[Policy], config_dir: st
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from .cli import _offline  # the same loading and refusal as `mailtls validate`
-
-    policies, status = _offline(args)
+    policies, status = load_offline(args)  # the same loading and refusal as `validate`
     if status:
         return status
     if shutil.which(probe.PROGRAM, path=SBIN_PATH) is None:
@@ -194,13 +192,11 @@ def _positive_float(text: str) -> float:
 
 def add_probe_parser(sub: Any) -> None:
     """Register ``mailtls probe`` on the ``mailtls`` subcommand parser."""
-    from .cli import _add_offline_options
-
     p: argparse.ArgumentParser = sub.add_parser(
         "probe", help="probe the policies' destinations from this machine (posttls-finger)",
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_offline_options(p)
+    add_offline_options(p)
     p.add_argument("--config-dir", metavar="DIR", default=None,
                    help="Postfix configuration directory to probe with (MAIL_CONFIG), e.g. an "
                         "instance's; its smtp_tls_CAfile/CApath, trust anchors, protocols, "

@@ -67,6 +67,8 @@ class StatusWriter:
         self.idle.set()
         self.written = 0
         self.failed = 0
+        self.on_idle: Callable[[], None] | None = None
+        """Called when the last pending write is done (the operator trims memory)."""
 
     # ------------------------------------------------------------------- interface
 
@@ -175,6 +177,9 @@ class StatusWriter:
 
     def _update_idle(self) -> None:
         if not self._pending and not self._in_flight:
+            if not self.idle.is_set() and self.on_idle is not None:
+                self.idle.set()
+                self.on_idle()
             self.idle.set()
         else:
             self.idle.clear()

@@ -1,50 +1,9 @@
-"""The ConfigMaps ``<instance>-mailtls``: the readable, diff-able record of what is deployed.
-
-Pure: builds the objects and reads the tables back.  A table is never refused
-for its size (DESIGN.md §4); it takes one of three shapes, the smallest that fits
-the 1 MiB object limit (measured as the JSON the API server receives):
-
-1. **plain** (the usual case): ``data["tls_policy"]`` (and ``data["transport"]``)
-   in the one ConfigMap ``<instance>-mailtls``, when the text is at most
-   :data:`COMPRESS_ABOVE` bytes;
-2. **compressed**: past that, ``binaryData["tls_policy.gz"]`` (gzip) in the same
-   one ConfigMap, as long as it fits;
-3. **split**: past that, the gzip bytes (the whole table gzipped once) are cut
-   into chunks of :data:`CHUNK` bytes, ``binaryData["tls_policy.gz.000"]``,
-   ``.001``, ... held by *part* ConfigMaps ``<instance>-mailtls-part-1`` ...
-   ``-part-N`` (label ``mailtls.io/part: "N"``); the chunks follow each other in
-   part order, one per part for tls_policy.  The primary ``<instance>-mailtls``
-   then holds no chunk: only the manifest ``data["tls_policy.gz.chunks"]``::
-
-       chunks: 4
-       size: 2815642
-       sha256: <hex sha256 of the whole gzip>
-       chunk: 000 relay-mailtls-part-1
-       ...
-
-   and whatever plain table still fits (typically ``transport``).  The manifest is
-   in ``data`` because a pod reads the mounted files, not the annotations; the
-   primary also carries ``mailtls.io/parts`` (number of part ConfigMaps) and
-   ``mailtls.io/tls-policy-sha256`` for readers of the API.  To load: concatenate
-   the chunks in order, check the sha256, gunzip (:func:`reassemble` does exactly
-   that; so does ``manifests/examples/postfix/load-tables.sh``).
-
-Every object carries the revision annotation, so a reader can tell a
-half-updated set.  Write the parts first and the primary last (the primary's
-manifest is the commit point), then delete :func:`stale_parts`.  A reader that
-sees a new primary with old parts (or the reverse) finds a sha256 mismatch and
-retries; it never loads a mix.
-
-gzip is written with mtime 0: the same table always gives the same bytes, so
-an unchanged table is never rewritten.  Past :data:`MAX_PARTS` part ConfigMaps
-(~45 MiB of gzip, some 15 million destinations) the tables are refused with
-:class:`TableTooLarge`.
-"""
+"""Names, labels and bodies of an instance's ConfigMaps: one object, or gzip chunks in
+parts past the size limit.  Pure."""
 
 from __future__ import annotations
 
 import base64
-import binascii
 import gzip
 import hashlib
 import json
@@ -53,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .render import Tables
+from ..render import Tables
 
 SUFFIX = "-mailtls"
 PART_INFIX = "-part-"
@@ -256,6 +215,12 @@ _CACHE_SIZE = 4
 _CACHE_LOCK = threading.Lock()
 
 
+def clear_cache() -> None:
+    """Forget remembered bodies (tests that change CHUNK or MAX_PARTS)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
 def _copy(body: Mapping[str, Any]) -> dict[str, Any]:
     """A fresh body (the strings are shared: immutable)."""
     return {k: (_copy(v) if isinstance(v, Mapping) else v) for k, v in body.items()}
@@ -353,59 +318,3 @@ def merge_patch(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[s
         patch[field] = {**{k: None for k in current.get(field) or {}},
                         **(wanted.get(field) or {})}
     return patch
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def reassemble(bodies: Iterable[Mapping[str, Any]], table: str = "tls_policy") -> str:
-    """A table's text from a set of ConfigMaps (primary and parts, any order), the way a
-    pod's loader reads the mounted files: plain ``<table>``, or ``<table>.gz``, or the
-    chunks named by the manifest ``<table>.gz.chunks``, concatenated in order, checked
-    against its sha256, gunzipped.  ``""`` when the set has no such table.
-
-    Raises :class:`Unreadable` when the set is inconsistent: objects of different
-    revisions, a key in two objects, a missing chunk, a sha256 mismatch.
-    """
-    data: dict[str, str] = {}
-    binary: dict[str, str] = {}
-    revisions: dict[str, str] = {}
-    for body in bodies:
-        meta = body.get("metadata") or {}
-        revisions[str(meta.get("name"))] = (meta.get("annotations") or {}).get(ANN_REVISION, "")
-        for field, into in (("data", data), ("binaryData", binary)):
-            for k, v in (body.get(field) or {}).items():
-                if k in data or k in binary:
-                    raise Unreadable(f"key {k} is in more than one ConfigMap")
-                into[k] = v
-    if len(set(revisions.values())) > 1:
-        raise Unreadable(f"a half-updated set: revisions {sorted(revisions.items())}")
-    try:
-        if f"{table}{MANIFEST}" in data:
-            return _join(table, data[f"{table}{MANIFEST}"], binary)
-        if f"{table}.gz" in binary:
-            return gzip.decompress(base64.b64decode(binary[f"{table}.gz"],
-                                                    validate=True)).decode("utf-8")
-    except (OSError, EOFError, binascii.Error, UnicodeDecodeError) as exc:
-        raise Unreadable(f"{table}: {exc}") from exc
-    return data.get(table, "")
-
-
-def _join(table: str, manifest: str, binary: Mapping[str, str]) -> str:
-    fields: dict[str, str] = {}
-    for line in manifest.splitlines():
-        name, _, value = line.partition(":")
-        fields.setdefault(name.strip(), value.strip())
-    if not fields.get("chunks", "").isdigit():
-        raise Unreadable(f"{table}{MANIFEST}: no chunk count")
-    packed = bytearray()
-    for index in range(int(fields["chunks"])):
-        key = f"{table}.gz.{index:03d}"
-        if key not in binary:
-            raise Unreadable(f"{key} is missing")
-        packed += base64.b64decode(binary[key], validate=True)
-    got = hashlib.sha256(packed).hexdigest()
-    if got != fields.get("sha256"):
-        raise Unreadable(f"{table}: sha256 of the joined chunks is {got}, the manifest says "
-                         f"{fields.get('sha256')}: parts of different revisions")
-    return gzip.decompress(bytes(packed)).decode("utf-8")

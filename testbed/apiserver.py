@@ -793,7 +793,7 @@ class ApiServer(kmock.KubernetesEmulator):
     def open_watch_count(self, resource: str) -> int:
         return sum(1 for w in self._watchers[self.spec(resource).key] if w.alive)
 
-    async def wait_until(self, predicate: Callable[[], T], timeout: float = 5.0, *,
+    async def wait_until(self, predicate: Callable[[], T | None], timeout: float = 5.0, *,
                          interval: float = 0.02) -> T:
         """Wait until ``predicate()`` is truthy; TimeoutError after ``timeout`` s. Returns its
         value. It is re-checked at once after every request and every stored change, and at
@@ -811,7 +811,7 @@ class ApiServer(kmock.KubernetesEmulator):
                     finally:
                         timer.cancel()
                         self._waiters.discard(waiter)
-                return result
+                return result  # truthy, so not None
         except TimeoutError:
             raise TimeoutError(f"condition not met within {timeout} s: {predicate!r}") from None
 

@@ -14,11 +14,12 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
-from .controller import Config, Operator, register
-from .execrunner import KubernetesExecRunner
-from .kube import Kube
-from .leader import LeaderElector
-from .metrics import Metrics
+from ..controller import Config, Operator, register
+from ..execrunner import KubernetesExecRunner
+from ..kube import Kube
+from ..leader import LeaderElector
+from ..metrics import Metrics
+from . import logs
 
 log = logging.getLogger("mailtls")
 
@@ -53,10 +54,8 @@ def settings_for(args: argparse.Namespace) -> kopf.OperatorSettings:
 
 
 def run_operator(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
-               '"message":%(message)r}', stream=sys.stderr)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        handlers=[logs.handler(args.log_format)])
     try:
         api = api_client()
     except Exception as exc:

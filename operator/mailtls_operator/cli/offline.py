@@ -1,0 +1,70 @@
+"""What ``render``, ``validate`` and ``probe`` share: reading policy files offline with
+exactly the checks the cluster applies, and the options that say which files and when."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime, timedelta
+
+from ..policy import DEFAULT_MAX_EXCEPTION, Policy, PolicyInvalid, load_policy, parse_time
+from ..render import render
+from ..sources import Source, SourceError, read_policies
+
+EXIT_INVALID = 2
+
+
+def load_all(sources: list[Source], now: datetime, max_exception: timedelta
+              ) -> tuple[list[Policy], list[str], dict[str, str]]:
+    """The valid policies, one error line per refusal, and the file of each policy."""
+    policies: list[Policy] = []
+    errors: list[str] = []
+    seen: dict[str, str] = {}
+    for src in sources:
+        try:
+            policy = load_policy(src.obj, now=now, max_exception=max_exception)
+        except PolicyInvalid as exc:
+            errors.extend(f"{src.path}: {src.ref}: {err}" for err in exc.errors)
+            continue
+        if policy.ref in seen:
+            errors.append(f"{src.path}: {policy.ref}: metadata.name: Duplicate value: "
+                          f"also defined in {seen[policy.ref]}")
+            continue
+        seen[policy.ref] = src.path
+        policies.append(policy)
+    return policies, errors, seen
+
+
+def load_offline(args: argparse.Namespace) -> tuple[list[Policy], int]:
+    now = args.now or datetime.now(UTC)
+    try:
+        sources = read_policies(args.file)
+    except SourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return [], EXIT_INVALID
+    policies, errors, files = load_all(sources, now, timedelta(days=args.max_exception_days))
+    # The renderer's own last gate, run here too so `validate` refuses what `render` would.
+    refused = render(policies, now=now).refused
+    errors += [f"{files[ref]}: {ref}: spec: {why}" for ref, why in sorted(refused.items())]
+    for line in errors:
+        print(line, file=sys.stderr)
+    return policies, EXIT_INVALID if errors else 0
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from exc
+
+
+def add_offline_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--file", action="append", required=True, metavar="PATH",
+                   help="YAML/JSON file or directory (recursive); repeatable. Multi-document "
+                        "files and List objects are read; kinds other than MailTLSPolicy "
+                        "are ignored.")
+    p.add_argument("--now", type=_timestamp, default=None, metavar="RFC3339",
+                   help="evaluate break-glass exceptions at this time instead of now")
+    p.add_argument("--max-exception-days", type=float,
+                   default=DEFAULT_MAX_EXCEPTION.total_seconds() / 86400, metavar="DAYS",
+                   help="longest break-glass exception accepted (default: %(default)g)")

@@ -1,0 +1,136 @@
+"""Observation scheduling: probes and queue reads beside the rollout, never in its way.
+
+After every convergence and then every ``observe_interval`` seconds, one
+background task per instance reads the pods' queues (releasing mail deferred
+under keys whose line just changed) and probes the policies that are due.
+A request while a run is in flight makes it run once more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+from ..agent.collect import STRATEGY as AGENT
+from ..agent.collect import agent_view
+from ..facts import read_facts
+from ..mailqueue import DeferredSummary
+from ..observer import due_probes, observe_queues, probe_policies
+from ..render import Tables
+from ..world import InstanceKey
+from .context import Context, cancel_and_wait
+from .state import InstanceState
+
+log = logging.getLogger("mailtls.controller")
+
+
+class Observations:
+    """Schedules each instance's observation task; statuses are written by the caller's
+    ``write_statuses`` when something new was seen."""
+
+    def __init__(self, ctx: Context, write_statuses: Callable[[str], Awaitable[None]],
+                 may_act: Callable[[], bool]) -> None:
+        self.ctx = ctx
+        self.write_statuses = write_statuses
+        self.may_act = may_act
+        self.stopping = False
+
+    def soon(self, key: InstanceKey) -> None:
+        """Observe now in the background, then again after ``observe_interval``."""
+        state = self.ctx.states.get(key)
+        if state is None or self.stopping or not self.may_act():
+            return
+        if state.observe_timer is not None:
+            state.observe_timer.cancel()
+            state.observe_timer = None
+        if state.observer is not None and not state.observer.done():
+            state.observe_again = True
+            return
+        state.observer = asyncio.get_running_loop().create_task(self._observe(key),
+                                                                name=f"mailtls:observe:{key}")
+
+    def busy(self) -> bool:
+        """Is an observation running (tests wait for quiet)?"""
+        return any(s.observer is not None and not s.observer.done()
+                   for s in list(self.ctx.states.values()))
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for state in self.ctx.states.values():
+            if state.observe_timer is not None:
+                state.observe_timer.cancel()
+            await cancel_and_wait(state.observer)
+
+    async def _observe(self, key: InstanceKey) -> None:
+        state = self.ctx.states.get(key)
+        if state is None:
+            return
+        again = True
+        while again and state.tables is not None and not self.stopping:
+            state.observe_again = False
+            try:
+                if await self._observe_once(key, state, state.tables):
+                    await self.write_statuses(key[0])
+            except Exception:
+                log.exception("observing %s/%s failed", *key)
+            again = state.observe_again
+        interval = self.ctx.config.observe_interval
+        if interval > 0 and not self.stopping:
+            state.observe_timer = asyncio.get_running_loop().call_later(
+                interval, self.soon, key)
+
+    async def _observe_once(self, key: InstanceKey, state: InstanceState,
+                            tables: Tables) -> bool:
+        """One cycle: one ``postconf`` snapshot (when probes are due) shared by the queue
+        attribution and the probes.  Returns whether anything new was seen."""
+        ctx, cfg = self.ctx, self.ctx.config
+        if ctx.strategy_of(key) == AGENT:  # the agents probed and released: their reports
+            view = agent_view(ctx.world.pods_of(key), tables.revision)
+            changed = view.probes != state.seen.probes or view.deferred != state.seen.deferred
+            state.seen.probes, state.seen.deferred = dict(view.probes), view.deferred
+            state.seen.released = view.released
+            state.changed_keys.clear()
+            self._deferred_metrics(key, tables, view.deferred)
+            return changed
+        ready = [p for p in ctx.world.pods_of(key) if p.ready]
+        if not ready or state.facts is None:
+            return False
+        pods = [ctx.target(p).pod for p in ready]
+        now = ctx.clock()
+        policies = [p for p in ctx.world.policies_for(key)
+                    if p.mode == "audit" or cfg.probe_enforced]
+        due = due_probes(policies, state.seen.probes, now, cfg.observe_interval)
+        if due:
+            try:
+                state.facts = await read_facts(ctx.runner, pods[0])
+            except Exception as exc:
+                log.warning("%s: cannot read the client's TLS defaults, no probes: %s",
+                            pods[0], exc)
+                due = []
+        facts = state.facts
+        release = set(state.changed_keys)
+        deferred, released = await observe_queues(ctx.runner, pods, facts.routing,
+                                                  tables.tls_entries, release,
+                                                  timeout=cfg.exec_timeout)
+        state.changed_keys -= release
+        state.seen.released += released
+        probes = await probe_policies(ctx.runner, pods[0], due, facts.client, now,
+                                      concurrency=cfg.probe_concurrency,
+                                      timeouts=cfg.probe_timeouts) if due else {}
+        for ref in list(state.seen.probes):
+            if not any(p.ref == ref for p in policies):
+                del state.seen.probes[ref]
+        changed = bool(probes) or deferred != state.seen.deferred
+        state.seen.probes.update(probes)
+        state.seen.deferred = deferred
+        self._deferred_metrics(key, tables, deferred)
+        return changed
+
+    def _deferred_metrics(self, key: InstanceKey, tables: Tables,
+                          deferred: Mapping[str, DeferredSummary]) -> None:
+        ns, inst = key
+        for ref, lines in tables.contributors.items():
+            keys = [ln.split(" ", 1)[0] for ln in lines]
+            self.ctx.metrics.deferred.labels(ns, ref.split("/", 1)[1], inst).set(
+                sum(deferred[k].recipients for k in keys if k in deferred))

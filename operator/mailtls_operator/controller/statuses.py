@@ -1,0 +1,192 @@
+"""Statuses: each policy's status from the pure chain (:mod:`..status`), offered to the
+status writer (:mod:`.statuswriter`) only when it changed; a Warning transition gets
+one Event."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from .. import mailqueue
+from ..crd import GROUP, KIND, VERSION
+from ..kube import NotFound
+from ..status import (
+    PENDING,
+    Condition,
+    InstanceView,
+    event_type,
+    policy_status,
+    probe_status,
+    transitions,
+    verified_condition,
+)
+from ..world import ANN_APPLIED, ANN_TEMPLATE_REVISION, PolicyRecord
+from .context import RESTART, Context
+from .statuswriter import StatusWriter
+
+log = logging.getLogger("mailtls.controller")
+
+
+class Statuses:
+    """Turns the world and the instances' states into policy statuses, offered to the
+    :class:`~.statuswriter.StatusWriter` (coalesced, rate-limited, retried), which calls
+    back :meth:`_write_status` for each patch and its Warning Event."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        cfg = ctx.config
+        self.writer = StatusWriter(
+            self._write_status, qps=cfg.status_qps, burst=cfg.status_burst,
+            retry_base=cfg.retry_base, retry_max=cfg.retry_max, describe=one_line,
+            on_failure=lambda rec: ctx.metrics.status_write_failures.labels(
+                rec.namespace).inc())
+        self._io = asyncio.Semaphore(16)
+        self._background: set[asyncio.Task[None]] = set()
+
+    def recorded(self, ref: str, instance: str) -> tuple[list[str], str] | None:
+        """(entries, revision for ``instance``) as the policy's stored status says."""
+        ns, _, name = ref.partition("/")
+        rec = self.ctx.world.policies.get(ns, {}).get(name)
+        if rec is None:
+            return None
+        for item in rec.status.get("instances") or []:
+            if isinstance(item, dict) and item.get("name") == instance:
+                return list(rec.status.get("entries") or []), str(item.get("revision") or "")
+        return None
+
+    def views_for(self, rec: PolicyRecord) -> list[InstanceView]:
+        """What each instance the policy targets says about it."""
+        world = self.ctx.world
+        views = []
+        for key in world.instances_targeted_by(rec):
+            state = self.ctx.states.get(key)
+            if state is None or state.tables is None:
+                views.append(InstanceView(key[1], "", len(world.pods_of(key)), 0))
+                continue
+            t = state.tables
+            revision = state.since.get(rec.ref, (((), ""), t.revision))[1]
+            pods = world.pods_of(key)
+            annotation = ANN_TEMPLATE_REVISION if self.ctx.strategy(pods) == RESTART \
+                else ANN_APPLIED
+            updated = sum(1 for p in pods if (p.ready or annotation == ANN_APPLIED)
+                          and state.live_in(p.annotations.get(annotation), revision))
+            if rec.policy is not None and \
+                    state.rendered.get(rec.ref) != rec.policy.generation:
+                updated = 0  # this generation is not in the tables yet
+            views.append(InstanceView(
+                name=key[1], revision=revision, pods_total=len(pods), pods_updated=updated,
+                failure=state.failure if updated < len(pods) else None,
+                losses=t.losses.get(rec.ref, []), lines=t.contributors.get(rec.ref, []),
+                warnings=state.warnings.get(rec.ref, []), note=state.note))
+        return views
+
+    async def write_statuses(self, namespace: str) -> None:
+        """Offer the status of every policy of the namespace whose status changed to the
+        status writer.  Never blocks on the API: enforcement goes on while statuses
+        drain.  A ``Pending`` status waits ``pending_grace`` seconds, so a rollout that
+        finishes first costs its policies one write, not two."""
+        now = self.ctx.clock()
+        metrics = self.ctx.metrics
+        counts: dict[str, int] = {}
+        for rec in self.ctx.world.records(namespace):
+            extra_conditions, extra_fields = self._observed(rec)
+            status = policy_status(rec, self.views_for(rec), now, extra_conditions,
+                                   extra_fields)
+            ready = status["conditions"][0]["reason"]
+            counts[ready] = counts.get(ready, 0) + 1
+            if status != {k: rec.status.get(k) for k in status}:
+                self.writer.offer(rec.ref, rec, status,
+                                  delay=self.ctx.config.pending_grace if ready == PENDING
+                                  else 0.0)
+            else:
+                self.writer.forget(rec.ref)  # already stored: nothing to write
+        for reason, n in counts.items():
+            metrics.policies.labels(namespace, reason).set(n)
+        metrics.exceptions_active.labels(namespace).set(sum(
+            1 for rec in self.ctx.world.records(namespace) if rec.policy is not None
+            and rec.policy.exception is not None and not rec.policy.is_expired(now)))
+
+    def forget(self, ref: str) -> None:
+        """The policy is gone: drop any status still waiting to be written."""
+        self.writer.forget(ref)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in the background, kept alive until it ends, cancelled at stop."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def busy(self) -> bool:
+        """Is a status write pending or running (the idle signal waits for it)?"""
+        # a copy: the test's and the bench's threads read this flag too
+        return not self.writer.idle.is_set() or any(
+            not t.done() for t in list(self._background))
+
+    async def stop(self) -> None:
+        """No more writes: background offers are cancelled, the writer stops."""
+        for task in list(self._background):
+            task.cancel()
+        await self.writer.stop()
+
+    def _observed(self, rec: PolicyRecord) -> tuple[list[Condition], dict[str, Any]]:
+        """Verified, status.probes and status.deferred of a policy, over its instances."""
+        probes = []
+        deferred: dict[str, Any] = {}
+        keys = rec.policy.keys if rec.policy is not None else ()
+        for key in self.ctx.world.instances_targeted_by(rec):
+            state = self.ctx.states.get(key)
+            if state is None:
+                continue
+            if rec.ref in state.seen.probes:
+                probes.append((key[1], state.seen.probes[rec.ref].outcomes))
+            if any(k in state.seen.deferred for k in keys):
+                deferred[key[1]] = state.seen.deferred
+        fields: dict[str, Any] = {}
+        conditions = []
+        verified = verified_condition(probes)
+        if verified is not None:
+            conditions.append(verified)
+            fields["probes"] = probe_status(probes)
+        if keys:
+            merged = mailqueue.merge_deferred(*deferred.values())
+            fields["deferred"] = mailqueue.summarise_for_policy(
+                keys, merged, by_instance=deferred or None)
+        return conditions, fields
+
+    async def _write_status(self, rec: PolicyRecord, status: dict[str, Any]) -> None:
+        """One status patch (the status writer calls it; a failure raises to it), then an
+        Event when a condition changed to something a person should act on."""
+        changed = transitions(rec.status.get("conditions") or [], status["conditions"])
+        async with self._io:
+            try:
+                await self.ctx.kube.patch_policy_status(rec.namespace, rec.name, status)
+            except NotFound:
+                return  # deleted meanwhile
+        rec.status = {**rec.status, **status}
+        warnings = [c for c in changed if event_type(c) == "Warning"]
+        if warnings:  # one Event per change, led by its weightiest condition
+            await self._event(rec, "Warning", warnings[0]["reason"], "; ".join(
+                f"{c['type']}={c['status']} {c['reason']}: {c['message']}" for c in warnings))
+
+    async def _event(self, rec: PolicyRecord, kind: str, reason: str, message: str) -> None:
+        try:
+            await self.ctx.kube.post_event(
+                {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "namespace": rec.namespace,
+                 "name": rec.name, "uid": rec.uid}, kind, reason, message)
+        except Exception as exc:  # events are best effort; never block status
+            log.debug("event for %s not posted: %s", rec.ref, exc)
+
+
+def one_line(exc: BaseException) -> str:
+    """An API error as one log line: its status and the server's message when it has one."""
+    status, body = getattr(exc, "status", None), getattr(exc, "body", None)
+    if status is not None:
+        try:
+            message = json.loads(body or "{}").get("message") or ""
+        except (ValueError, AttributeError):
+            message = ""
+        return f"HTTP {status}: {message or getattr(exc, 'reason', '')}"
+    return (str(exc).splitlines() or [type(exc).__name__])[0]

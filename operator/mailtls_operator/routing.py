@@ -1,0 +1,234 @@
+"""Where Postfix sends a message, and so which TLS policy key it looks up.  Pure.
+
+DESIGN.md §5 (the relayhost trap): the TLS policy table is looked up with the
+*next-hop*, not the recipient domain.  One place decides the next-hop for the
+rollout's lint (:func:`bypassed_keys`, :func:`lint`), the queue attribution
+(:func:`governing_key`) and the pod check (:func:`table_problems`), from the
+instance's routing facts (:class:`InstanceConfig`, the ``postconf -x`` values
+read once per cycle) and transport entries.  No I/O: the values come in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from . import postfix
+from .render import REVISION_KEY
+from .status import DNSSEC_DISABLED, POLICY_BYPASSED
+
+ROUTING_PARAMS: Final = (*postfix.INSTANCE_PARAMS, "default_transport")
+"""The main.cf parameters :class:`InstanceConfig` is made of."""
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    """A main.cf list value (whitespace or commas) as its items."""
+    return tuple(p for p in re.split(r"[\s,]+", value.strip()) if p)
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """The routing-relevant main.cf values of a running instance (``postconf -x``)."""
+
+    relayhost: str = ""
+    transport_maps: str = ""
+    smtp_tls_policy_maps: str = ""
+    smtp_dns_support_level: str = ""
+    default_transport: str = "smtp"
+
+    @classmethod
+    def from_postconf(cls, values: Mapping[str, str]) -> InstanceConfig:
+        return cls(
+            relayhost=values.get("relayhost", ""),
+            transport_maps=values.get("transport_maps", ""),
+            smtp_tls_policy_maps=values.get("smtp_tls_policy_maps", ""),
+            smtp_dns_support_level=values.get("smtp_dns_support_level", ""),
+            default_transport=values.get("default_transport", "smtp"),
+        )
+
+    @property
+    def relay_nexthops(self) -> tuple[str, ...]:
+        """Next-hops every non-routed message goes to: ``relayhost`` (a list since
+        Postfix 3.5), or the next-hop of ``default_transport = smtp:[host]``."""
+        hops = split_list(self.relayhost)
+        if not hops:
+            _, sep, nexthop = self.default_transport.partition(":")
+            if sep and nexthop.strip():
+                hops = split_list(nexthop)
+        return tuple(h.lower() for h in hops)
+
+    @property
+    def transport_tables(self) -> tuple[str, ...]:
+        return split_list(self.transport_maps)
+
+
+class MapLocation(Protocol):
+    """Where the operator writes an instance's table (a rollout target)."""
+
+    @property
+    def map_type(self) -> str: ...
+
+    @property
+    def map_path(self) -> str: ...
+
+
+def table_problems(config: InstanceConfig, target: MapLocation) -> list[str]:
+    """Why the tables written to ``target`` would not be used by this instance, if so.
+
+    A rollout into a pod whose main.cf does not name the managed table
+    "succeeds" and changes nothing; say so instead.  ``proxy:`` is looked
+    through (``proxy:lmdb:/path`` uses ``/path``).  The transport table only
+    matters when there are routes, so it is checked by ``bypassed_keys``.
+    """
+    wanted = postfix.map_spec(target.map_type, target.map_path)
+    used = [t.removeprefix("proxy:") for t in split_list(config.smtp_tls_policy_maps)]
+    if wanted in used:
+        return []
+    return [f"smtp_tls_policy_maps is {config.smtp_tls_policy_maps or '(empty)'!r}, "
+            f"not {wanted}: the instance never reads the table the operator writes"]
+
+
+def bypassed_keys(keys: Iterable[str], config: InstanceConfig,
+                  routed_keys: Iterable[str] = (), *,
+                  transport_table: str | None = None) -> list[str]:
+    """Policy keys this instance can never look up (the relayhost trap).
+
+    The TLS policy table is looked up with the next-hop verbatim.  With a
+    relay next-hop (``relayhost``, or ``default_transport`` with a next-hop),
+    every message not routed by ``transport_maps`` has that next-hop, so a key
+    is used only if it *is* a relay next-hop verbatim (``[host]:port`` as
+    written in main.cf) or it is in ``routed_keys`` (keys whose next-hop a
+    transport entry makes equal to the key: ``route: direct``).  Routed keys
+    count only if the instance has ``transport_maps`` at all, and, when
+    ``transport_table`` (``TYPE:PATH``) is given, only if that table is in it.
+    Without a relay next-hop nothing is bypassed here.  Sorted, without duplicates.
+    """
+    relays = set(config.relay_nexthops)
+    if not relays:
+        return []
+    tables = [t.removeprefix("proxy:") for t in config.transport_tables]
+    routing = bool(tables) and (transport_table is None or transport_table in tables)
+    routed = set(routed_keys) if routing else set()
+    return sorted({k for k in keys
+                   if k != REVISION_KEY and k.lower() not in relays and k not in routed})
+
+
+def lint(contributors: Mapping[str, Iterable[str]], routed_keys: Iterable[str],
+         config: InstanceConfig) -> dict[str, list[tuple[str, str]]]:
+    """Instance-aware warnings per policy ref (DESIGN.md §5, §10), from its table lines
+    (``key level ...``): keys the instance's routing never looks up, and ``dane``
+    without DNSSEC (Postfix then sends in clear text)."""
+    routed = set(routed_keys)
+    out: dict[str, list[tuple[str, str]]] = {}
+    for ref, lines in contributors.items():
+        lines = list(lines)
+        keys = [ln.split(" ", 1)[0] for ln in lines]
+        levels = {ln.split(" ")[1] for ln in lines}
+        if levels & {"dane", "dane-only"} and config.smtp_dns_support_level != "dnssec":
+            out.setdefault(ref, []).append((
+                DNSSEC_DISABLED,
+                f"smtp_dns_support_level is {config.smtp_dns_support_level or 'unset'!r}, "
+                "not 'dnssec': Postfix ignores dane here and sends in clear text"))
+        bypassed = bypassed_keys(keys, config, routed)
+        if bypassed:
+            out.setdefault(ref, []).append((
+                POLICY_BYPASSED,
+                f"relayhost {config.relayhost} is the next-hop for {', '.join(bypassed[:5])}"
+                f"{' ...' if len(bypassed) > 5 else ''}: these keys are never looked up "
+                "(set route: direct or route the domains in transport_maps)"))
+    return out
+
+
+# -- which policy key governs a recipient ---------------------------------------------
+
+_NO_TLS_TRANSPORTS: Final = frozenset({"error", "retry", "discard", "local", "virtual",
+                                       "lmtp", "pipe"})
+"""Transports that never consult ``smtp_tls_policy_maps`` (lmtp has its own map)."""
+_HOSTNAME: Final = re.compile(r"[^\s\[\]:/@]+")
+
+
+def transport_lookup(domain: str, entries: Mapping[str, str]) -> str | None:
+    """The transport entry for ``domain`` in transport(5) order: the domain, then
+    ``.parent`` walking up, then ``*`` (parent_domain_matches_subdomains without
+    transport_maps, the default)."""
+    if domain in entries:
+        return entries[domain]
+    rest = domain
+    while "." in rest:
+        rest = rest.split(".", 1)[1]
+        if f".{rest}" in entries:
+            return entries[f".{rest}"]
+    return entries.get("*")
+
+
+def nexthops(domain: str, config: InstanceConfig,
+             transport_entries: Mapping[str, str] | None = None) -> tuple[str, ...] | None:
+    """The next-hop(s) smtp(8) uses for ``domain``, or None if mail to it does not go
+    through an SMTP client that reads the TLS policy table.
+
+    ``transport_entries`` are the instance's transport table entries
+    (``domain`` -> ``transport:nexthop``; the operator's routes, plus the
+    site's own if known).  A ``transport:`` entry with an empty next-hop
+    resets it to the recipient domain (bypassing the relayhost); ``:`` keeps
+    the default.  Without a route, the relay next-hop(s) (``relayhost``, or
+    ``default_transport = smtp:[host]``) win, else the recipient domain.
+    """
+    domain = domain.rstrip(".").lower()
+    relays = config.relay_nexthops
+    default: tuple[str, ...] = relays if relays else (domain,)
+    entry = transport_lookup(domain, transport_entries or {})
+    if entry is None:
+        return default
+    channel, _, hop = entry.strip().partition(":")
+    channel = channel.strip().lower()
+    hop = hop.strip()
+    if channel and channel in _NO_TLS_TRANSPORTS:
+        return None
+    if hop:
+        return (hop.lower(),)
+    return (domain,) if channel else default
+
+
+def policy_lookup(nexthop: str, table_keys: Iterable[str]) -> str | None:
+    """The TLS policy key Postfix uses for ``nexthop`` (smtp_tls_policy.c).
+
+    A bare host or domain name is looked up as itself, then as ``.parent``
+    walking up (``a.b.example`` -> ``.b.example`` -> ``.example``); anything
+    else (``[host]``, ``[host]:port``, ``host:port``) only verbatim.
+    Case-insensitive, like Postfix's table lookups.
+    """
+    keys = table_keys if isinstance(table_keys, (set, frozenset)) else set(table_keys)
+    name = nexthop.lower()
+    if name in keys:
+        return name
+    if not _HOSTNAME.fullmatch(name):
+        return None
+    rest = name
+    while "." in rest[1:]:
+        rest = rest[rest.index(".", 1):]
+        if rest in keys:
+            return rest
+    return None
+
+
+def governing_key(recipient_domain: str, table_keys: Iterable[str], config: InstanceConfig,
+                  transport_entries: Mapping[str, str] | None = None) -> str | None:
+    """The TLS policy key that governs delivery to ``recipient_domain``, or None.
+
+    Same routing as :func:`bypassed_keys`: with a relayhost and no transport
+    route the next-hop is the relayhost, so a key for the recipient domain
+    does not govern it (the relayhost trap).  With several relay next-hops,
+    the first one with a key counts.
+    """
+    hops = nexthops(recipient_domain, config, transport_entries)
+    if not hops:
+        return None
+    keys = table_keys if isinstance(table_keys, (set, frozenset)) else set(table_keys)
+    keys = {k for k in keys if k != REVISION_KEY}
+    for hop in hops:
+        key = policy_lookup(hop, keys)
+        if key is not None:
+            return key
+    return None
