@@ -425,6 +425,18 @@ def prune(value: Any, schema: Mapping[str, Any], path: str = "", *, root: bool =
     return pruned
 
 
+def _field_validation(request: rendering.Request, pruned: list[str],
+                      warnings: list[str]) -> None:
+    """What the request's ``fieldValidation`` makes of pruned fields: refused (Strict),
+    a Warning header each (Warn, the server's default) or nothing (Ignore)."""
+    mode = request.params.get("fieldValidation", "Warn")
+    if pruned and mode == "Strict":
+        raise api_error(400, "strict decoding error: " + ", ".join(
+            f'unknown field "{p}"' for p in pruned))
+    if mode != "Ignore":
+        warnings += [f'unknown field "{p}"' for p in pruned]
+
+
 def apply_defaults(value: Any, schema: Mapping[str, Any]) -> None:
     """Fill absent fields that the schema gives a ``default``, recursively."""
     if isinstance(value, dict):
@@ -1154,13 +1166,7 @@ class ApiServer(kmock.KubernetesEmulator):
         """Prune, default and validate as the API server does for a structural schema.
         Validation ratchets: an update that leaves the spec alone is not re-validated."""
         if spec.schema is not None:
-            pruned = prune(obj, spec.schema)
-            mode = request.params.get("fieldValidation", "Warn")
-            if pruned and mode == "Strict":
-                raise api_error(400, "strict decoding error: " + ", ".join(
-                    f'unknown field "{p}"' for p in pruned))
-            if mode != "Ignore":
-                warnings += [f'unknown field "{p}"' for p in pruned]
+            _field_validation(request, prune(obj, spec.schema), warnings)
             apply_defaults(obj, spec.schema)
         if spec.validate is not None and (old is None or _content(old) != _content(obj)):
             causes = spec.validate(obj)
@@ -1175,13 +1181,8 @@ class ApiServer(kmock.KubernetesEmulator):
         was is not re-validated."""
         status_schema = (spec.schema or {}).get("properties", {}).get("status")
         if isinstance(status_schema, Mapping) and isinstance(obj.get("status"), dict):
-            pruned = prune(obj["status"], status_schema, "status", root=False)
-            mode = request.params.get("fieldValidation", "Warn")
-            if pruned and mode == "Strict":
-                raise api_error(400, "strict decoding error: " + ", ".join(
-                    f'unknown field "{p}"' for p in pruned))
-            if mode != "Ignore":
-                warnings += [f'unknown field "{p}"' for p in pruned]
+            _field_validation(
+                request, prune(obj["status"], status_schema, "status", root=False), warnings)
         if spec.validate_status is not None and obj.get("status") != old.get("status"):
             causes = spec.validate_status(obj)
             if causes:
