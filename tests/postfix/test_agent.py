@@ -124,17 +124,10 @@ async def test_probes_and_lint_come_from_the_agents(
         await kubectl.apply("missing-ca", destinations=["partner.example"], level="secure",
                             match=["nexthop"], tafile=["/nonexistent/partner-ca.pem"])
 
-        async def probed(policy: str) -> dict[str, Any]:
-            def check() -> dict[str, Any] | None:
-                probes = kubectl.status(policy).get("probes") or []
-                return probes[0] if probes else None
-            result: dict[str, Any] = await apiserver.wait_until(check, 30)
-            return result
-
-        assert (await probed("plain"))["reason"] == "NoStartTLS"
-        assert (await probed("self-signed"))["reason"] == "Untrusted"
-        assert (await probed("wrong-name"))["reason"] == "NameMismatch"
-        passed = await probed("ca")
+        assert (await kubectl.first_probe("plain"))["reason"] == "NoStartTLS"
+        assert (await kubectl.first_probe("self-signed"))["reason"] == "Untrusted"
+        assert (await kubectl.first_probe("wrong-name"))["reason"] == "NameMismatch"
+        passed = await kubectl.first_probe("ca")
         assert (passed["result"], passed["reason"], passed["instance"]) == (
             "Pass", "Verified", "relay")
         dane = await kubectl.until_ready("dane", reason="DNSSECDisabled", timeout=20)
