@@ -37,7 +37,7 @@ def make_agent(apiserver: ApiServer, name: str, inst: LocalInstance, **loop: Any
     settings = PodSettings("mail", name, str(inst.map_path), inst.settings.map_type,
                            timeout=30.0, probe_interval=0)
     opts = {"observe_interval": 0.3, "retry_base": 0.05, "retry_max": 0.2,
-            "watch_timeout": 30, **loop}
+            "watch_timeout": 5, **loop}
     return Agent(AgentApi(str(apiserver.url), timeout=2.0),
                  Converger(ProcessRunner(env=inst.env), settings),
                  LoopSettings("relay", inst.configmap_dir, None, **opts))

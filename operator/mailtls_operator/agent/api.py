@@ -162,11 +162,15 @@ class AgentApi:
                 _raise_for(resp.status, data, f"watch {name}")
             return resp
 
+        loop = asyncio.get_running_loop()
+        opening = loop.run_in_executor(None, open_stream)
         try:
-            resp = await asyncio.to_thread(open_stream)
+            resp = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # the stream still opens in its thread: close it then
+            opening.add_done_callback(_close_opened)
+            raise
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise ApiUnavailable(f"watch {name}: {type(exc).__name__}: {exc}") from exc
-        loop = asyncio.get_running_loop()
         lines: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
 
         def put(item: bytes | BaseException | None) -> None:
@@ -206,6 +210,16 @@ class AgentApi:
             with contextlib.suppress(RuntimeError):  # RuntimeError: the stream had ended
                 resp.shutdown()  # unblocks the reading thread at once
             resp.release_conn()
+
+
+def _close_opened(opening: asyncio.Future[urllib3.BaseHTTPResponse]) -> None:
+    """A watch opened after its caller gave up: end it, so no connection stays open."""
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    resp = opening.result()
+    with contextlib.suppress(RuntimeError):
+        resp.shutdown()
+    resp.release_conn()
 
 
 def _raise_for(status: int, body: bytes, what: str) -> None:
