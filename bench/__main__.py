@@ -39,6 +39,7 @@ def _benchmarks() -> dict[str, Callable[[], Runner]]:
         "reload_under_load": load("reload_load"),
         "images": load("images"),
         "discovery": load("discovery"),
+        "agent_rollout": load("agent_rollout"),
     }
 
 

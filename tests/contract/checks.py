@@ -18,7 +18,8 @@ CUSTOM_KINDS: dict[tuple[str, str], tuple[str, set[str]]] = {
 }
 
 #: Built-in kinds that are cluster-scoped (the rest the packaging emits are namespaced).
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding",
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
+                  "ValidatingAdmissionPolicyBinding",
                   "CustomResourceDefinition"}
 
 

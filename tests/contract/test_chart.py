@@ -36,6 +36,8 @@ from .kit import (
 
 NAMESPACED = {"watchNamespaces": ["mail", "relay2"]}
 RESTART = {"strategy": "restart"}
+AGENT = {"strategy": "agent", "agent": {"instances": [{"namespace": "mail", "name": "relay"},
+                                                     {"namespace": "relay2", "name": "b"}]}}
 EVERYTHING = {
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     "podDisruptionBudget": {"enabled": True},
@@ -48,6 +50,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "namespaced": NAMESPACED,
     "restart": RESTART,
     "namespaced-restart": {**NAMESPACED, **RESTART},
+    "agent": AGENT,
+    "namespaced-agent": {**NAMESPACED, **AGENT},
     "no-leader-election": {"leaderElection": {"enabled": False}, "replicaCount": 1},
     "one-replica": {"replicaCount": 1},
     "no-metrics": {"metrics": {"enabled": False}},

@@ -15,6 +15,7 @@ from .kit import CHART, EXAMPLES, ROOT, chart_objects, find, operator_container
 
 OPERATOR_DOCKERFILE = ROOT / "operator" / "Dockerfile"
 POSTFIX_DOCKERFILE = ROOT / "images" / "postfix" / "Dockerfile"
+AGENT_DOCKERFILE = ROOT / "images" / "postfix-agent" / "Dockerfile"
 RUN_SH = ROOT / "tests" / "e2e" / "run.sh"
 
 
@@ -57,6 +58,20 @@ def test_postfix_image() -> None:
     assert re.search(r"install -y --no-install-recommends \\\s+postfix postfix-lmdb", text)
     assert "chroot = n" in text
     assert "ENTRYPOINT" in text
+
+
+def test_agent_image_is_the_postfix_image_plus_the_package() -> None:
+    text = AGENT_DOCKERFILE.read_text(encoding="utf-8")
+    build, final = _stages(text)
+    assert build.startswith("${PYTHON_IMAGE} AS build") and "pip wheel" in build
+    assert final.startswith("${POSTFIX_IMAGE}\n")
+    assert re.search(r"^ARG POSTFIX_IMAGE=mailtls-example-postfix:0\.1\.0$", text, re.MULTILINE)
+    assert "--no-index" in final and "mailtls agent --help" in final
+    overlay = yaml.safe_load((EXAMPLES / "postfix-agent" / "agent-sidecar.yaml").read_text(
+        encoding="utf-8"))
+    [agent] = [c for c in overlay["spec"]["template"]["spec"]["containers"]
+               if c["name"] == "agent"]
+    assert agent["image"] == "mailtls-example-postfix-agent:0.1.0"
 
 
 def test_image_names_agree_between_e2e_chart_and_example() -> None:

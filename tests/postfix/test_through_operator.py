@@ -81,6 +81,14 @@ class Kubectl:
         result: dict[str, Any] = await self.server.wait_until(check, timeout)
         return result
 
+    async def first_probe(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        """The policy's first ``status.probes[]`` item, once there is one."""
+        def check() -> dict[str, Any] | None:
+            probes = self.status(name).get("probes") or []
+            return probes[0] if probes else None
+        result: dict[str, Any] = await self.server.wait_until(check, timeout)
+        return result
+
     def status(self, name: str) -> dict[str, Any]:
         obj = self.server.get_object(PLURAL, "mail", name) or {}
         return obj.get("status") or {}
@@ -219,17 +227,10 @@ async def test_audit_probes_report_each_sink_and_write_nothing_until_enforced(
                             match=["sink.mailtls.test"], tafile=[str(ca.pem_path)],
                             mode="audit")
 
-        async def probed(name: str) -> dict[str, Any]:
-            def check() -> dict[str, Any] | None:
-                probes = kubectl.status(name).get("probes") or []
-                return probes[0] if probes else None
-            result: dict[str, Any] = await apiserver.wait_until(check, 30)
-            return result
-
-        assert (await probed("plain"))["reason"] == "NoStartTLS"
-        assert (await probed("self-signed"))["reason"] == "Untrusted"
-        assert (await probed("wrong-name"))["reason"] == "NameMismatch"
-        passed = await probed("ca")
+        assert (await kubectl.first_probe("plain"))["reason"] == "NoStartTLS"
+        assert (await kubectl.first_probe("self-signed"))["reason"] == "Untrusted"
+        assert (await kubectl.first_probe("wrong-name"))["reason"] == "NameMismatch"
+        passed = await kubectl.first_probe("ca")
         assert (passed["result"], passed["reason"], passed["instance"]) == (
             "Pass", "Verified", "relay")
         verified = next(c for c in kubectl.status("plain")["conditions"]

@@ -32,10 +32,11 @@ always runs standalone (no peering); replicas coordinate through a Lease instead
   resources: [mailtlsdiscoveries/status]
   verbs: [patch]
 # Application: Postfix pods (label mailtls.io/instance), listed and watched; patch sets
-# the annotation mailtls.io/applied-revision after a verified rollout.
+# the annotation mailtls.io/applied-revision after a verified rollout (not with the agent
+# strategy: there each pod's agent writes it, and the operator only reads).
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, watch, patch]
+  verbs: [list, watch{{ if ne .Values.strategy "agent" }}, patch{{ end }}]
 {{- if eq .Values.strategy "exec" }}
 # Application (exec strategy only): postmap, postfix reload, postconf, posttls-finger,
 # postqueue in the Postfix container, over the websocket exec protocol. Its upgrade

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_probe_parser(sub)
     from .discover import add_discover_parsers  # discover, explain (issue 16)
     add_discover_parsers(sub)
+    from ..agent.cli import add_agent_parser
+    add_agent_parser(sub)
     return parser
 
 

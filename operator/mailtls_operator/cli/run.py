@@ -44,7 +44,7 @@ def add_run_parser(sub: Any) -> None:
                         "%(default)s)")
     p.add_argument("--parallelism", type=int, default=1, metavar="N",
                    help="pods of one instance updated at once (default: %(default)s)")
-    p.add_argument("--strategy", choices=("exec", "restart"), default="exec",
+    p.add_argument("--strategy", choices=("exec", "restart", "agent"), default="exec",
                    help="default rollout strategy when a pod has no mailtls.io/strategy "
                         "annotation (default: %(default)s)")
     p.add_argument("--max-exception-days", type=float, default=30.0, metavar="DAYS",

@@ -21,6 +21,8 @@ from datetime import datetime
 from typing import Any
 
 from .. import routing
+from ..agent.collect import STRATEGY as AGENT
+from ..agent.desired import AGENT_DATA, agent_data
 from ..configmap import MANAGED_BY, OPERATOR
 from ..crd import GROUP, PLURAL
 from ..discovery.service import DiscoveryService
@@ -60,7 +62,7 @@ class Operator:
         self.ctx = Context(kube, runner, cfg, clock, metrics or Metrics(),
                            World(clock=clock, max_exception=cfg.max_exception))
         self.leader = leader
-        self.store = ConfigMapStore(kube, self.ctx.world)
+        self.store = ConfigMapStore(kube, self.ctx.world, extra_data=self._agent_data)
         self.rollouts = PodRollouts(self.ctx)
         self.statuses = Statuses(self.ctx)
         self.trimmer = Trimmer()
@@ -259,6 +261,14 @@ class Operator:
         if key is not None:
             self.wake({key})
 
+    def _agent_data(self, key: InstanceKey) -> dict[str, str]:
+        """Agent mode: what the agents probe and check is desired state in the ConfigMap."""
+        if self.ctx.strategy_of(key) != AGENT:
+            return {}
+        return {AGENT_DATA: agent_data(self.world.policies_for(key),
+                                       lambda p: p.mode == "audit",
+                                       probe_enforced=self.config.probe_enforced)}
+
     def _tables_of(self, key: InstanceKey) -> Tables | None:
         state = self.states.get(key)
         return state.tables if state is not None else None
@@ -365,7 +375,9 @@ class Operator:
         ``postconf``), then warn about keys its routing never looks up."""
         if not result.ready or result.failure:
             return
-        if result.changed or state.facts is None:
+        if result.strategy == AGENT:  # what the pods' agents reported: nothing is run
+            state.facts = result.facts or state.facts
+        elif result.changed or state.facts is None:
             try:
                 state.facts = await read_facts(self.ctx.runner,
                                                self.ctx.target(result.ready[0]).pod)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from ..agent.collect import STRATEGY as AGENT
+from ..agent.collect import agent_view
 from ..facts import read_facts
+from ..mailqueue import DeferredSummary
 from ..observer import due_probes, observe_queues, probe_policies
 from ..render import Tables
 from ..world import InstanceKey
@@ -86,7 +89,14 @@ class Observations:
         """One cycle: one ``postconf`` snapshot (when probes are due) shared by the queue
         attribution and the probes.  Returns whether anything new was seen."""
         ctx, cfg = self.ctx, self.ctx.config
-        ns, inst = key
+        if ctx.strategy_of(key) == AGENT:  # the agents probed and released: their reports
+            view = agent_view(ctx.world.pods_of(key), tables.revision)
+            changed = view.probes != state.seen.probes or view.deferred != state.seen.deferred
+            state.seen.probes, state.seen.deferred = dict(view.probes), view.deferred
+            state.seen.released = view.released
+            state.changed_keys.clear()
+            self._deferred_metrics(key, tables, view.deferred)
+            return changed
         ready = [p for p in ctx.world.pods_of(key) if p.ready]
         if not ready or state.facts is None:
             return False
@@ -119,8 +129,13 @@ class Observations:
         changed = bool(probes) or deferred != state.seen.deferred
         state.seen.probes.update(probes)
         state.seen.deferred = deferred
+        self._deferred_metrics(key, tables, deferred)
+        return changed
+
+    def _deferred_metrics(self, key: InstanceKey, tables: Tables,
+                          deferred: Mapping[str, DeferredSummary]) -> None:
+        ns, inst = key
         for ref, lines in tables.contributors.items():
             keys = [ln.split(" ", 1)[0] for ln in lines]
-            ctx.metrics.deferred.labels(ns, ref.split("/", 1)[1], inst).set(
+            self.ctx.metrics.deferred.labels(ns, ref.split("/", 1)[1], inst).set(
                 sum(deferred[k].recipients for k in keys if k in deferred))
-        return changed

@@ -3,7 +3,9 @@
 The ``exec`` strategy stages, swaps, reloads and verifies each ready pod
 (:mod:`..rollout`) and records the applied revision as a pod annotation; the
 ``restart`` strategy hands the revision to the owning workloads' rolling
-update (:mod:`..workloads`).  Either way the caller gets a
+update (:mod:`..workloads`); with the ``agent`` strategy each pod's agent does
+the exec strategy's work itself and reports it (:mod:`..agent.collect`), so
+nothing is run here.  Either way the caller gets a
 :class:`RolloutResult` and decides about status, retries and metrics.
 """
 
@@ -14,6 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from .. import postfix, rollout
+from ..agent.collect import STRATEGY as AGENT
+from ..agent.collect import agent_view
+from ..facts import InstanceFacts
 from ..render import REVISION_KEY, Tables
 from ..workloads import restart_rollout
 from ..world import ANN_APPLIED, ANN_TEMPLATE_REVISION, InstanceKey, PodRecord
@@ -34,6 +39,8 @@ class RolloutResult:
     changed: int = 0
     """Pods this rollout brought to the revision (0: every ready pod already was)."""
     ready: list[PodRecord] = field(default_factory=list)
+    facts: InstanceFacts | None = None
+    """Agent strategy: the instance's facts as an agent reported them (no postconf here)."""
 
 
 class PodRollouts:
@@ -59,6 +66,10 @@ class PodRollouts:
         if strategy == RESTART:
             result = await restart_rollout(self.ctx.kube, pods, tables.revision)
             return RolloutResult(strategy, len(pods), result.updated, result.failure)
+        if strategy == AGENT:
+            view = agent_view(pods, tables.revision)
+            return RolloutResult(strategy, len(pods), view.updated, view.failure,
+                                 ready=[p for p in pods if p.ready], facts=view.facts)
         return await self._exec(key, pods, tables, check_live)
 
     async def _exec(self, key: InstanceKey, pods: list[PodRecord], tables: Tables,

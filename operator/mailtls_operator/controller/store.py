@@ -44,9 +44,20 @@ class StoreResult:
 class ConfigMapStore:
     """Reads and writes the operator's ConfigMaps; the world keeps the last seen bodies."""
 
-    def __init__(self, kube: Kube, world: World) -> None:
+    def __init__(self, kube: Kube, world: World, *,
+                 extra_data: Callable[[InstanceKey], dict[str, str]] | None = None) -> None:
         self.kube = kube
         self.world = world
+        self.extra_data = extra_data or (lambda key: {})
+        """More keys of the primary ConfigMap's data for an instance (agent mode's
+        ``agent.json``): part of what is wanted, written and restored like the tables."""
+
+    def _bodies(self, key: InstanceKey, tables: Tables) -> list[dict[str, Any]]:
+        bodies = configmap_bodies(key[0], key[1], tables)
+        extra = self.extra_data(key)
+        if extra:
+            bodies[0].setdefault("data", {}).update(extra)
+        return bodies
 
     def record(self, body: Mapping[str, Any]) -> InstanceKey | None:
         """Remember one of our ConfigMaps; returns its instance (None: not ours)."""
@@ -77,7 +88,7 @@ class ConfigMapStore:
         if tables is None or key not in self.world.instances():
             return key
         try:
-            wanted = {b["metadata"]["name"]: b for b in configmap_bodies(ns, key[1], tables)}
+            wanted = {b["metadata"]["name"]: b for b in self._bodies(key, tables)}
         except TableTooLarge:
             return None
         restore = (not same_content(current, wanted[name]) if name in wanted
@@ -118,7 +129,7 @@ class ConfigMapStore:
         """Store the tables: parts first, the primary last, then stale parts removed."""
         ns, inst = key
         try:
-            bodies = await asyncio.to_thread(configmap_bodies, ns, inst, tables)
+            bodies = await asyncio.to_thread(self._bodies, key, tables)
         except TableTooLarge as exc:
             log.error("%s", exc)
             return StoreResult(failure=str(exc))

@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass, field
 
 from .. import postfix
+from ..agent.collect import STRATEGY as AGENT
+from ..agent.collect import agent_trust_anchors, agent_view
 from ..policy import Policy
 from ..status import CHECK_UNAVAILABLE, TRUST_ANCHOR_MISSING, TRUST_ANCHOR_UNCHECKED
 from ..world import InstanceKey
@@ -53,6 +55,9 @@ async def check_trust_anchors(ctx: Context, key: InstanceKey, state: InstanceSta
         return TrustCheck({p.ref: (TRUST_ANCHOR_UNCHECKED,
                                    f"tafile {', '.join(p.tafile)} not checked in {key[1]}: the "
                                    "restart strategy does not exec into pods") for p in users})
+    if ctx.strategy_of(key) == AGENT:  # the agents check and report; nothing is run here
+        return TrustCheck(agent_trust_anchors(key[1], users,
+                                              agent_view(ctx.world.pods_of(key), "")))
     paths = sorted({f for p in users for f in p.tafile})
     ref = ctx.target(pod).pod
     cached = state.trust_anchors

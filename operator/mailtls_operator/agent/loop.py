@@ -1,0 +1,240 @@
+"""The agent's loop: the ConfigMap from the API (volume as fallback), converge, report.
+
+Level-based like the operator: whatever event arrives, the agent reads the
+whole wanted state (the primary ConfigMap and, for a split table, its parts)
+and converges to it; applying a revision twice is a no-op.
+
+- **Start**: the API is asked once; when it does not answer, the table comes
+  from the ConfigMap mounted in the pod (the kubelet's copy), so a pod that
+  starts during an API outage still serves the current table.
+- **Watch**: one watch on the primary ConfigMap by name; a change is live in
+  the pod within one ``postmap`` + rename, not the kubelet's 60-120 s sync.
+- **Outage**: the loop retries with backoff (``--retry-max``); meanwhile the
+  mounted volume is re-read and taken only when it moved since the API last
+  answered (the kubelet synced something newer), never to roll back.
+- **Failure**: a malformed set, a missing part (sha256), a ``postmap`` or
+  verify failure: the last good table stays live and the report says why.
+- **Report**: the pod's ``mailtls.io/*`` annotations, patched when their
+  content changed (retried until the API takes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..configmap import ANN_PARTS, configmap_name, part_name
+from .api import AgentApi, ApiUnavailable, Expired, NotFound
+from .converge import Converger
+from .desired import Desired, Malformed, from_configmaps, from_directory
+
+log = logging.getLogger("mailtls.agent")
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    instance: str
+    configmap_dir: Path
+    parts_dir: Path | None = None
+    observe_interval: float = 300.0
+    retry_base: float = 0.5
+    retry_max: float = 30.0
+    watch_timeout: int = 300
+
+
+class Agent:
+    """One pod's agent: ``await agent.run()`` until cancelled."""
+
+    def __init__(self, api: AgentApi, converger: Converger, settings: LoopSettings) -> None:
+        self.api = api
+        self.converger = converger
+        self.settings = settings
+        self.namespace = converger.settings.namespace
+        self._report_wake = asyncio.Event()
+        self._observe_wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._volume_at_api: str | None = None
+        self.api_ok = False
+        self.last_sent: str | None = None
+
+    @property
+    def primary(self) -> str:
+        return configmap_name(self.settings.instance)
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(self._reporter(), name="mailtls-agent:report"),
+                 asyncio.create_task(self._observer(), name="mailtls-agent:observe")]
+        try:
+            await self._follow()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    # -- the ConfigMap --------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        failures = 0
+        while True:
+            try:
+                try:
+                    body: dict[str, Any] | None = await self.api.get_configmap(
+                        self.namespace, self.primary)
+                except NotFound:  # not written yet: the watch's ADDED event brings it
+                    body = None
+                self._api_back()
+                failures = 0
+                rv = ""
+                if body is not None:
+                    await self._take(body)
+                    rv = str((body.get("metadata") or {}).get("resourceVersion", ""))
+                while True:  # resume from the last position until it expires
+                    opened, events = time.monotonic(), 0
+                    async for kind, obj in self.api.watch_configmap(
+                            self.namespace, self.primary, rv,
+                            timeout_seconds=self.settings.watch_timeout):
+                        events += 1
+                        rv = str((obj.get("metadata") or {}).get("resourceVersion", rv))
+                        if kind in ("ADDED", "MODIFIED"):
+                            await self._take(obj)
+                    if not events and time.monotonic() - opened < 1.0:
+                        await asyncio.sleep(self.settings.retry_base)  # no hot loop
+            except Expired:
+                continue
+            except ApiUnavailable as exc:
+                failures += 1
+                self._api_lost(str(exc))
+                await self._from_volume()
+                await asyncio.sleep(self._delay(failures))
+
+    def _api_back(self) -> None:
+        if not self.api_ok:
+            log.info("API server reachable")
+        self.api_ok = True
+        self.converger.report.api_error = ""
+        self._volume_at_api = self._volume_revision()
+
+    def _api_lost(self, why: str) -> None:
+        if self.api_ok or not self.converger.report.api_error:
+            log.warning("API server unreachable, the mounted ConfigMap is the fallback: %s",
+                        why)
+        self.api_ok = False
+        self.converger.report.api_error = why
+        self._report_wake.set()
+
+    async def _take(self, primary: dict[str, Any]) -> None:
+        bodies = [primary]
+        annotations = (primary.get("metadata") or {}).get("annotations") or {}
+        try:
+            for number in range(1, int(annotations.get(ANN_PARTS) or 0) + 1):
+                bodies.append(await self.api.get_configmap(
+                    self.namespace, part_name(self.settings.instance, number)))
+            desired = from_configmaps(bodies)
+        except NotFound as exc:  # a part not written (yet): the set is incomplete
+            await self._refuse(f"a part ConfigMap is missing: {exc}", "api")
+            return
+        except (Malformed, ValueError) as exc:
+            await self._refuse(str(exc), "api")
+            return
+        await self._install(desired, "api")
+
+    def _volume_revision(self) -> str | None:
+        try:
+            return self._volume().revision
+        except (Malformed, OSError, ValueError):
+            return None
+
+    def _volume(self) -> Desired:
+        return from_directory(self.settings.configmap_dir, self.settings.parts_dir)
+
+    async def _from_volume(self) -> None:
+        """The mounted ConfigMap during an outage: at start, or when it moved since the API
+        last answered (never back to what the API already replaced)."""
+        try:
+            desired = self._volume()
+        except (Malformed, OSError, ValueError) as exc:
+            if self.converger.live is None:
+                await self._refuse(f"no table: API down and the mounted ConfigMap: {exc}",
+                                   "volume")
+            return
+        if self.converger.live is not None and desired.revision == self._volume_at_api:
+            return
+        if self.converger.live is not None and desired.revision == self.converger.live.revision:
+            return
+        await self._install(desired, "volume")
+
+    async def _refuse(self, why: str, source: str) -> None:
+        async with self._lock:
+            self.converger.refuse(why, source)
+        self._report_wake.set()
+
+    async def _install(self, desired: Desired, source: str) -> None:
+        async with self._lock:
+            before = self.converger.live.revision if self.converger.live else None
+            await self.converger.install(desired, source)
+            after = self.converger.live.revision if self.converger.live else None
+        self._report_wake.set()
+        if after != before or self.converger.report.facts is None:
+            self._observe_wake.set()
+
+    # -- observing and reporting ------------------------------------------------------
+
+    def _behind(self) -> bool:
+        wanted, live = self.converger.wanted, self.converger.live
+        return wanted is not None and (live is None or live.revision != wanted.revision)
+
+    async def _observer(self) -> None:
+        """Observe after each change and every ``observe_interval``; while the wanted revision
+        failed to install, try it again with backoff (level-based: no new event needed)."""
+        failures = 0
+        while True:
+            wait = self.settings.observe_interval or None
+            if self._behind():
+                failures += 1
+                backoff = self._delay(failures)
+                wait = backoff if wait is None else min(wait, backoff)
+            else:
+                failures = 0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._observe_wake.wait(), wait)
+            self._observe_wake.clear()
+            async with self._lock:
+                wanted = self.converger.wanted
+                if wanted is not None and (self._behind() or await self.converger.drifted()):
+                    await self.converger.install(wanted, self.converger.report.source)
+                await self.converger.observe()
+            self._report_wake.set()
+
+    def _delay(self, failures: int) -> float:
+        return min(self.settings.retry_max,
+                   self.settings.retry_base * 2.0 ** min(failures - 1, 16))
+
+    async def _reporter(self) -> None:
+        failures = 0
+        while True:
+            await self._report_wake.wait()
+            self._report_wake.clear()
+            report = self.converger.report
+            text = report.content()
+            if text == self.last_sent:
+                continue
+            report.touch()
+            try:
+                await self.api.patch_pod_annotations(self.namespace,
+                                                     self.converger.settings.pod,
+                                                     report.annotations())
+            except ApiUnavailable as exc:
+                failures += 1
+                log.warning("report not written (retrying): %s", exc)
+                await asyncio.sleep(self._delay(failures))
+                self._report_wake.set()
+                continue
+            failures = 0
+            self.last_sent = text

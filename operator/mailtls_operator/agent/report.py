@@ -1,0 +1,159 @@
+"""What an agent tells the operator about its pod, as pod annotations (pure, both sides).
+
+The agent patches only its own pod, only these keys (the chart's
+ValidatingAdmissionPolicy refuses anything else, see DESIGN.md §11 and
+docs/agent.md):
+
+- ``mailtls.io/applied-revision``: the revision live and verified in the pod,
+  the same annotation the ``exec`` strategy writes, so status ("podsUpdated",
+  ``Ready=RolledOut``) is computed the same way in both modes;
+- ``mailtls.io/agent-report``: one JSON object (:class:`AgentReport`): the
+  revision the agent wants and whether it failed (Postfix's own words), the
+  instance's routing values (``postconf -x``, for the relayhost/DNSSEC lint),
+  unreadable trust-anchor files, the last probes, TLS-deferred mail by key and
+  how many messages it released.
+
+Why annotations and not an HTTP endpoint the operator scrapes: the operator
+already watches these pods, so a report costs no extra request and reaches it
+through the watch; the agent needs no listening port, no TLS certificate and
+no TokenReview; and the operator needs no network path into mail pods.  The
+agent's power is one verb (``patch pods``), narrowed to its own pod and to two
+annotation keys by admission, where RBAC alone cannot name a pod it does not
+know the name of.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from ..facts import InstanceFacts
+from ..mailqueue import DeferredSummary
+from ..observer import PolicyProbes
+from ..probe import FAIL, PASS, ProbeOutcome, clean, rfc3339
+
+ANN_APPLIED = "mailtls.io/applied-revision"
+ANN_REPORT = "mailtls.io/agent-report"
+AGENT_ANNOTATIONS = (ANN_APPLIED, ANN_REPORT)
+"""The only annotations an agent may write (the admission policy's list)."""
+_REASON = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
+MAX_REPORT = 128 * 1024
+"""Bytes; past this the probe and deferred details are cut (annotations total 256 KiB)."""
+
+
+def _time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@dataclass
+class AgentReport:
+    """One agent's view of its pod."""
+
+    wanted: str = ""
+    """The newest valid revision the agent has seen."""
+    applied: str = ""
+    error: str = ""
+    """Why ``wanted`` is not live (empty when it is)."""
+    source: str = ""
+    """Where ``wanted`` came from: ``api`` or ``volume`` (during an API outage)."""
+    api_error: str = ""
+    facts: InstanceFacts | None = None
+    """The pod's ``postconf -x`` values the operator's lint needs (routing, DNSSEC)."""
+    tafile_missing: list[str] = field(default_factory=list)
+    probes: dict[str, PolicyProbes] = field(default_factory=dict)
+    deferred: dict[str, DeferredSummary] = field(default_factory=dict)
+    released: int = 0
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def to_json(self, *, with_time: bool = True) -> str:
+        doc: dict[str, Any] = {
+            "wanted": self.wanted, "applied": self.applied, "error": self.error,
+            "source": self.source, "apiError": self.api_error,
+            "facts": None if self.facts is None else dict(self.facts.values),
+            "tafileMissing": self.tafile_missing, "released": self.released,
+            "probes": [{"ref": ref, "value": pp.value, "at": rfc3339(pp.at),
+                        "outcomes": [o.to_status() for o in pp.outcomes]}
+                       for ref, pp in sorted(self.probes.items())],
+            "deferred": {k: {"recipients": d.recipients, "oldest": rfc3339(d.oldest_arrival),
+                             "reason": d.sample_reason, "queueIds": list(d.queue_ids)}
+                         for k, d in sorted(self.deferred.items())},
+        }
+        if with_time:
+            doc["at"] = rfc3339(self.at)
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        if len(text) > MAX_REPORT:  # never fail to report the revision for want of room
+            doc["probes"], doc["deferred"], doc["truncated"] = [], {}, True
+            text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        return text
+
+    def content(self) -> str:
+        """The report without its time: what decides whether it must be sent again."""
+        return self.to_json(with_time=False)
+
+    def touch(self) -> None:
+        self.at = datetime.now(UTC)
+
+    def annotations(self) -> dict[str, str]:
+        out = {ANN_REPORT: self.to_json()}
+        if self.applied:
+            out[ANN_APPLIED] = self.applied
+        return out
+
+
+class BadReport(ValueError):
+    """An annotation that is not a report this version understands."""
+
+
+def _outcome(o: Mapping[str, Any]) -> ProbeOutcome:
+    """A probe outcome as a pod claims it: the words status will carry are checked (a
+    result, a CamelCase reason) and the message is made one printable, bounded line."""
+    result, reason = str(o["result"]), str(o["reason"])
+    if result not in (PASS, FAIL) or not _REASON.fullmatch(reason):
+        raise ValueError(f"not a probe verdict: {result!r} {reason!r}")
+    return ProbeOutcome(clean(str(o["destination"]), 255), result, reason,
+                        clean(str(o["message"])), _time(o["time"]))
+
+
+def parse_report(text: str) -> AgentReport:
+    """The operator's side: read ``mailtls.io/agent-report``; raise :class:`BadReport`.
+
+    The annotation is written by a pod, so it is read as untrusted input: anything
+    that is not a report of this shape is refused whole.
+    """
+    try:
+        doc = json.loads(text)
+        probes = {
+            str(p["ref"]): PolicyProbes(str(p["value"]), _time(p["at"]),
+                                        [_outcome(o) for o in p["outcomes"]])
+            for p in doc.get("probes", [])}
+        deferred = {
+            str(k): DeferredSummary(int(d["recipients"]), _time(d["oldest"]), str(d["reason"]),
+                                    tuple(str(q) for q in d["queueIds"]))
+            for k, d in (doc.get("deferred") or {}).items()}
+        facts = doc.get("facts")
+        return AgentReport(
+            wanted=str(doc.get("wanted", "")), applied=str(doc.get("applied", "")),
+            error=str(doc.get("error", "")), source=str(doc.get("source", "")),
+            api_error=str(doc.get("apiError", "")),
+            facts=InstanceFacts({str(k): str(v) for k, v in facts.items()})
+            if facts else None,
+            tafile_missing=[str(x) for x in doc.get("tafileMissing", [])],
+            probes=probes, deferred=deferred, released=int(doc.get("released", 0)),
+            at=_time(doc["at"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BadReport(f"{ANN_REPORT}: {exc}") from exc
+
+
+def report_of(annotations: Mapping[str, str]) -> AgentReport | None:
+    """The pod's report, or None when it has none (or one that does not parse)."""
+    text = annotations.get(ANN_REPORT)
+    if not text:
+        return None
+    try:
+        return parse_report(text)
+    except BadReport:
+        return None
