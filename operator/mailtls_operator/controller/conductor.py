@@ -297,7 +297,9 @@ class Operator:
         if trust.retry:
             self.workers[key].wake_later(self.config.retry_base)
         pod = next((p for p in self.world.pods_of(key) if p.ready), None)  # version lint
-        exec_ok = pod is not None and self.ctx.strategy_of(key) != RESTART  # no exec
+        # the restart and agent strategies never exec (the agent's reports carry no
+        # mail_version yet: the version lint does not run for them)
+        exec_ok = pod is not None and self.ctx.strategy_of(key) not in (RESTART, AGENT)
         too_new = await self.versions.hold(self.ctx.runner, key, (
             self.ctx.target(pod).pod, pod.uid) if pod and exec_ok else None, policies,
             state.warnings)
