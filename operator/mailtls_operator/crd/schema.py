@@ -143,8 +143,16 @@ def _validator(part: str) -> jsonschema.protocols.Validator:
     ``status`` is written by the operator with the default (Warn), where unknown
     fields are pruned, so they are not errors there.
     """
-    schema = _to_json_schema(version_schema()["properties"][part],
-                             strict_objects=part == "spec")
+    return structural_validator(version_schema()["properties"][part],
+                                strict_objects=part == "spec")
+
+
+def structural_validator(openapi: Any, *, strict_objects: bool
+                         ) -> jsonschema.protocols.Validator:
+    """A validator of any CRD's OpenAPI (structural) schema with the API server's rules:
+    RE2 patterns, list-type set/map, RFC 3339 date-time; every CRD of the project is
+    judged by it (MailTLSPolicy here, MailTLSDiscovery in discovery/objects.py)."""
+    schema = _to_json_schema(openapi, strict_objects=strict_objects)
     base: Any = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
     base.check_schema(schema, format_checker=_SCHEMA_FORMATS)
     extend: Any = jsonschema.validators.extend

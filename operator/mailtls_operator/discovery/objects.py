@@ -20,7 +20,7 @@ import jsonschema
 import yaml
 
 from ..crd import GROUP
-from ..crd.schema import _path, _schema_message, _to_json_schema
+from ..crd.schema import _path, _schema_message, structural_validator
 from ..policy import Policy, PolicyInvalid, load_policy, parse_time
 from ..sources import SourceError, _files, _is_policy, _objects
 from .decide import SOURCES, DomainState
@@ -47,10 +47,7 @@ def _validator() -> jsonschema.protocols.Validator:
     with crd_path().open(encoding="utf-8") as fh:
         crd = yaml.safe_load(fh)
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    spec_schema = _to_json_schema(schema, strict_objects=True)
-    cls = jsonschema.validators.validator_for(spec_schema, default=jsonschema.Draft7Validator)
-    validator: jsonschema.protocols.Validator = cls(spec_schema)
-    return validator
+    return structural_validator(schema, strict_objects=True)  # RE2, as the API server
 
 
 @dataclass(frozen=True)
