@@ -176,10 +176,9 @@ class StatusWriter:
             self._update_idle()
 
     def _update_idle(self) -> None:
-        if not self._pending and not self._in_flight:
-            if not self.idle.is_set() and self.on_idle is not None:
-                self.idle.set()
-                self.on_idle()
-            self.idle.set()
-        else:
+        if self._pending or self._in_flight:
             self.idle.clear()
+        elif not self.idle.is_set():
+            self.idle.set()
+            if self.on_idle is not None:
+                self.on_idle()

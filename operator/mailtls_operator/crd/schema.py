@@ -4,6 +4,7 @@ RE2 patterns, list-type set/map, formats, messages as kubectl prints them."""
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -108,8 +109,6 @@ def _list_type(validator: Any, list_type: str, instance: Any, schema: Any
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
