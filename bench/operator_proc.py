@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,20 @@ def main() -> None:
     parser.add_argument("--probes", action="store_true",
                         help="probe enforce-mode policies too (the operator's default)")
     parser.add_argument("--report", help="write the RSS after each import stage here (JSON)")
+    parser.add_argument("--tracemalloc", metavar="FILE", default="",
+                        help="SIGUSR2 starts tracing allocations (10 frames), SIGUSR1 writes a "
+                             "snapshot to FILE")
+    parser.add_argument("--trace-from-start", action="store_true",
+                        help="trace allocations from the end of the imports on")
     args = parser.parse_args()
+    _trace_to(args.tracemalloc)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
 
     stages = {"interpreter": _rss_mib()}
     import kopf
     import kubernetes.client
 
-    from mailtls_operator.controller import Config, Operator, register
+    from mailtls_operator.controller import Config, Operator, operator_options, register
     from mailtls_operator.kube import Kube
 
     stages["operator imports"] = _rss_mib()
@@ -47,6 +54,10 @@ def main() -> None:
     from testbed.runner import LocalPodRunner
 
     stages["+ local pod runner imports"] = _rss_mib()
+    if args.trace_from_start:
+        import tracemalloc
+
+        tracemalloc.start(10)
     if args.report:
         Path(args.report).write_text(json.dumps(stages))
     runner = LocalPodRunner()
@@ -77,7 +88,39 @@ def main() -> None:
     settings.watching.connect_timeout = 2
     settings.queueing.exit_timeout = 2
     asyncio.run(kopf.operator(registry=registry, settings=settings, standalone=True,
-                              clusterwide=True, memo=kopf.Memo(operator=operator)))
+                              clusterwide=True, memo=kopf.Memo(operator=operator),
+                              **operator_options()))
+
+
+def _trace_to(path: str) -> None:
+    """Where the memory is: a tracemalloc snapshot on SIGUSR1 (for investigations, not for
+    figures: tracing costs time and memory)."""
+    import signal
+    import tracemalloc
+
+    def start(*_: Any) -> None:
+        tracemalloc.start(10)
+
+    def dump(*_: Any) -> None:
+        import gc
+
+        gc.collect()
+        sys._debugmallocstats()  # pymalloc's arenas and pools, to stderr (the log)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_stats()  # glibc's arenas, to stderr
+        census: dict[str, list[int]] = {}
+        for obj in gc.get_objects():
+            entry = census.setdefault(type(obj).__qualname__, [0, 0])
+            entry[0] += 1
+            entry[1] += sys.getsizeof(obj)
+        top = sorted(census.items(), key=lambda kv: -kv[1][1])[:40]
+        print("census (gc-tracked objects): " + json.dumps(top), file=sys.stderr, flush=True)
+        if path and tracemalloc.is_tracing():
+            tracemalloc.take_snapshot().dump(path)
+
+    signal.signal(signal.SIGUSR2, start)
+    signal.signal(signal.SIGUSR1, dump)
 
 
 def _rss_mib() -> float:

@@ -63,6 +63,7 @@ import kopf
 from kmock._internal import apps, enums, parsing, rendering
 
 from mailtls_operator import crd
+from mailtls_operator.controller import operator_options
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -1565,7 +1566,7 @@ async def run_operator(server: ApiServer, registry: kopf.OperatorRegistry, *,
             asyncio.run(kopf.operator(
                 registry=registry, settings=settings, standalone=True, memo=memo,
                 clusterwide=not namespaces, namespaces=list(namespaces),
-                stop_flag=stop_flag, ready_flag=ready_flag))
+                stop_flag=stop_flag, ready_flag=ready_flag, **operator_options()))
         except BaseException as e:  # reported in the test, not lost in the thread
             errors.append(e)
         finally:

@@ -3,7 +3,7 @@
 Every write the operator makes is here, so RBAC can be checked against one
 list (``API_CALLS``).  The client is synchronous: each call runs in a worker
 thread so the event loop (Kopf's watches, the rollouts) never blocks.  Bodies
-are plain dicts both ways (``_preload_content=False`` + JSON), the same shape
+are plain dicts both ways (JSON in and out, no typed models), the same shape
 Kopf hands to handlers.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +22,8 @@ from kubernetes.client.exceptions import ApiException
 from .crd import GROUP, PLURAL, VERSION
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
+PAGE = 500
+"""Objects per list request (``limit``), as kubectl and Kopf (``chunk_size``) list."""
 MERGE = "application/merge-patch+json"
 
 # (verb, group, resource) of every call below: the RBAC contract (tests/contract).
@@ -56,30 +59,45 @@ class Conflict(Exception):
     """The object changed or exists already (409)."""
 
 
-def _decode(response: Any) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(response.data or b"{}")
-    return data
-
-
 class Kube:
-    """Async facade over the official client for exactly the calls the operator needs."""
+    """Async facade over the official client for exactly the calls the operator needs.
+
+    Requests go through the client's ``ApiClient`` (its configuration, auth, TLS,
+    retries and errors) by path, not through the generated ``CoreV1Api``-style
+    classes: each of those imports the typed models of its whole API group (about
+    300 for ``CoreV1Api``, 20 MiB of the operator's memory) only to check arguments
+    the paths below already spell."""
 
     def __init__(self, api_client: client.ApiClient, *, timeout: float = 30.0) -> None:
         self.api_client = api_client
         self.timeout = timeout
         """Seconds per call: the official client waits forever by default, and a hung call
         would stall an instance's worker."""
-        self.core = client.CoreV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
-        self.apps = client.AppsV1Api(api_client)
-        self.ext = client.ApiextensionsV1Api(api_client)
-        self.coordination = client.CoordinationV1Api(api_client)
 
-    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def _request(self, method: str, path: str, params: dict[str, str], *,
+                 query: list[tuple[str, str]] | None = None, body: Any = None,
+                 content_type: str = "application/json") -> dict[str, Any]:
+        """One call, in the calling thread: path parameters quoted by the client."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        request = self.api_client.param_serialize(
+            method=method, resource_path=path, path_params=params, query_params=query or [],
+            header_params=headers, body=body, auth_settings=["BearerToken"])
+        response = self.api_client.call_api(*request, _request_timeout=self.timeout)
+        data = response.read()  # type: ignore[no-untyped-call]
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        decoded: dict[str, Any] = json.loads(data or b"{}")
+        return decoded
+
+    async def _call(self, method: str, path: str, params: dict[str, str], **kwargs: Any
+                    ) -> dict[str, Any]:
+        """:meth:`_request` in a worker thread; 404 and 409 as :class:`NotFound` and
+        :class:`Conflict`."""
         def run() -> dict[str, Any]:
             try:
-                return _decode(fn(*args, _preload_content=False,
-                                  _request_timeout=self.timeout, **kwargs))
+                return self._request(method, path, params, **kwargs)
             except ApiException as exc:
                 if exc.status == 404:
                     raise NotFound(str(exc.reason)) from exc
@@ -92,101 +110,119 @@ class Kube:
 
     async def crd_present(self) -> bool:
         try:
-            await self._call(self.ext.read_custom_resource_definition, CRD_NAME)
+            await self._call("GET", f"/apis/{_CRD_API}/customresourcedefinitions/{{name}}",
+                             {"name": CRD_NAME})
         except NotFound:
             return False
         return True
 
-    async def list_policies(self, namespace: str | None) -> list[dict[str, Any]]:
-        if namespace:
-            out = await self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION,
-                                   namespace, PLURAL)
-        else:
-            out = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
-        return list(out.get("items") or [])
+    def list_policies(self, namespace: str | None) -> AsyncIterator[dict[str, Any]]:
+        return self._list(_POLICIES, namespace)
 
-    async def list_pods(self, namespace: str | None, selector: str) -> list[dict[str, Any]]:
-        if namespace:
-            out = await self._call(self.core.list_namespaced_pod, namespace,
-                                   label_selector=selector)
-        else:
-            out = await self._call(self.core.list_pod_for_all_namespaces, label_selector=selector)
-        return list(out.get("items") or [])
+    def list_pods(self, namespace: str | None, selector: str) -> AsyncIterator[dict[str, Any]]:
+        return self._list("/api/v1/{ns}pods", namespace, selector)
 
-    async def list_configmaps(self, namespace: str | None, selector: str
-                              ) -> list[dict[str, Any]]:
+    def list_configmaps(self, namespace: str | None, selector: str
+                        ) -> AsyncIterator[dict[str, Any]]:
+        return self._list("/api/v1/{ns}configmaps", namespace, selector)
+
+    async def _list(self, path: str, namespace: str | None, selector: str = ""
+                    ) -> AsyncIterator[dict[str, Any]]:
+        """A namespace's objects or, without one, the cluster's, ``PAGE`` at a time (as
+        kubectl does): 10,000 policies are never one response in memory.  An expired
+        continue token (410) starts the listing over; objects seen twice are simply
+        recorded twice."""
         if namespace:
-            out = await self._call(self.core.list_namespaced_config_map, namespace,
-                                   label_selector=selector)
+            path, params = path.format(ns="namespaces/{namespace}/"), {"namespace": namespace}
         else:
-            out = await self._call(self.core.list_config_map_for_all_namespaces,
-                                   label_selector=selector)
-        return list(out.get("items") or [])
+            path, params = path.format(ns=""), {}
+        base = [("labelSelector", selector)] if selector else []
+        token, restarts = "", 0
+        while True:
+            query = [*base, ("limit", str(PAGE))] + ([("continue", token)] if token else [])
+            try:
+                out = await self._call("GET", path, params, query=query)
+            except ApiException as exc:
+                if exc.status != 410 or not token or restarts >= 3:
+                    raise
+                token, restarts = "", restarts + 1
+                continue
+            for item in out.get("items") or []:
+                yield item
+            token = str((out.get("metadata") or {}).get("continue") or "")
+            if not token:
+                return
 
     async def get_configmap(self, namespace: str, name: str) -> dict[str, Any]:
-        return await self._call(self.core.read_namespaced_config_map, name, namespace)
+        return await self._call("GET", _CONFIGMAP, {"namespace": namespace, "name": name})
 
     async def get_replicaset(self, namespace: str, name: str) -> dict[str, Any]:
-        return await self._call(self.apps.read_namespaced_replica_set, name, namespace)
+        return await self._call("GET", _APPS.format(kind="replicasets"),
+                                {"namespace": namespace, "name": name})
 
     async def get_workload(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
-        fn = (self.apps.read_namespaced_deployment if kind == "Deployment"
-              else self.apps.read_namespaced_stateful_set)
-        return await self._call(fn, name, namespace)
+        return await self._call("GET", _APPS.format(kind=_workload(kind)),
+                                {"namespace": namespace, "name": name})
 
     async def get_lease(self, namespace: str, name: str) -> dict[str, Any]:
-        return await self._call(self.coordination.read_namespaced_lease, name, namespace)
+        return await self._call("GET", _LEASE, {"namespace": namespace, "name": name})
 
     # ----------------------------------------------------------------- writes
 
     async def create_lease(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._call(self.coordination.create_namespaced_lease,
-                                body["metadata"]["namespace"], body)
+        return await self._call("POST", _LEASES, {"namespace": body["metadata"]["namespace"]},
+                                body=body)
 
     async def patch_lease(self, namespace: str, name: str, patch: dict[str, Any]
                           ) -> dict[str, Any]:
         """Merge patch; a ``metadata.resourceVersion`` in it makes the API server refuse
         (409) if the Lease changed since it was read."""
-        return await self._call(self.coordination.patch_namespaced_lease, name, namespace,
-                                patch, _content_type=MERGE)
+        return await self._call("PATCH", _LEASE, {"namespace": namespace, "name": name},
+                                body=patch, content_type=MERGE)
 
     async def create_configmap(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._call(self.core.create_namespaced_config_map,
-                                body["metadata"]["namespace"], body)
+        return await self._call("POST", "/api/v1/namespaces/{namespace}/configmaps",
+                                {"namespace": body["metadata"]["namespace"]}, body=body)
 
     async def replace_configmap_content(self, body: dict[str, Any]) -> dict[str, Any]:
         """Merge-patch our labels, annotation and data; keys we no longer want are nulled."""
-        return await self._call(self.core.patch_namespaced_config_map,
-                                body["metadata"]["name"], body["metadata"]["namespace"], body,
-                                _content_type=MERGE)
+        meta = body["metadata"]
+        return await self._call("PATCH", _CONFIGMAP,
+                                {"namespace": meta["namespace"], "name": meta["name"]},
+                                body=body, content_type=MERGE)
 
     async def delete_configmap(self, namespace: str, name: str) -> None:
         with contextlib.suppress(NotFound):
-            await self._call(self.core.delete_namespaced_config_map, name, namespace)
+            await self._call("DELETE", _CONFIGMAP, {"namespace": namespace, "name": name})
 
     async def patch_policy_status(self, namespace: str, name: str,
                                   status: dict[str, Any]) -> dict[str, Any]:
-        return await self._call(self.custom.patch_namespaced_custom_object_status, GROUP,
-                                VERSION, namespace, PLURAL, name, {"status": status},
-                                _content_type=MERGE)
+        return await self._patch_status(PLURAL, namespace, name, status)
 
     async def patch_discovery_status(self, namespace: str, name: str,
                                      status: dict[str, Any]) -> dict[str, Any]:
-        return await self._call(self.custom.patch_namespaced_custom_object_status, GROUP,
-                                VERSION, namespace, "mailtlsdiscoveries", name,
-                                {"status": status}, _content_type=MERGE)
+        return await self._patch_status("mailtlsdiscoveries", namespace, name, status)
+
+    async def _patch_status(self, plural: str, namespace: str, name: str,
+                            status: dict[str, Any]) -> dict[str, Any]:
+        return await self._call(
+            "PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{plural}/{{name}}/status",
+            {"namespace": namespace, "name": name}, body={"status": status},
+            content_type=MERGE)
 
     async def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]
                            ) -> dict[str, Any]:
-        return await self._call(self.core.patch_namespaced_pod, name, namespace,
-                                {"metadata": {"annotations": annotations}}, _content_type=MERGE)
+        return await self._call("PATCH", "/api/v1/namespaces/{namespace}/pods/{name}",
+                                {"namespace": namespace, "name": name},
+                                body={"metadata": {"annotations": annotations}},
+                                content_type=MERGE)
 
     async def annotate_workload_template(self, kind: str, namespace: str, name: str,
                                          annotations: dict[str, str]) -> dict[str, Any]:
-        fn = (self.apps.patch_namespaced_deployment if kind == "Deployment"
-              else self.apps.patch_namespaced_stateful_set)
         body = {"spec": {"template": {"metadata": {"annotations": annotations}}}}
-        return await self._call(fn, name, namespace, body, _content_type=MERGE)
+        return await self._call("PATCH", _APPS.format(kind=_workload(kind)),
+                                {"namespace": namespace, "name": name}, body=body,
+                                content_type=MERGE)
 
     async def post_event(self, involved: dict[str, Any], event_type: str, reason: str,
                          message: str) -> None:
@@ -204,4 +240,17 @@ class Kube:
             "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
             "eventTime": None,
         }
-        await self._call(self.core.create_namespaced_event, involved["namespace"], body)
+        await self._call("POST", "/api/v1/namespaces/{namespace}/events",
+                         {"namespace": involved["namespace"]}, body=body)
+
+
+_CRD_API = "apiextensions.k8s.io/v1"
+_POLICIES = f"/apis/{GROUP}/{VERSION}/{{ns}}{PLURAL}"
+_CONFIGMAP = "/api/v1/namespaces/{namespace}/configmaps/{name}"
+_APPS = "/apis/apps/v1/namespaces/{{namespace}}/{kind}/{{name}}"
+_LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+_LEASE = _LEASES + "/{name}"
+
+
+def _workload(kind: str) -> str:
+    return "deployments" if kind == "Deployment" else "statefulsets"

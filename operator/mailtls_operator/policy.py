@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import sys
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ class PolicyInvalid(Exception):
         super().__init__(f"{ref}: " + "; ".join(str(e) for e in errors))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Exception_:
     """A break-glass override: wins for its keys from ``starts_at`` until ``expires_at``."""
 
@@ -63,9 +64,12 @@ class Exception_:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Policy:
-    """A valid, normalised MailTLSPolicy."""
+    """A valid, normalised MailTLSPolicy.
+
+    Slotted, and its short strings shared: 10,000 of them stay in memory for the
+    operator's lifetime (the table is rendered from them on every change)."""
 
     namespace: str
     name: str
@@ -80,13 +84,12 @@ class Policy:
     mode: str = "enforce"
     exception: Exception_ | None = None
     tafile: tuple[str, ...] = ()
-    spec_hash: str = ""
     source: str = "static"
-    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    ref: str = field(init=False, compare=False, repr=False)
+    """``namespace/name``: one string per policy, shared by every index keyed on it."""
 
-    @property
-    def ref(self) -> str:
-        return f"{self.namespace}/{self.name}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ref", f"{self.namespace}/{self.name}")
 
     @property
     def rank(self) -> int:
@@ -330,20 +333,20 @@ def load_policy(obj: Mapping[str, Any], *, now: datetime | None = None,
 
     exc = spec.get("exception")
     created = meta.get("creationTimestamp")
+    route = spec.get("route")
     return Policy(
-        namespace=meta.get("namespace", "default"),
+        namespace=sys.intern(meta.get("namespace", "default")),
         name=meta.get("name", "?"),
-        level=spec["level"],
+        level=sys.intern(spec["level"]),
         keys=tuple(keys),
-        value=render_value(spec),
+        value=sys.intern(render_value(spec)),
         uid=meta.get("uid", ""),
         generation=int(meta.get("generation") or 0),
         created=parse_time(created) if created else datetime(1970, 1, 1, tzinfo=UTC),
-        route=spec.get("route"),
-        instances=tuple(spec.get("instances", ())),
-        mode=spec.get("mode", "enforce"),
+        route=sys.intern(route) if route is not None else None,
+        instances=tuple(sys.intern(i) for i in spec.get("instances", ())),
+        mode=sys.intern(spec.get("mode", "enforce")),
         exception=Exception_(parse_time(exc["startsAt"]), parse_time(exc["expiresAt"]),
                              exc["reason"]) if exc else None,
         tafile=tuple(spec.get("tafile", ())),
-        spec_hash=spec_hash(spec),
     )

@@ -10,8 +10,9 @@ No Kubernetes imports: everything is plain dicts, so it is tested directly.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -32,32 +33,57 @@ ANN_TEMPLATE_REVISION = "mailtls.io/revision"
 InstanceKey = tuple[str, str]  # (namespace, instance name)
 
 
-@dataclass
+@dataclass(slots=True)
 class PolicyRecord:
-    """A MailTLSPolicy as last seen, with the verdict of the model."""
+    """A MailTLSPolicy as last seen, with the verdict of the model.
+
+    Kept for every policy for the operator's lifetime, so it holds only what the
+    workers and the status need: not the object's spec (the model has it), and its
+    status with shared strings (see :func:`shared`)."""
 
     namespace: str
     name: str
     uid: str
     generation: int
     policy: Policy | None
-    errors: list[FieldError]
+    errors: Sequence[FieldError]
     status: dict[str, Any]
-    spec: dict[str, Any]
+    named: tuple[str, ...] = ()
+    """``spec.instances`` as written (also for a refused spec: it still names where
+    its status belongs)."""
     stale: bool = False
     """``policy`` is the last good generation, kept in the tables while the current
     one is refused (bad input changes nothing)."""
     resource_version: str = ""
+    ref: str = field(init=False, repr=False)
 
-    @property
-    def ref(self) -> str:
-        return f"{self.namespace}/{self.name}"
+    def __post_init__(self) -> None:
+        self.ref = self.policy.ref if self.policy is not None and \
+            self.policy.namespace == self.namespace and self.policy.name == self.name \
+            else f"{self.namespace}/{self.name}"
 
     def instances(self) -> tuple[str, ...]:
-        raw = self.spec.get("instances") if isinstance(self.spec, dict) else None
-        if isinstance(raw, list):
-            return tuple(i for i in raw if isinstance(i, str))
-        return ()
+        return self.named
+
+
+def shared(value: Any) -> Any:
+    """A copy of a decoded JSON value whose keys and short strings are interned.
+
+    Each decoded watch event brings its own copy of every key ("type", "reason",
+    ...) and of values that 10,000 policies have in common (a condition's reason,
+    the message "relay: 2/2 pods verified revision ...", a timestamp).  Interned,
+    each is stored once, not once per policy."""
+    if isinstance(value, Mapping):
+        return {sys.intern(str(k)): shared(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [shared(v) for v in value]
+    if type(value) is str and len(value) <= _SHARED_MAX:
+        return sys.intern(value)
+    return value
+
+
+_SHARED_MAX = 256
+_NO_ERRORS: tuple[FieldError, ...] = ()
 
 
 @dataclass
@@ -150,13 +176,15 @@ class World:
         spec = obj.get("spec")
         uid = str(meta.get("uid", ""))
         last_good = old.policy if old is not None and old.uid == uid else None
+        named = spec.get("instances") if isinstance(spec, Mapping) else None
         rec = PolicyRecord(
-            namespace=ns, name=name, uid=uid,
+            namespace=sys.intern(ns), name=name, uid=uid,
             generation=int(meta.get("generation") or 0),
             policy=verdict if isinstance(verdict, Policy) else last_good,
-            errors=verdict if isinstance(verdict, list) else [],
-            status=dict(obj.get("status") or {}),
-            spec=dict(spec) if isinstance(spec, Mapping) else {},
+            errors=verdict if isinstance(verdict, list) else _NO_ERRORS,
+            status=shared(obj.get("status") or {}),
+            named=tuple(sys.intern(i) for i in named if isinstance(i, str))
+            if isinstance(named, list) else (),
             stale=isinstance(verdict, list) and last_good is not None,
             resource_version=str(meta.get("resourceVersion") or ""),
         )

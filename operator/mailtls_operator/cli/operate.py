@@ -14,7 +14,7 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
-from ..controller import Config, Operator, register
+from ..controller import Config, Operator, operator_options, register
 from ..discovery.engine import build_discoverer
 from ..execrunner import KubernetesExecRunner
 from ..kube import Kube
@@ -96,7 +96,8 @@ def run_operator(args: argparse.Namespace) -> int:
         asyncio.run(kopf.operator(
             registry=registry, settings=settings_for(args), memo=kopf.Memo(operator=operator),
             namespaces=cfg.namespaces, clusterwide=not cfg.namespaces,
-            standalone=True, liveness_endpoint=f"http://{host}:{port}/healthz"))
+            standalone=True, liveness_endpoint=f"http://{host}:{port}/healthz",
+            **operator_options()))
     except KeyboardInterrupt:
         return 0
     return 0

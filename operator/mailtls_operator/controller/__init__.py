@@ -14,6 +14,7 @@ from __future__ import annotations
 from ..configmap import ANN_REVISION
 from .conductor import CrdMissing, Operator
 from .context import Config
-from .handlers import build_registry, register
+from .handlers import build_registry, operator_options, register
 
-__all__ = ["ANN_REVISION", "Config", "CrdMissing", "Operator", "build_registry", "register"]
+__all__ = ["ANN_REVISION", "Config", "CrdMissing", "Operator", "build_registry", "operator_options",
+           "register"]

@@ -114,11 +114,11 @@ class Operator:
                 "creates it)")
         scopes: list[str | None] = list(self.config.namespaces) or [None]
         for ns in scopes:
-            for obj in await kube.list_policies(ns):
+            async for obj in kube.list_policies(ns):
                 self.world.upsert_policy(obj)
-            for obj in await kube.list_pods(ns, INSTANCE_LABEL):
+            async for obj in kube.list_pods(ns, INSTANCE_LABEL):
                 self.world.upsert_pod(obj)
-            for obj in await kube.list_configmaps(ns, f"{MANAGED_BY}={OPERATOR}"):
+            async for obj in kube.list_configmaps(ns, f"{MANAGED_BY}={OPERATOR}"):
                 self.store.record(obj)
         self.started = True
         self._schedule_resync()

@@ -9,6 +9,7 @@ A request while a run is in flight makes it run once more.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -37,6 +38,8 @@ class Observations:
         self.may_act = may_act
         self.discovery = discovery  # testing-mode discovered lines are probed too
         self.stopping = False
+        self._series: dict[InstanceKey, set[str]] = {}
+        """Policies with a ``mailtls_deferred_recipients`` series, per instance."""
 
     def soon(self, key: InstanceKey) -> None:
         """Observe now in the background, then again after ``observe_interval``."""
@@ -134,8 +137,18 @@ class Observations:
 
     def _deferred_metrics(self, key: InstanceKey, tables: Tables,
                           deferred: Mapping[str, DeferredSummary]) -> None:
+        """``mailtls_deferred_recipients``: a series only for a policy that has deferred
+        mail (10,000 policies with none cost no series), removed when it has none."""
         ns, inst = key
-        for ref, lines in tables.contributors.items():
-            keys = [ln.split(" ", 1)[0] for ln in lines]
-            self.ctx.metrics.deferred.labels(ns, ref.split("/", 1)[1], inst).set(
-                sum(deferred[k].recipients for k in keys if k in deferred))
+        counts: dict[str, int] = {}
+        for table_key, summary in deferred.items():
+            ref = tables.owners.get(table_key)
+            if ref is not None:
+                counts[ref] = counts.get(ref, 0) + summary.recipients
+        gauge = self.ctx.metrics.deferred
+        for ref in self._series.get(key, set()) - set(counts):
+            with contextlib.suppress(KeyError):
+                gauge.remove(ns, ref.split("/", 1)[1], inst)
+        for ref, recipients in counts.items():
+            gauge.labels(ns, ref.split("/", 1)[1], inst).set(recipients)
+        self._series[key] = set(counts)

@@ -23,7 +23,7 @@ from ..status import (
     transitions,
     verified_condition,
 )
-from ..world import ANN_APPLIED, ANN_TEMPLATE_REVISION, PolicyRecord
+from ..world import ANN_APPLIED, ANN_TEMPLATE_REVISION, PolicyRecord, shared
 from .context import RESTART, Context
 from .statuswriter import StatusWriter
 
@@ -165,7 +165,7 @@ class Statuses:
                 await self.ctx.kube.patch_policy_status(rec.namespace, rec.name, status)
             except NotFound:
                 return  # deleted meanwhile
-        rec.status = {**rec.status, **status}
+        rec.status = shared({**rec.status, **status})
         warnings = [c for c in changed if event_type(c) == "Warning"]
         if warnings:  # one Event per change, led by its weightiest condition
             await self._event(rec, "Warning", warnings[0]["reason"], "; ".join(
