@@ -465,6 +465,7 @@ class ApiRequest(NamedTuple):
     namespace: str | None
     name: str | None
     label_selector: str | None = None  # of a list or watch
+    limit: int | None = None  # of a paged list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -562,6 +563,13 @@ class _Watcher:
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _limit(text: str | None) -> int | None:
+    try:
+        return int(text) if text else None
+    except ValueError:  # answered 400 by the list itself
+        return None
 
 
 def _expired(since: int, oldest: int) -> Obj:
@@ -911,7 +919,7 @@ class ApiServer(kmock.KubernetesEmulator):
             _verb(str(request.method.value), request.params, request.name),
             str(request.resource.group), str(request.resource.version),
             str(request.resource.plural), request.subresource, request.namespace, request.name,
-            request.params.get("labelSelector"))
+            request.params.get("labelSelector"), _limit(request.params.get("limit")))
 
     def _record(self, request: rendering.Request) -> None:
         if self._is_resource(request):
