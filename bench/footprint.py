@@ -12,7 +12,8 @@ before each phase through ``/proc/PID/clear_refs``.  Phases, one process:
 3. one policy changes: a rollout of the 20,000-entry table to both pods;
 
 then a restart: a fresh operator process against the same, converged state
-(list, validate and render 10,000 policies; nothing to write).
+(list, validate and render 10,000 policies; nothing to write); its idle RSS is read
+``IDLE_GRACE`` seconds after it went quiet, as the first process' is.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ async def _scenario(result: Result) -> None:
                 "no policy"),
         Summary(NAME, "peak RSS loading 10k policies", load["peak_mib"], "MiB",
                 base["rss_mib"], "no policy"),
-        Summary(NAME, "RSS idle after restart, 10k", restart["rss_mib"], "MiB",
+        Summary(NAME, "RSS idle after restart, 10k", restart["idle_rss_mib"], "MiB",
                 base["rss_mib"], "no policy"),
         Summary(NAME, "CPU idle, 10k policies", idle["cpu_s"] / IDLE_WINDOW * 100, "%",
                 base["cpu_s"] / IDLE_WINDOW * 100, "no policy"),
@@ -296,8 +297,9 @@ def _budget(load: dict[str, Any], base: dict[str, Any], idle: dict[str, Any],
                 "creating them", "<= 5 s", load["last_create_to_enforced_s"] <= 5.0),
         Summary(NAME, "RSS idle, 10k policies (target)", idle["rss_mib"], "MiB",
                 base["rss_mib"], "no policy", "<= 150 MiB", idle["rss_mib"] <= 150.0),
-        Summary(NAME, "RSS idle after restart, 10k (target)", restart["rss_mib"], "MiB",
-                base["rss_mib"], "no policy", "<= 150 MiB", restart["rss_mib"] <= 150.0),
+        Summary(NAME, "RSS idle after restart, 10k (target)", restart["idle_rss_mib"],
+                "MiB", base["rss_mib"], "no policy", "<= 150 MiB",
+                restart["idle_rss_mib"] <= 150.0),
         Summary(NAME, "state per policy (RSS rise / 10k)", per_policy_kib, "KiB", None, "",
                 "", None),
         Summary(NAME, "restart with 10k: CPU (target)", restart["cpu_s"], "s",
@@ -403,4 +405,6 @@ async def _restart(server: BenchServer, child: Child, pods: Pods) -> list[dict[s
 
     await _poll(watching, child, 120)
     ended = await _quiet(server, child, quiet=2.0)
-    return [_phase("restart with 10k policies", child, child.started, 0.0, reqs, server, ended)]
+    phase = _phase("restart with 10k policies", child, child.started, 0.0, reqs, server, ended)
+    await asyncio.sleep(IDLE_GRACE)  # idle, as the first process' idle RSS is read
+    return [{**phase, "idle_rss_mib": child.rss()}]

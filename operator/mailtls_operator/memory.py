@@ -4,17 +4,20 @@ Loading 10,000 policies allocates far more (watch events, status patches, their
 JSON) than the operator keeps; CPython and glibc keep the freed pages, so the
 quiet RSS stayed at the burst's peak.  ``malloc_trim(0)`` releases what glibc
 holds free (including free pages inside the heap, madvised away); it costs a few
-milliseconds, so it runs at most once per ``interval`` and only after real work.
+milliseconds, so it runs once the operator has been quiet for a moment after real
+work, and at most every ``interval`` while work never pauses.
 Without glibc (musl, macOS) it does nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import functools
 import gc
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -29,20 +32,57 @@ def _libc() -> Any:
 
 
 class Trimmer:
-    """Calls :meth:`after_burst` freely; trims at most once per ``interval`` seconds."""
+    """Trims once the operator has been quiet for ``quiet`` seconds after work (a bulk
+    load, a restart's list and the replay of its events); while work never pauses, at
+    most every ``interval`` seconds.  ``work()`` is cheap: call it for every event."""
 
-    def __init__(self, interval: float = 30.0) -> None:
+    def __init__(self, quiet: float = 2.0, interval: float = 30.0,
+                 ready: Callable[[], bool] = lambda: True) -> None:
+        self.quiet = quiet
         self.interval = interval
-        self._last = 0.0
+        self.ready = ready
+        """Is the operator idle (no render, rollout or status write in flight)?"""
         self.trims = 0
+        self._owed_since: float | None = None
+        self._last_work = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
-    def after_burst(self) -> bool:
+    def work(self) -> None:
+        """Something was done: trim after the next quiet spell."""
         now = time.monotonic()
+        self._last_work = now
+        if self._owed_since is None:
+            self._owed_since = now
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a synchronous caller): nothing to schedule
+                return
+            self._timer = loop.call_later(self.quiet, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._owed_since is None:
+            return
+        now = time.monotonic()
+        quiet_for, owed_for = now - self._last_work, now - self._owed_since
+        if (quiet_for < self.quiet and owed_for < self.interval) or not self.ready():
+            self._timer = asyncio.get_running_loop().call_later(
+                max(0.05, self.quiet - quiet_for), self._check)
+            return
+        self._owed_since = None
+        self.trim()
+
+    def trim(self) -> bool:
         libc = _libc()
-        if libc is None or now - self._last < self.interval:
-            return False
-        self._last = now
         gc.collect()
+        if libc is None:
+            return False
         libc.malloc_trim(0)
         self.trims += 1
         return True
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

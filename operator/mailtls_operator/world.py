@@ -2,7 +2,7 @@
 
 Fed by watch events (and one list at start-up), read by the per-instance
 workers.  Level-based: a worker never asks "what changed?", only "what is
-there now?".  Each policy is validated once per (uid, generation, spec):
+there now?".  Each policy is validated once per (uid, generation, spec digest):
 re-validating 10,000 policies on every event would cost seconds, and an
 object's status write (which does not change the spec) costs nothing here.
 No Kubernetes imports: everything is plain dicts, so it is tested directly.
@@ -48,6 +48,8 @@ class PolicyRecord:
     policy: Policy | None
     errors: Sequence[FieldError]
     status: dict[str, Any]
+    digest: bytes = b""
+    """:func:`~.policy.spec_hash` of the spec the verdict was made on."""
     named: tuple[str, ...] = ()
     """``spec.instances`` as written (also for a refused spec: it still names where
     its status belongs)."""
@@ -132,7 +134,6 @@ class World:
         self.policies: dict[str, dict[str, PolicyRecord]] = {}  # ns -> name -> record
         self.pods: dict[tuple[str, str], PodRecord] = {}
         self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
-        self._verdicts: dict[str, tuple[tuple[int, str], Policy | list[FieldError]]] = {}
         self.validations = 0
         # reference counts, so instance discovery is O(1) per event, not O(policies)
         self._named: Counter[InstanceKey] = Counter()
@@ -140,25 +141,21 @@ class World:
 
     # ------------------------------------------------------------------ policies
 
-    def _verdict(self, obj: Mapping[str, Any]) -> Policy | list[FieldError]:
-        """The model's verdict, cached per object: one entry per uid (the latest generation
-        and spec), so the cache never outgrows the policies that exist."""
-        meta = _meta(obj)
-        spec = obj.get("spec")
-        uid = str(meta.get("uid", "")) or f"{meta.get('namespace')}/{meta.get('name')}"
-        key = (int(meta.get("generation") or 0),
-               spec_hash(spec) if isinstance(spec, Mapping) else repr(spec))
-        cached = self._verdicts.get(uid)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+    def _verdict(self, obj: Mapping[str, Any], old: PolicyRecord | None, uid: str,
+                 generation: int, digest: bytes) -> Policy | list[FieldError]:
+        """The model's verdict: the recorded one while uid, generation and spec are the
+        same (a status write, a restart's replay), else a fresh validation."""
+        if old is not None and (old.uid, old.generation, old.digest) == (uid, generation,
+                                                                          digest):
+            if old.errors:
+                return list(old.errors)
+            if old.policy is not None:
+                return old.policy
         self.validations += 1
-        verdict: Policy | list[FieldError]
         try:
-            verdict = load_policy(obj, now=self.clock(), max_exception=self.max_exception)
+            return load_policy(obj, now=self.clock(), max_exception=self.max_exception)
         except PolicyInvalid as exc:
-            verdict = exc.errors
-        self._verdicts[uid] = (key, verdict)
-        return verdict
+            return exc.errors
 
     def holds(self, namespace: str, name: str, resource_version: str) -> bool:
         """Is exactly this version of the policy recorded already?  (A restart lists every
@@ -172,14 +169,16 @@ class World:
         meta = _meta(obj)
         ns, name = str(meta.get("namespace", "default")), str(meta.get("name", ""))
         old = self.policies.get(ns, {}).get(name)
-        verdict = self._verdict(obj)
         spec = obj.get("spec")
         uid = str(meta.get("uid", ""))
+        generation = int(meta.get("generation") or 0)
+        digest = spec_hash(spec) if isinstance(spec, Mapping) else repr(spec).encode()
+        verdict = self._verdict(obj, old, uid, generation, digest)
         last_good = old.policy if old is not None and old.uid == uid else None
         named = spec.get("instances") if isinstance(spec, Mapping) else None
         rec = PolicyRecord(
-            namespace=sys.intern(ns), name=name, uid=uid,
-            generation=int(meta.get("generation") or 0),
+            namespace=sys.intern(ns), name=name, uid=uid, generation=generation,
+            digest=digest,
             policy=verdict if isinstance(verdict, Policy) else last_good,
             errors=verdict if isinstance(verdict, list) else _NO_ERRORS,
             status=shared(obj.get("status") or {}),
@@ -199,8 +198,6 @@ class World:
     def delete_policy(self, namespace: str, name: str) -> set[InstanceKey]:
         old = self.policies.get(namespace, {}).pop(name, None)
         self._count_named(old, -1)
-        if old is not None:
-            self._verdicts.pop(old.uid or f"{namespace}/{name}", None)
         return self._affected(namespace, old) if old else set()
 
     def _count_named(self, rec: PolicyRecord | None, delta: int) -> None:

@@ -18,6 +18,7 @@ from kopf._core.reactor.inventory import ResourceMemories
 from mailtls_operator.controller import operator_options
 from mailtls_operator.controller.observing import Observations
 from mailtls_operator.mailqueue import DeferredSummary
+from mailtls_operator.memory import Trimmer
 from mailtls_operator.metrics import Metrics
 from mailtls_operator.policy import load_policy
 from mailtls_operator.render import render
@@ -112,3 +113,29 @@ def test_deferred_mail_has_a_series_only_while_there_is_some() -> None:
     assert series() == {"b": 3.0}
     observations._deferred_metrics(key, tables, {})
     assert series() == {}
+
+
+async def test_memory_is_handed_back_once_the_operator_is_quiet_after_work() -> None:
+    ready = False
+    trimmer = Trimmer(quiet=0.1, interval=60.0, ready=lambda: ready)
+    for _ in range(20):  # a burst of events: no trim while they keep coming
+        trimmer.work()
+        await asyncio.sleep(0.02)
+    assert trimmer.trims == 0
+    await asyncio.sleep(0.4)  # quiet, but a render or a status write is still in flight
+    assert trimmer.trims == 0
+    ready = True
+    await asyncio.sleep(0.4)
+    assert trimmer.trims == 1
+    await asyncio.sleep(0.3)  # no work since: nothing more to hand back
+    assert trimmer.trims == 1
+    trimmer.stop()
+
+
+async def test_work_that_never_pauses_is_still_trimmed_now_and_then() -> None:
+    trimmer = Trimmer(quiet=0.1, interval=0.3)
+    for _ in range(60):  # 1.2 s of events every 20 ms: never a quiet spell
+        trimmer.work()
+        await asyncio.sleep(0.02)
+    assert trimmer.trims >= 2
+    trimmer.stop()

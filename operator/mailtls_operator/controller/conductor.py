@@ -65,7 +65,7 @@ class Operator:
         self.store = ConfigMapStore(kube, self.ctx.world, extra_data=self._agent_data)
         self.rollouts = PodRollouts(self.ctx)
         self.statuses = Statuses(self.ctx)
-        self.trimmer = Trimmer()
+        self.trimmer = Trimmer(ready=lambda: self.converged)
         self.statuses.writer.on_idle = self.after_work
         self.discovery = DiscoveryService(  # MailTLSDiscovery (issue 16)
             wake=lambda ns: self.wake({k for k in self.world.instances() if k[0] == ns}),
@@ -79,7 +79,9 @@ class Operator:
         self._leader_task: asyncio.Task[None] | None = None
         self._resync: asyncio.TimerHandle | None = None
         self._stopping = False
-        self._seen: dict[tuple[str, str], str] = {}
+        self._gone: dict[tuple[str, str], str] = {}
+        """resourceVersion of the DELETED event of each policy gone (a live policy's last
+        seen version is its record's)."""
 
     @property
     def config(self) -> Config:
@@ -158,6 +160,7 @@ class Operator:
 
     async def stop(self) -> None:
         self._stopping = True
+        self.trimmer.stop()
         await self.discovery.stop()
         if self._resync is not None:
             self._resync.cancel()
@@ -190,10 +193,10 @@ class Operator:
                 and self.statuses.writer.idle.is_set())
 
     def after_work(self) -> None:
-        """A worker or the status writer went idle: once everything is idle, hand the
-        burst's freed memory back to the system (at most every 30 s; see memory.py)."""
-        if self.converged:
-            self.trimmer.after_burst()
+        """A worker or the status writer went idle, or an event came: once everything has
+        been quiet for a moment, the burst's freed memory goes back to the system (see
+        memory.py)."""
+        self.trimmer.work()
 
     @property
     def idle(self) -> bool:
@@ -204,7 +207,8 @@ class Operator:
 
     def has_seen(self, namespace: str, name: str, resource_version: str) -> bool:
         """Has the policy event of ``resource_version`` (or a later one) been handled?"""
-        seen = self._seen.get((namespace, name))
+        rec = self.world.policies.get(namespace, {}).get(name)
+        seen = rec.resource_version if rec is not None else self._gone.get((namespace, name))
         if seen is None:
             return False
         if seen.isdigit() and resource_version.isdigit():
@@ -233,18 +237,20 @@ class Operator:
         list): marked seen and skipped before its body is even copied."""
         if event_type == "DELETED" or not self.world.holds(namespace, name, resource_version):
             return False
-        self._seen[(namespace, name)] = resource_version
+        self.trimmer.work()  # a restart's replay: its decoded events are freed after it
         return True
 
     def on_policy(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
-        self._seen[(meta.get("namespace", ""), meta.get("name", ""))] = str(
-            meta.get("resourceVersion") or "")
+        ns, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
         if event_type == "DELETED":
-            keys = self.world.delete_policy(meta.get("namespace", ""), meta.get("name", ""))
-            self.statuses.forget(f"{meta.get('namespace', '')}/{meta.get('name', '')}")
+            keys = self.world.delete_policy(ns, name)
+            self._gone[(ns, name)] = str(meta.get("resourceVersion") or "")
+            self.statuses.forget(f"{ns}/{name}")
         else:
+            self._gone.pop((ns, name), None)
             keys = self.world.upsert_policy(body)
+        self.trimmer.work()
         self.wake(keys)
 
     def on_pod(self, event_type: str | None, body: Mapping[str, Any]) -> None:
