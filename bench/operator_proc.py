@@ -6,17 +6,23 @@ the parent), pods served by a LocalPodRunner over the local Postfix instances
 listed in PODS.json (``[{"name": ..., "root": ...}, ...]``, started by the
 parent).  Settings as ``mailtls run`` has them, plus the fast timeouts of the
 integration tests.  Stops on SIGTERM/SIGINT (Kopf's own handlers: main thread).
-Imports nothing of the tests or of kmock, so its RSS is the operator's.
+Imports nothing of the tests or of kmock, so its RSS is the operator's (plus the
+local pod runner's imports, reported apart).  ``--tracemalloc``: see ``_trace_to``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import dataclasses
+import gc
 import json
 import logging
+import signal
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +61,6 @@ def main() -> None:
 
     stages["+ local pod runner imports"] = _rss_mib()
     if args.trace_from_start:
-        import tracemalloc
-
         tracemalloc.start(10)
     if args.report:
         Path(args.report).write_text(json.dumps(stages))
@@ -93,22 +97,20 @@ def main() -> None:
 
 
 def _trace_to(path: str) -> None:
-    """Where the memory is: a tracemalloc snapshot on SIGUSR1 (for investigations, not for
-    figures: tracing costs time and memory)."""
-    import signal
-    import tracemalloc
+    """Where the memory is, for investigations (not for figures: tracing costs time and
+    memory).  SIGUSR2 starts tracemalloc (10 frames).  SIGUSR1 prints pymalloc's arenas
+    and pools, glibc's arenas and a census of the live container objects to the log,
+    and writes the tracemalloc snapshot to ``path`` (when given and tracing)."""
 
     def start(*_: Any) -> None:
         tracemalloc.start(10)
 
     def dump(*_: Any) -> None:
-        import gc
-
         gc.collect()
-        sys._debugmallocstats()  # pymalloc's arenas and pools, to stderr (the log)
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_stats()  # glibc's arenas, to stderr
+        sys._debugmallocstats()  # to stderr, the log
+        libc = ctypes.util.find_library("c")
+        if libc:
+            ctypes.CDLL(libc).malloc_stats()  # to stderr
         census: dict[str, list[int]] = {}
         for obj in gc.get_objects():
             entry = census.setdefault(type(obj).__qualname__, [0, 0])
