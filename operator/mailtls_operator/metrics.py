@@ -41,7 +41,8 @@ class Metrics:
                                        "Break-glass exceptions currently in force",
                                        ["namespace"], registry=r)
         self.deferred = Gauge("mailtls_deferred_recipients",
-                              "Recipients deferred for a TLS reason, by governing policy",
+                              "Recipients deferred for a TLS reason, by governing policy (a series "
+                              "only while the policy has deferred mail)",
                               ["namespace", "policy", "instance"], registry=r)
         self.probe_failures = Gauge("mailtls_probe_failures",
                                     "Destinations whose last probe failed",
