@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..aio import wait_event
 from ..configmap import ANN_PARTS, configmap_name, part_name
 from .api import AgentApi, ApiUnavailable, Expired, NotFound
 from .converge import Converger
@@ -202,8 +203,7 @@ class Agent:
                 wait = backoff if wait is None else min(wait, backoff)
             else:
                 failures = 0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._observe_wake.wait(), wait)
+            await wait_event(self._observe_wake, wait)
             self._observe_wake.clear()
             async with self._lock:
                 wanted = self.converger.wanted

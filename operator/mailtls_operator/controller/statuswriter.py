@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..aio import wait_event
+
 log = logging.getLogger("mailtls.status")
 
 WriteFn = Callable[[Any, dict[str, Any]], Awaitable[None]]
@@ -149,8 +151,7 @@ class StatusWriter:
             waiting = [o.not_before for ref, o in self._pending.items()
                        if ref not in self._in_flight]
             timeout = max(0.0, min(waiting) - time.monotonic()) if waiting else None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await wait_event(self._wake, timeout)
 
     async def _write_one(self, ref: str, offer: _Offer) -> None:
         try:

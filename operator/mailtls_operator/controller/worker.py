@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from ..aio import wait_event
 from ..world import InstanceKey
 from .context import Config, cancel_and_wait
 
@@ -55,9 +56,7 @@ class InstanceWorker:
             remaining = min(self.config.debounce, deadline - time.monotonic())
             if remaining <= 0:
                 return
-            try:
-                await asyncio.wait_for(self.dirty.wait(), remaining)
-            except TimeoutError:
+            if not await wait_event(self.dirty, remaining):
                 return
 
     async def _loop(self) -> None:
