@@ -41,7 +41,8 @@ class Trimmer:
         self.quiet = quiet
         self.interval = interval
         self.ready = ready
-        """Is the operator idle (no render, rollout or status write in flight)?"""
+        """Is the operator idle (no render, rollout or status write in flight)?  Its end
+        must call :meth:`work`."""
         self.trims = 0
         self._owed_since: float | None = None
         self._last_work = 0.0
@@ -61,12 +62,14 @@ class Trimmer:
             self._timer = loop.call_later(self.quiet, self._check)
 
     def _check(self) -> None:
+        """Not ready (a render, rollout or status write in flight): nothing is scheduled,
+        since the end of that work calls :meth:`work` again."""
         self._timer = None
-        if self._owed_since is None:
+        if self._owed_since is None or not self.ready():
             return
         now = time.monotonic()
         quiet_for, owed_for = now - self._last_work, now - self._owed_since
-        if (quiet_for < self.quiet and owed_for < self.interval) or not self.ready():
+        if quiet_for < self.quiet and owed_for < self.interval:
             self._timer = asyncio.get_running_loop().call_later(
                 max(0.05, self.quiet - quiet_for), self._check)
             return

@@ -125,6 +125,7 @@ async def test_memory_is_handed_back_once_the_operator_is_quiet_after_work() -> 
     await asyncio.sleep(0.4)  # quiet, but a render or a status write is still in flight
     assert trimmer.trims == 0
     ready = True
+    trimmer.work()  # what the operator does when its last worker or status write ends
     await asyncio.sleep(0.4)
     assert trimmer.trims == 1
     await asyncio.sleep(0.3)  # no work since: nothing more to hand back

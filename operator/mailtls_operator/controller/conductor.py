@@ -65,8 +65,9 @@ class Operator:
         self.store = ConfigMapStore(kube, self.ctx.world, extra_data=self._agent_data)
         self.rollouts = PodRollouts(self.ctx)
         self.statuses = Statuses(self.ctx)
+        # events and idle workers/status writer are work; quiet after it, memory is trimmed
         self.trimmer = Trimmer(ready=lambda: self.converged)
-        self.statuses.writer.on_idle = self.after_work
+        self.statuses.writer.on_idle = self.trimmer.work
         self.discovery = DiscoveryService(  # MailTLSDiscovery (issue 16)
             wake=lambda ns: self.wake({k for k in self.world.instances() if k[0] == ns}),
             write_status=kube.patch_discovery_status, post_event=kube.post_event,
@@ -178,7 +179,7 @@ class Operator:
             worker = self.workers.get(key)
             if worker is None:
                 worker = self.workers[key] = InstanceWorker(key, self.config, self.converge,
-                                                            self.after_work)
+                                                            self.trimmer.work)
             worker.wake()
 
     def wake_all(self) -> None:
@@ -191,12 +192,6 @@ class Operator:
         may still run: the bench waits on this while thousands of probes go on)."""
         return (self.started and all(w.idle.is_set() for w in list(self.workers.values()))
                 and self.statuses.writer.idle.is_set())
-
-    def after_work(self) -> None:
-        """A worker or the status writer went idle, or an event came: once everything has
-        been quiet for a moment, the burst's freed memory goes back to the system (see
-        memory.py)."""
-        self.trimmer.work()
 
     @property
     def idle(self) -> bool:
