@@ -24,6 +24,7 @@ from typing import Any
 import idna
 
 from .crd import FieldError, validate_with_crd
+from .keys import deleted_by_mapping, lookup_key, unknown_character, with_dots
 from .safetext import one_line, shown, unsafe_character
 
 LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify", "secure")
@@ -114,11 +115,27 @@ class Policy:
 
 
 def _hostname(raw: str, where: str) -> tuple[list[str], list[FieldError]]:
-    """A host or domain name -> its keys: one for ASCII, A-label + U-label for IDN."""
+    """A host or domain name -> its keys: one for ASCII, A-label + U-label for IDN.
+
+    ``raw`` has only ``.`` as full stop (:func:`.keys.with_dots`).  A character
+    IDNA mapping deletes is refused, never dropped: ``bank.example<filler>x``
+    would otherwise become the key of a different name, ``bank.examplex``.
+    """
     name = raw[:-1] if raw.endswith(".") else raw
     if not name:
         return [], [FieldError(where, "Invalid value: empty host name")]
     ascii_only = name.isascii()
+    if not ascii_only:
+        deleted = deleted_by_mapping(name)
+        if deleted is not None:
+            return [], [FieldError(where, f"Invalid value: {shown(raw)}: contains {deleted}, "
+                                          "which IDNA mapping deletes (the key would name "
+                                          "another host)")]
+        unknown = unknown_character(name)
+        if unknown is not None:
+            return [], [FieldError(where, f"Invalid value: {shown(raw)}: contains {unknown}, "
+                                          "unassigned in this Unicode version (how Postfix "
+                                          "folds it cannot be told)")]
     try:
         if ascii_only:
             alabel = name.lower()
@@ -132,6 +149,8 @@ def _hostname(raw: str, where: str) -> tuple[list[str], list[FieldError]]:
             ulabel = idna.decode(alabel)
     except (idna.IDNAError, UnicodeError, ValueError) as exc:
         return [], [FieldError(where, f"Invalid value: {raw!r}: not a valid host name ({exc})")]
+    if "" in alabel.split("."):  # "a..b", "name.." : Postfix never looks such a key up
+        return [], [FieldError(where, f"Invalid value: {shown(raw)}: has an empty label")]
     if len(alabel) > 253:
         return [], [FieldError(where, f"Invalid value: {raw!r}: longer than 253 characters")]
     keys = [alabel] if ulabel == alabel else [alabel, unicodedata.normalize("NFC", ulabel)]
@@ -158,6 +177,7 @@ def normalise_destination(raw: str, where: str) -> tuple[list[str], list[FieldEr
     if bad is not None:
         return [], [FieldError(where, f"Invalid value: {shown(raw)}: contains {bad}, a space, "
                                       "control or format character")]
+    raw = with_dots(raw)  # IDNA full stops are label separators; a trailing one goes
     bracket = _BRACKET.fullmatch(raw)
     if bracket:
         host, port_text = bracket.group(1), bracket.group(2)
@@ -319,11 +339,14 @@ def load_policy(obj: Mapping[str, Any], *, now: datetime | None = None,
         dest_keys, dest_errors = normalise_destination(raw, where)
         errors.extend(dest_errors)
         for key in dest_keys:
-            if key in seen:
+            # judged as Postfix folds keys with smtputf8_enable = yes: the wider folding
+            folded = lookup_key(key, smtputf8=True)
+            if folded in seen:
                 errors.append(FieldError(where, f"Duplicate value: {raw!r} is the same key "
-                                                f"as spec.destinations[{seen[key]}] ({key})"))
+                                                f"as spec.destinations[{seen[folded]}] "
+                                                f"({folded}, as Postfix looks it up)"))
                 continue
-            seen[key] = i
+            seen[folded] = i
             keys.append(key)
     if "protocols" in spec:
         errors.extend(_protocol_errors(spec["protocols"]))

@@ -15,9 +15,14 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import groupby, islice, repeat
+from itertools import groupby, islice
 
-from .policy import LEVELS, SOURCE_TIER, Policy
+from .conflicts import LOST_TO_CONFLICT as LOST_TO_CONFLICT
+from .conflicts import LOST_TO_EXCEPTION as LOST_TO_EXCEPTION
+from .conflicts import Loss as Loss
+from .conflicts import beats as beats
+from .conflicts import resolve
+from .policy import LEVELS, Policy
 from .safetext import shown, unsafe_character
 
 REVISION_KEY = "mailtls-revision.invalid"
@@ -25,15 +30,6 @@ REVISION_KEY = "mailtls-revision.invalid"
 carries the revision, so ``postmap -q`` proves which table a pod has live."""
 
 HEADER = "# Managed by mailtls-operator from MailTLSPolicy objects: edits are overwritten."
-
-
-@dataclass(frozen=True)
-class Loss:
-    """Why a policy's key is not in the table: who won and how."""
-
-    key: str
-    winner: str
-    reason: str  # Conflict | Overridden
 
 
 @dataclass(frozen=True)
@@ -66,39 +62,6 @@ class Tables:
 def revision_value(revision: str) -> str:
     """The value of :data:`REVISION_KEY`: valid policy syntax, never used for mail."""
     return f"secure match=rev-{revision[:16]}"
-
-
-def beats(a: Policy, b: Policy) -> bool:
-    """Does ``a`` win a key over ``b``?  A total order, so input order never matters.
-
-    Break-glass exceptions beat ordinary policies; between exceptions the one
-    expiring first wins.  Then the source: a team's explicit policy beats a
-    discovered one, DANE beats MTA-STS.  Otherwise the stricter level wins; equal strength
-    with different settings (``encrypt`` vs ``dane``, two ``secure`` with other
-    names) goes to the oldest policy.
-    """
-    if (a.exception is None) != (b.exception is None):
-        return a.exception is not None
-    if a.exception is not None and b.exception is not None:
-        if a.exception.expires_at != b.exception.expires_at:
-            return a.exception.expires_at < b.exception.expires_at
-    elif a.source != b.source and SOURCE_TIER[a.source] != SOURCE_TIER[b.source]:
-        return SOURCE_TIER[a.source] > SOURCE_TIER[b.source]
-    elif a.rank != b.rank:
-        return a.rank > b.rank
-    return a.age_key() < b.age_key()
-
-
-LOST_TO_EXCEPTION = "Overridden"
-"""A key taken by a break-glass exception (the loser's status says Overridden)."""
-LOST_TO_CONFLICT = "Conflict"
-"""A key taken by a stronger or older policy (the loser's Accepted says Conflict)."""
-
-
-def _loss_reason(winner: Policy, loser: Policy) -> str:
-    if winner.exception is not None and loser.exception is None:
-        return LOST_TO_EXCEPTION
-    return LOST_TO_CONFLICT
 
 
 def select(policies: Iterable[Policy], instance: tuple[str, str] | None,
@@ -155,11 +118,15 @@ def unsafe_entry(policy: Policy) -> str | None:
 
 
 def render(policies: Iterable[Policy], *, instance: tuple[str, str] | None = None,
-           now: datetime | None = None) -> Tables:
+           now: datetime | None = None, smtputf8: bool = True) -> Tables:
     """Render the tables for ``instance`` from every policy that targets it.
 
     A policy with an unsafe key or value (see :func:`unsafe_entry`) writes
     nothing and is reported in ``Tables.refused``; the rest of the table stands.
+
+    Keys are contested as the instance's Postfix looks them up (``smtputf8`` is
+    its ``smtputf8_enable``; yes, the default since compatibility level 1, when
+    unknown): no two lines fold to one key, so none is ever shadowed.
 
     Built for a million entries: the only per-key structure is one dict (key ->
     winning policy); entries, owners and each policy's lines are views over it
@@ -173,37 +140,9 @@ def render(policies: Iterable[Policy], *, instance: tuple[str, str] | None = Non
             chosen.append(p)
         else:
             refused[p.ref] = why
-    winner: dict[str, Policy] = {}
-    contested: set[str] = set()
-    for p in chosen:
-        if winner.keys().isdisjoint(p.keys):  # the common case, at C speed
-            winner.update(zip(p.keys, repeat(p)))
-            continue
-        for key in p.keys:
-            cur = winner.get(key)
-            if cur is None:
-                winner[key] = p
-                continue
-            contested.add(key)
-            if beats(p, cur):
-                winner[key] = p
-
-    losses: dict[str, list[Loss]] = {}
-    contributed: dict[str, tuple[str, ...]] = {}
-    for p in chosen:
-        if contested.isdisjoint(p.keys):
-            contributed[p.ref] = p.keys
-            continue
-        mine = []
-        for key in p.keys:
-            w = winner[key]
-            if w is p or (w.value == p.value and w.exception is None and p.exception is None):
-                mine.append(key)  # won, or agrees with the winner
-            else:
-                losses.setdefault(p.ref, []).append(Loss(key, w.ref, _loss_reason(w, p)))
-        if mine:
-            contributed[p.ref] = tuple(mine)
-
+    resolution = resolve(chosen, smtputf8=smtputf8)
+    winner, losses, contributed = resolution.winner, resolution.losses, resolution.contributed
+    del resolution
     keys = sorted(winner)
     owners = [winner[k] for k in keys]  # parallel to keys; the dict goes before the text
     del winner

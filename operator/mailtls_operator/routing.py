@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from . import postfix
+from .keys import also_governs
 from .render import REVISION_KEY
-from .status import DNSSEC_DISABLED, POLICY_BYPASSED
+from .status import DNSSEC_DISABLED, KEY_FOLDING, POLICY_BYPASSED
 
-ROUTING_PARAMS: Final = (*postfix.INSTANCE_PARAMS, "default_transport")
+ROUTING_PARAMS: Final = (*postfix.INSTANCE_PARAMS, "default_transport", "smtputf8_enable")
 """The main.cf parameters :class:`InstanceConfig` is made of."""
 
 
@@ -37,6 +38,13 @@ class InstanceConfig:
     smtp_tls_policy_maps: str = ""
     smtp_dns_support_level: str = ""
     default_transport: str = "smtp"
+    smtputf8_enable: str = "yes"
+
+    @property
+    def smtputf8(self) -> bool:
+        """Does this Postfix fold UTF-8 keys (docs/keys.md)?  Unless it says ``no``: folding
+        judges more keys alike, so assuming it never lets a line shadow another."""
+        return self.smtputf8_enable.strip().lower() != "no"
 
     @classmethod
     def from_postconf(cls, values: Mapping[str, str]) -> InstanceConfig:
@@ -46,6 +54,7 @@ class InstanceConfig:
             smtp_tls_policy_maps=values.get("smtp_tls_policy_maps", ""),
             smtp_dns_support_level=values.get("smtp_dns_support_level", ""),
             default_transport=values.get("default_transport", "smtp"),
+            smtputf8_enable=values.get("smtputf8_enable", "yes"),
         )
 
     @property
@@ -118,8 +127,9 @@ def bypassed_keys(keys: Iterable[str], config: InstanceConfig,
 def lint(contributors: Mapping[str, Iterable[str]], routed_keys: Iterable[str],
          config: InstanceConfig) -> dict[str, list[tuple[str, str]]]:
     """Instance-aware warnings per policy ref (DESIGN.md §5, §10), from its table lines
-    (``key level ...``): keys the instance's routing never looks up, and ``dane``
-    without DNSSEC (Postfix then sends in clear text)."""
+    (``key level ...``): keys the instance's routing never looks up, ``dane``
+    without DNSSEC (Postfix then sends in clear text), and U-label keys that this
+    Postfix's case folding makes answer for another name too."""
     routed = set(routed_keys)
     out: dict[str, list[tuple[str, str]]] = {}
     for ref, lines in contributors.items():
@@ -138,7 +148,20 @@ def lint(contributors: Mapping[str, Iterable[str]], routed_keys: Iterable[str],
                 f"relayhost {config.relayhost} is the next-hop for {', '.join(bypassed[:5])}"
                 f"{' ...' if len(bypassed) > 5 else ''}: these keys are never looked up "
                 "(set route: direct or route the domains in transport_maps)"))
+        folding = folding_warning(keys, smtputf8=config.smtputf8)
+        if folding:
+            out.setdefault(ref, []).append((KEY_FOLDING, folding))
     return out
+
+
+def folding_warning(keys: Iterable[str], *, smtputf8: bool = True) -> str | None:
+    """One message naming every other name these keys answer for, or None."""
+    pairs = [(k, other) for k in keys if (other := also_governs(k, smtputf8=smtputf8))]
+    if not pairs:
+        return None
+    shown = ", ".join(f"{k} also answers for {other}" for k, other in pairs[:5])
+    return (f"Postfix folds the case of UTF-8 keys (smtputf8_enable = yes): {shown}"
+            f"{' ...' if len(pairs) > 5 else ''}, a different domain")
 
 
 # -- which policy key governs a recipient ---------------------------------------------

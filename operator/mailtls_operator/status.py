@@ -38,6 +38,8 @@ SCHEDULED = "Scheduled"
 AUDIT_ONLY = "AuditOnly"
 POLICY_BYPASSED = "PolicyBypassed"
 DNSSEC_DISABLED = "DNSSECDisabled"
+KEY_FOLDING = "KeyFolding"
+"""A U-label key also answers for a different name once Postfix folds its case."""
 TRUST_ANCHOR_MISSING = "TrustAnchorMissing"
 UNSAFE_ENTRY = "UnsafeEntry"
 """The renderer refused to write the policy's lines (defence in depth, see render.py)."""
@@ -52,7 +54,7 @@ PROBES_PASSED = "ProbesPassed"
 PROBE_FAILED = "ProbeFailed"
 
 WARNING_REASONS = {INVALID, CONFLICT, ROLLOUT_FAILED, EXPIRED, POLICY_BYPASSED,
-                   DNSSEC_DISABLED, TRUST_ANCHOR_MISSING, BREAK_GLASS, NO_INSTANCES,
+                   DNSSEC_DISABLED, KEY_FOLDING, TRUST_ANCHOR_MISSING, BREAK_GLASS, NO_INSTANCES,
                    EXCEPTION_ACTIVE, UNSAFE_ENTRY, CHECK_UNAVAILABLE, UNSUPPORTED_ATTRIBUTE}
 MAX_ENTRIES = 500
 MAX_MESSAGE = 4096
@@ -140,7 +142,7 @@ def _ready(rec: PolicyRecord, views: Sequence[InstanceView], now: datetime) -> C
                          f"(pods labelled mailtls.io/instance"
                          f"{'=' + ','.join(rec.instances()) if rec.instances() else ''})")
     for reason in (UNSAFE_ENTRY, ROLLOUT_FAILED, TRUST_ANCHOR_MISSING, CHECK_UNAVAILABLE,
-                   UNSUPPORTED_ATTRIBUTE, POLICY_BYPASSED, DNSSEC_DISABLED):
+                   UNSUPPORTED_ATTRIBUTE, POLICY_BYPASSED, DNSSEC_DISABLED, KEY_FOLDING):
         msgs = [f"{v.name}: {m}" for v in views for r, m in v.warnings if r == reason]
         if reason == ROLLOUT_FAILED:
             msgs = [f"{v.name}: {v.failure}" for v in views if v.failure]

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from ..policy import DEFAULT_MAX_EXCEPTION, Policy, PolicyInvalid, load_policy, parse_time
 from ..render import render
+from ..routing import folding_warning
 from ..sources import Source, SourceError, read_policies
 
 EXIT_INVALID = 2
@@ -48,6 +49,11 @@ def load_offline(args: argparse.Namespace) -> tuple[list[Policy], int]:
     errors += [f"{files[ref]}: {ref}: spec: {why}" for ref, why in sorted(refused.items())]
     for line in errors:
         print(line, file=sys.stderr)
+    for policy in policies:  # offline, Postfix is taken to fold UTF-8 keys (the default)
+        folding = folding_warning(policy.keys)
+        if folding:
+            print(f"warning: {files[policy.ref]}: {policy.ref}: {folding}",
+                  file=sys.stderr)
     return policies, EXIT_INVALID if errors else 0
 
 

@@ -306,7 +306,7 @@ class Operator:
             state.warnings)
         policies = [p for p in policies if not trust.held(p.ref) and p.ref not in too_new]
         started = time.perf_counter()
-        tables = render(policies, instance=key, now=now)
+        tables = render(policies, instance=key, now=now, smtputf8=state.smtputf8)
         for ref, why in tables.refused.items():
             log.error("%s: lines not written to %s/%s: %s", ref, ns, inst, why)
             state.warnings.setdefault(ref, []).append((UNSAFE_ENTRY, why))

@@ -56,6 +56,12 @@ class InstanceState:
     def revision(self) -> str:
         return self.tables.revision if self.tables else ""
 
+    @property
+    def smtputf8(self) -> bool:
+        """The instance's ``smtputf8_enable`` (how its Postfix folds keys); yes, the
+        default and the wider folding, until its facts are read."""
+        return self.facts is None or self.facts.routing.smtputf8
+
     def note_revision(self, tables: Tables,
                       recorded: Callable[[str], tuple[list[str], str] | None]) -> None:
         """Record which revision introduced each policy's current lines.  A policy seen for
