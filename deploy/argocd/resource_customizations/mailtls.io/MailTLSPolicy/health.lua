@@ -9,7 +9,7 @@
 --                Accepted=False Invalid or Conflict; Ready=False RolloutFailed, or a
 --                refusal/warning the operator found in the Postfix instance
 --                (TrustAnchorMissing, CheckUnavailable, UnsupportedAttribute, PolicyBypassed,
---                DNSSECDisabled),
+--                DNSSECDisabled, KeyFolding),
 --                lines the renderer refused (UnsafeEntry), or an expired break-glass
 --                exception (Expired)
 --   Healthy      Ready=True and status.observedGeneration == metadata.generation
@@ -28,6 +28,7 @@ local DEGRADED_REASONS = {
     UnsafeEntry = true,
     PolicyBypassed = true,
     DNSSECDisabled = true,
+    KeyFolding = true,
     Expired = true,
   },
 }
