@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from . import postfix
-from .keys import also_governs
+from .keys import also_governs, lookup_key
 from .render import REVISION_KEY
 from .status import DNSSEC_DISABLED, KEY_FOLDING, POLICY_BYPASSED
 
@@ -214,25 +214,38 @@ def nexthops(domain: str, config: InstanceConfig,
     return (domain,) if channel else default
 
 
-def policy_lookup(nexthop: str, table_keys: Iterable[str]) -> str | None:
+def policy_lookup(nexthop: str, table_keys: Iterable[str], *,
+                  smtputf8: bool = True) -> str | None:
     """The TLS policy key Postfix uses for ``nexthop`` (smtp_tls_policy.c).
 
     A bare host or domain name is looked up as itself, then as ``.parent``
     walking up (``a.b.example`` -> ``.b.example`` -> ``.example``); anything
     else (``[host]``, ``[host]:port``, ``host:port``) only verbatim.
-    Case-insensitive, like Postfix's table lookups.
+    Case-insensitive as Postfix's table lookups are: each side folded by
+    :func:`.keys.lookup_key` (``STRASSE.example`` finds ``straße.example`` when the
+    instance folds UTF-8 keys).
     """
     keys = table_keys if isinstance(table_keys, (set, frozenset)) else set(table_keys)
     name = nexthop.lower()
-    if name in keys:
-        return name
+    found: Mapping[str, str] | None = None  # lookup key -> table key, when folding matters
+    if not (name.isascii() and all(k.isascii() for k in keys)):
+        found = {lookup_key(k, smtputf8=smtputf8): k for k in keys}
+        name = lookup_key(nexthop, smtputf8=smtputf8)
+
+    def table_key(candidate: str) -> str | None:
+        if found is None:
+            return candidate if candidate in keys else None
+        return found.get(candidate)
+
+    if (key := table_key(name)) is not None:
+        return key
     if not _HOSTNAME.fullmatch(name):
         return None
     rest = name
     while "." in rest[1:]:
         rest = rest[rest.index(".", 1):]
-        if rest in keys:
-            return rest
+        if (key := table_key(rest)) is not None:
+            return key
     return None
 
 
@@ -251,7 +264,7 @@ def governing_key(recipient_domain: str, table_keys: Iterable[str], config: Inst
     keys = table_keys if isinstance(table_keys, (set, frozenset)) else set(table_keys)
     keys = {k for k in keys if k != REVISION_KEY}
     for hop in hops:
-        key = policy_lookup(hop, keys)
+        key = policy_lookup(hop, keys, smtputf8=config.smtputf8)
         if key is not None:
             return key
     return None

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from mailtls_operator.keys import also_governs, lookup_key
 from mailtls_operator.policy import Policy, PolicyInvalid, load_policy, normalise_destination
 from mailtls_operator.render import render
-from mailtls_operator.routing import InstanceConfig, lint
+from mailtls_operator.routing import InstanceConfig, governing_key, lint
 from mailtls_operator.status import KEY_FOLDING
 
 from .test_policy import obj
@@ -242,3 +242,14 @@ def test_validate_warns_on_stderr_and_exits_0(tmp_path: Path) -> None:
     warning = [ln for ln in out.stderr.splitlines() if ln.startswith("warning:")]
     assert len(warning) == 1
     assert "mail/sharp" in warning[0] and "also answers for strasse.example" in warning[0]
+
+
+def test_the_governing_key_is_found_as_postfix_folds_the_next_hop() -> None:
+    keys = {"stra\u00dfe.example", ".\u03c3\u03c3.example", "plain.example"}
+    folding = InstanceConfig.from_postconf({"smtputf8_enable": "yes"})
+    exact = InstanceConfig.from_postconf({"smtputf8_enable": "no"})
+    assert governing_key("STRASSE.example", keys, folding) == "stra\u00dfe.example"
+    assert governing_key("mx.\u03a3\u03c2.example", keys, folding) == ".\u03c3\u03c3.example"
+    assert governing_key("STRASSE.example", keys, exact) is None
+    assert governing_key("STRA\u00dfE.example", keys, exact) == "stra\u00dfe.example"
+    assert governing_key("Plain.Example", keys, exact) == "plain.example"
