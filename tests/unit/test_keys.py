@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mailtls_operator.discovery.explain import explain
 from mailtls_operator.keys import also_governs, lookup_key
 from mailtls_operator.policy import Policy, PolicyInvalid, load_policy, normalise_destination
 from mailtls_operator.render import render
@@ -253,3 +254,9 @@ def test_the_governing_key_is_found_as_postfix_folds_the_next_hop() -> None:
     assert governing_key("STRASSE.example", keys, exact) is None
     assert governing_key("STRA\u00dfE.example", keys, exact) == "stra\u00dfe.example"
     assert governing_key("Plain.Example", keys, exact) == "plain.example"
+
+
+def test_explain_finds_the_policies_of_a_folded_key_and_shows_the_written_line() -> None:
+    line, out = explain("STRASSE.example", _issue_policies())
+    assert line == "stra\u00dfe.example secure match=nexthop"
+    assert any("beat mail/plain" in ln for ln in out)

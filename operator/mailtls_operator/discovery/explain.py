@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
+from ..conflicts import looked_up
+from ..keys import lookup_key
 from ..policy import Policy, normalise_destination
 from ..render import beats, select
 
@@ -35,13 +37,14 @@ def explain(key: str, policies: Iterable[Policy], *, instance: tuple[str, str] |
     """``(table line or None, explanation lines)`` for ``key``.
 
     ``key`` is normalised like a destination (lower-case, IDN), so the user can
-    type it as Postfix would look it up.
+    type it as Postfix would look it up; policies are matched on the key as Postfix
+    folds it (``smtputf8_enable = yes``: ``strasse.example`` names ``straße.example``).
     """
     keys, errors = normalise_destination(key, "KEY")
     if errors:
         raise ValueError(str(errors[0]))
-    wanted = set(keys)
-    named = [p for p in policies if wanted & set(p.keys)]
+    wanted = {lookup_key(k, smtputf8=True) for k in keys}
+    named = [p for p in policies if wanted & set(looked_up(p.keys, True))]
     live = select(named, instance, now)
     notes: list[str] = []
     for p in named:
@@ -55,7 +58,9 @@ def explain(key: str, policies: Iterable[Policy], *, instance: tuple[str, str] |
     for p in live[1:]:
         if beats(p, winner):
             winner = p
-    line = f"{keys[0]} {winner.value}"
+    first = lookup_key(keys[0], smtputf8=True)  # the line as written: the winner's spelling
+    written = next((k for k in winner.keys if lookup_key(k, smtputf8=True) == first), keys[0])
+    line = f"{written} {winner.value}"
     out = [f"{line}", f"  from {winner.ref} (source {winner.source})"]
     for p in live:
         if p is not winner:
