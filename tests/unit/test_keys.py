@@ -17,7 +17,8 @@ from mailtls_operator.keys import also_governs, lookup_key
 from mailtls_operator.policy import Policy, PolicyInvalid, load_policy, normalise_destination
 from mailtls_operator.render import render
 from mailtls_operator.routing import InstanceConfig, governing_key, lint
-from mailtls_operator.status import KEY_FOLDING
+from mailtls_operator.status import KEY_FOLDING, InstanceView, conditions_for
+from mailtls_operator.world import PolicyRecord
 
 from .test_policy import obj
 from .test_render import NOW, entry_lines, pol
@@ -260,3 +261,21 @@ def test_explain_finds_the_policies_of_a_folded_key_and_shows_the_written_line()
     line, out = explain("STRASSE.example", _issue_policies())
     assert line == "stra\u00dfe.example secure match=nexthop"
     assert any("beat mail/plain" in ln for ln in out)
+
+
+def test_a_folding_warning_makes_ready_false_and_a_conflict_names_the_winner() -> None:
+    plain, sharp = _issue_policies()
+    tables = render([plain, sharp], now=NOW)
+    found = lint(tables.contributors, [], InstanceConfig())
+
+    def ready_and_accepted(policy: Policy) -> list[tuple[str, str, str]]:
+        rec = PolicyRecord(policy.namespace, policy.name, policy.uid, 1, policy, [], {})
+        view = InstanceView("relay", tables.revision, 1, 1,
+                            losses=tables.losses.get(policy.ref, []),
+                            lines=tables.contributors.get(policy.ref, []),
+                            warnings=found.get(policy.ref, []))
+        return [(c.type, c.status, c.reason) for c in conditions_for(rec, [view], NOW)][:2]
+
+    assert ready_and_accepted(sharp) == [("Ready", "False", KEY_FOLDING),
+                                         ("Accepted", "True", "Valid")]
+    assert ready_and_accepted(plain)[1] == ("Accepted", "False", "Conflict")
