@@ -24,6 +24,16 @@ class Loss:
     key: str
     winner: str
     reason: str  # Conflict | Overridden
+    folded_with: str = ""
+    """The winner's key when it is spelled otherwise (``straße.example`` for a lost
+    ``strasse.example``): one key to Postfix once it folds case."""
+
+    @property
+    def shown(self) -> str:
+        """The key for a message, saying why a differently spelled key took it."""
+        if not self.folded_with:
+            return self.key
+        return f"{self.key} (one key with {self.folded_with} as Postfix folds case)"
 
 
 LOST_TO_EXCEPTION = "Overridden"
@@ -124,7 +134,9 @@ def resolve(chosen: Iterable[Policy], *, smtputf8: bool) -> Resolution:
             if w is p or (w.value == p.value and w.exception is None and p.exception is None):
                 mine.append(key)  # won, or agrees with the winner
             else:
-                losses.setdefault(p.ref, []).append(Loss(key, w.ref, loss_reason(w, p)))
+                won = spelling.get(lk, lk)
+                losses.setdefault(p.ref, []).append(Loss(
+                    key, w.ref, loss_reason(w, p), won if won != key else ""))
         if mine:
             contributed[p.ref] = tuple(mine)
     if spelling:  # the line is written as its winner spelled it; Postfix folds it again

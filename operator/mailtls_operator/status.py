@@ -93,7 +93,7 @@ def _short(revision: str) -> str:
 def _accepted(rec: PolicyRecord, views: Sequence[InstanceView]) -> Condition:
     if rec.errors:
         return Condition(ACCEPTED, "False", INVALID, "; ".join(str(e) for e in rec.errors))
-    conflicts = sorted({(lo.key, lo.winner) for v in views for lo in v.losses
+    conflicts = sorted({(lo.shown, lo.winner) for v in views for lo in v.losses
                         if lo.reason == LOST_TO_CONFLICT})
     if conflicts:
         shown = ", ".join(f"{key}: {winner} wins" for key, winner in conflicts[:5])
@@ -106,7 +106,7 @@ def _accepted(rec: PolicyRecord, views: Sequence[InstanceView]) -> Condition:
 
 
 def _overridden(views: Sequence[InstanceView]) -> Condition | None:
-    beaten = sorted({(lo.key, lo.winner) for v in views for lo in v.losses
+    beaten = sorted({(lo.shown, lo.winner) for v in views for lo in v.losses
                      if lo.reason == LOST_TO_EXCEPTION})
     if not beaten:
         return None

@@ -158,6 +158,7 @@ def test_folded_keys_conflict_and_the_stricter_policy_wins() -> None:
                      "xn--strae-oqa.example secure match=nexthop"]
     (loss,) = tables.losses["mail/plain"]
     assert (loss.key, loss.winner, loss.reason) == ("strasse.example", "mail/sharp", "Conflict")
+    assert loss.folded_with == "stra\u00dfe.example"
     assert "mail/plain" not in tables.contributors
 
 
@@ -279,3 +280,8 @@ def test_a_folding_warning_makes_ready_false_and_a_conflict_names_the_winner() -
     assert ready_and_accepted(sharp) == [("Ready", "False", KEY_FOLDING),
                                          ("Accepted", "True", "Valid")]
     assert ready_and_accepted(plain)[1] == ("Accepted", "False", "Conflict")
+    rec = PolicyRecord(plain.namespace, plain.name, plain.uid, 1, plain, [], {})
+    view = InstanceView("relay", tables.revision, 1, 1, losses=tables.losses[plain.ref])
+    message = conditions_for(rec, [view], NOW)[1].message
+    assert "strasse.example (one key with stra\u00dfe.example as Postfix folds case): " \
+           "mail/sharp wins" in message
