@@ -168,6 +168,9 @@ def _port(text: str | None, where: str) -> tuple[str, list[FieldError]]:
 def normalise_destination(raw: str, where: str) -> tuple[list[str], list[FieldError]]:
     """One destination -> its table keys (lower-case, no trailing dot, IDN twice).
 
+    The IDNA full stops (:data:`.keys.FULL_STOPS`) separate labels like ``.``, wherever
+    written.
+
     Forms (postconf(5) smtp_tls_policy_maps): ``domain``, ``.domain``,
     ``domain:port``, ``[host]``, ``[host]:port``, ``[ipv4]``, ``[ipv6:addr]``.
     Whitespace, control and format characters are refused first, whatever the
@@ -177,8 +180,8 @@ def normalise_destination(raw: str, where: str) -> tuple[list[str], list[FieldEr
     if bad is not None:
         return [], [FieldError(where, f"Invalid value: {shown(raw)}: contains {bad}, a space, "
                                       "control or format character")]
-    raw = with_dots(raw)  # IDNA full stops are label separators; a trailing one goes
-    bracket = _BRACKET.fullmatch(raw)
+    text = with_dots(raw)  # IDNA full stops are label separators; a trailing one goes
+    bracket = _BRACKET.fullmatch(text)
     if bracket:
         host, port_text = bracket.group(1), bracket.group(2)
         port, errors = _port(port_text, where)
@@ -200,7 +203,7 @@ def normalise_destination(raw: str, where: str) -> tuple[list[str], list[FieldEr
             return [], [FieldError(where, f"Invalid value: {raw!r}: [.domain] is not a next-hop")]
         keys, errors = _hostname(host, where)
         return [f"[{k}]{port}" for k in keys], errors
-    m = _PORTED.fullmatch(raw)
+    m = _PORTED.fullmatch(text)
     assert m is not None  # the pattern matches any string
     host, port_text = m.group(1), m.group(2)
     if port_text is not None and host.startswith("."):
