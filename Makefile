@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEB_PACKAGES := postfix postfix-lmdb postfix-cdb lua5.1 lua-cjson
+DEB_PACKAGES := postfix postfix-lmdb postfix-cdb lua5.1 lua-cjson prometheus
 # The image tests (tests/images) and `make images`: podman with Debian's runc (crun fails
 # on these machines: cgroups in hybrid mode) and mmdebstrap for the local stand-in bases
 # where no registry is reachable (images/build.sh).

@@ -44,6 +44,17 @@ class Metrics:
                               "Recipients deferred for a TLS reason, by governing policy (a series "
                               "only while the policy has deferred mail)",
                               ["namespace", "policy", "instance"], registry=r)
+        self.exception_start = Gauge(
+            "mailtls_exception_start_timestamp_seconds",
+            "Start of a break-glass exception's window, Unix time (a series only while the "
+            "exception is in force)", ["namespace", "policy"], registry=r)
+        self.exception_expiry = Gauge(
+            "mailtls_exception_expiry_timestamp_seconds",
+            "When a break-glass exception expires, Unix time (a series only while the "
+            "exception is in force)", ["namespace", "policy"], registry=r)
+        self.leader = Gauge("mailtls_leader",
+                            "1 while this operator process may write (the leader, or running "
+                            "without leader election), 0 while it stands by", registry=r)
         self.probe_failures = Gauge("mailtls_probe_failures",
                                     "Destinations whose last probe failed",
                                     ["namespace", "policy"], registry=r)

@@ -15,6 +15,7 @@ from .kit import KUBE_VERSION, Obj
 #: Custom kinds the packaging emits, their scope, and the top-level fields they may have.
 CUSTOM_KINDS: dict[tuple[str, str], tuple[str, set[str]]] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): ("Namespaced", {"spec"}),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): ("Namespaced", {"spec"}),
 }
 
 #: Built-in kinds that are cluster-scoped (the rest the packaging emits are namespaced).

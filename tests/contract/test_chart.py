@@ -41,6 +41,7 @@ AGENT = {"strategy": "agent", "agent": {"instances": [{"namespace": "mail", "nam
 EVERYTHING = {
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     "podDisruptionBudget": {"enabled": True},
+    "networkPolicy": {"enabled": True},
     "verbose": True,
     "extraArgs": ["--max-delay=9"],
     "image": {"digest": "sha256:" + "a" * 64},

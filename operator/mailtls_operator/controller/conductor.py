@@ -81,8 +81,8 @@ class Operator:
         self._resync: asyncio.TimerHandle | None = None
         self._stopping = False
         self._gone: dict[tuple[str, str], str] = {}
-        """resourceVersion of the DELETED event of each policy gone (a live policy's last
-        seen version is its record's)."""
+        """resourceVersion of each gone policy's DELETED event (a live one's: its record)."""
+        self.ctx.metrics.leader.set_function(lambda: float(self.may_act))
 
     @property
     def config(self) -> Config:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Coroutine
+from datetime import datetime
 from typing import Any
 
 from .. import mailqueue
@@ -44,6 +45,8 @@ class Statuses:
             on_failure=lambda rec: ctx.metrics.status_write_failures.labels(
                 rec.namespace).inc())
         self._io = asyncio.Semaphore(16)
+        self._excepted: dict[str, set[str]] = {}
+        """namespace -> policies with exception series (to remove them when they end)."""
         self._background: set[asyncio.Task[None]] = set()
 
     def recorded(self, ref: str, instance: str) -> tuple[list[str], str] | None:
@@ -105,9 +108,24 @@ class Statuses:
                 self.writer.forget(rec.ref)  # already stored: nothing to write
         for reason, n in counts.items():
             metrics.policies.labels(namespace, reason).set(n)
-        metrics.exceptions_active.labels(namespace).set(sum(
-            1 for rec in self.ctx.world.records(namespace) if rec.policy is not None
-            and rec.policy.exception is not None and not rec.policy.is_expired(now)))
+        self._gauge_exceptions(namespace, now)
+
+    def _gauge_exceptions(self, namespace: str, now: datetime) -> None:
+        """Exceptions in force: their count, and per exception its window, so an alert can
+        say "in force for N days" or "expires within a day" (exceptions are few: a series
+        each, and none for ordinary policies)."""
+        metrics = self.ctx.metrics
+        windows = {rec.name: rec.policy.exception for rec in self.ctx.world.records(namespace)
+                   if rec.policy is not None and rec.policy.exception is not None
+                   and not rec.policy.is_expired(now) and not rec.policy.is_scheduled(now)}
+        metrics.exceptions_active.labels(namespace).set(len(windows))
+        for name in self._excepted.get(namespace, set()) - set(windows):
+            metrics.exception_start.remove(namespace, name)
+            metrics.exception_expiry.remove(namespace, name)
+        for name, window in windows.items():
+            metrics.exception_start.labels(namespace, name).set(window.starts_at.timestamp())
+            metrics.exception_expiry.labels(namespace, name).set(window.expires_at.timestamp())
+        self._excepted[namespace] = set(windows)
 
     def forget(self, ref: str) -> None:
         """The policy is gone: drop any status still waiting to be written."""

@@ -62,11 +62,20 @@ class DiscoveryService:
         self.tasks: dict[ObjKey, asyncio.Task[None]] = {}
         self._background: set[asyncio.Future[None]] = set()
         self._gauged: dict[ObjKey, set[tuple[str, str]]] = {}
+        self._caching: set[ObjKey] = set()
         self.changes = Counter("mailtls_discovered_policy_changes_total",
                                "Discovered domains whose policy id, mode or MX list changed",
                                ["namespace", "discovery", "field"], registry=registry)
         self.domains = Gauge("mailtls_discovered_domains", "Discovered domains by source/mode",
                              ["namespace", "discovery", "source", "mode"], registry=registry)
+        self.failing = Gauge("mailtls_discovery_failing_domains",
+                             "Domains of a MailTLSDiscovery whose last lookup or refresh failed",
+                             ["namespace", "discovery"], registry=registry)
+        self.cache_expiry = Gauge(
+            "mailtls_discovery_cache_expiry_timestamp_seconds",
+            "Earliest expiry of a MailTLSDiscovery's cached MTA-STS policies, Unix time (a "
+            "series only while a policy is cached)", ["namespace", "discovery"],
+            registry=registry)
 
     # ------------------------------------------------------------------ events
 
@@ -75,6 +84,7 @@ class DiscoveryService:
         key = (meta.get("namespace") or "default", meta.get("name") or "")
         if event_type == "DELETED":
             self._cancel(key)
+            self._forget_gauges(key)
             self.objects.pop(key, None)
             self.meta.pop(key, None)
             self.states.pop(key, None)
@@ -216,11 +226,9 @@ class DiscoveryService:
         for d in domains:
             label = (d["source"] or "none", d["mode"] or "none")
             counts[label] = counts.get(label, 0) + 1
-        for label in self._gauged.get(key, set()) - set(counts):
-            self.domains.remove(key[0], key[1], *label)
-        for label, n in counts.items():
-            self.domains.labels(key[0], key[1], *label).set(n)
-        self._gauged[key] = set(counts)
+        self._gauge(key, counts, len(failed), [
+            datetime.fromisoformat(d["expiresAt"]).timestamp() for d in domains
+            if d.get("expiresAt")])
         if not self.states.get(key):
             cond = _condition("Unknown", "Discovering", "first discovery round running")
         elif failed:
@@ -232,6 +240,29 @@ class DiscoveryService:
                               f"{len(domains) - enforced - testing} without a line")
         return {"conditions": [cond], "enforced": enforced, "testing": testing,
                 "domains": domains}
+
+    def _gauge(self, key: ObjKey, counts: Mapping[tuple[str, str], int], failing: int,
+               expiries: list[float]) -> None:
+        """The object's series: domains by source and mode, failing domains, the earliest
+        cache expiry. Per object, never per domain; all removed with the object."""
+        for label in self._gauged.get(key, set()) - set(counts):
+            self.domains.remove(key[0], key[1], *label)
+        for label, n in counts.items():
+            self.domains.labels(key[0], key[1], *label).set(n)
+        self._gauged[key] = set(counts)
+        self.failing.labels(*key).set(failing)
+        if expiries:
+            self.cache_expiry.labels(*key).set(min(expiries))
+            self._caching.add(key)
+        elif key in self._caching:
+            self.cache_expiry.remove(*key)
+            self._caching.discard(key)
+
+    def _forget_gauges(self, key: ObjKey) -> None:
+        self._gauge(key, {}, 0, [])
+        if key in self._gauged:  # the object had a summary, so it has a failing series
+            self.failing.remove(*key)
+            del self._gauged[key]
 
     async def _signal(self, key: ObjKey, domains: list[dict[str, Any]]) -> None:
         """An Event and a metric per domain whose id, mode or MX list changed."""
