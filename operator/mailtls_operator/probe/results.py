@@ -85,5 +85,6 @@ class ProbeOutcome:
 
 
 def rfc3339(when: datetime) -> str:
-    """``2026-01-02T03:04:05Z``: the form Kubernetes writes."""
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``2026-01-02T03:04:05Z``: the form Kubernetes writes (the year always four digits:
+    ``strftime("%Y")`` writes year 1 as ``1``, which no RFC 3339 reader accepts)."""
+    return when.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
