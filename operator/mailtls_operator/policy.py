@@ -260,7 +260,7 @@ def _exception_errors(spec: Mapping[str, Any], now: datetime | None,
 # ------------------------------------------------------------------------ public
 
 
-def spec_hash(spec: Mapping[str, Any]) -> bytes:
+def spec_hash(spec: Any) -> bytes:
     """Content hash of a spec (16 bytes): the validation cache key across generations.
 
     Total over anything: a value JSON cannot write (an integer past Python's 4,300-digit

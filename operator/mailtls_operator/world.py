@@ -173,7 +173,7 @@ class World:
         ns, name = namespace_of(meta), name_of(meta)
         old = self.policies.get(ns, {}).get(name)
         spec = obj.get("spec")
-        uid = meta.get("uid") if isinstance(meta.get("uid"), str) else ""
+        uid = raw_uid if isinstance(raw_uid := meta.get("uid"), str) else ""
         generation = generation_of(meta)
         digest = spec_hash(spec)
         verdict = self._verdict(obj, old, uid, generation, digest)

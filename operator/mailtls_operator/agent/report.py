@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from .. import strictjson
+from ..crd.timefmt import parse_rfc3339
 from ..facts import InstanceFacts
 from ..mailqueue import DeferredSummary
 from ..observer import PolicyProbes
-from .. import strictjson
-from ..crd.timefmt import parse_rfc3339
 from ..probe import FAIL, PASS, ProbeOutcome, clean, rfc3339
 
 ANN_APPLIED = "mailtls.io/applied-revision"

@@ -57,7 +57,7 @@ def name_of(meta: Mapping[str, Any]) -> str:
 def generation_of(meta: Mapping[str, Any]) -> int:
     """``metadata.generation`` when it is an int64 >= 0, else 0."""
     value = meta.get("generation")
-    return value if _is_generation(value) else 0
+    return int(value) if _is_generation(value) else 0
 
 
 def created_of(meta: Mapping[str, Any]) -> datetime:

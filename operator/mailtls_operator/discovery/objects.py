@@ -20,8 +20,8 @@ import jsonschema
 import yaml
 
 from ..crd import GROUP
-from ..crd.schema import _path, _schema_message, structural_validator
 from ..crd.meta import created_of, meta_errors, metadata_of, name_of, namespace_of
+from ..crd.schema import _path, _schema_message, structural_validator
 from ..policy import Policy, PolicyInvalid, load_policy
 from ..safetext import one_line
 from ..sources import SourceError, _files, _is_policy, _objects
