@@ -56,7 +56,7 @@ def name_of(meta: Mapping[str, Any]) -> str:
 
 def generation_of(meta: Mapping[str, Any]) -> int:
     """``metadata.generation`` when it is an int64 >= 0, else 0."""
-    value = meta.get("generation")
+    value: Any = meta.get("generation")
     return int(value) if _is_generation(value) else 0
 
 
