@@ -20,7 +20,7 @@ from mailtls_operator.policy import Policy, PolicyInvalid, load_policy
 from mailtls_operator.render import render
 from mailtls_operator.world import World
 
-from .schema_strategy import from_schema, hostile_metadata, kube_datetimes
+from .schema_strategy import from_schema, hostile_metadata, hostile_scalars, kube_datetimes
 
 SPEC = version_schema()["properties"]["spec"]
 NOWS = st.sampled_from([datetime(2026, 12, 1, tzinfo=UTC),
@@ -40,8 +40,16 @@ def _obj(meta: Any, spec: Any) -> dict[str, Any]:
             "spec": spec}
 
 
+def _spoiled(spec: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """``spec`` with one field's value replaced by a hostile scalar (a 5,000-digit
+    integer, NaN, null, a list...): what a file, not the API server, may hold."""
+    return st.sampled_from(sorted(spec)).flatmap(
+        lambda k: hostile_scalars.map(lambda v: {**spec, k: v}))
+
+
 specs = st.one_of(from_schema(SPEC), from_schema(SPEC).flatmap(
-    lambda s: exception_windows.map(lambda e: {**s, "exception": e})))
+    lambda s: exception_windows.map(lambda e: {**s, "exception": e})),
+    from_schema(SPEC).flatmap(_spoiled))
 
 
 def _through_everything(objs: list[dict[str, Any]], now: datetime) -> None:
@@ -146,7 +154,8 @@ DISCOVERY_SPEC = yaml.safe_load(crd_path().read_text())["spec"]["versions"][0][
 
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-@given(good_metadata | hostile_metadata, from_schema(DISCOVERY_SPEC))
+@given(good_metadata | hostile_metadata,
+       from_schema(DISCOVERY_SPEC) | from_schema(DISCOVERY_SPEC).flatmap(_spoiled))
 def test_any_discovery_object_is_a_discovery_or_a_refusal(meta: Any, spec: Any) -> None:
     try:
         load_discovery({"apiVersion": "mailtls.io/v1alpha1", "kind": "MailTLSDiscovery",

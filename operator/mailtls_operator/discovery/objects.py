@@ -22,6 +22,7 @@ import yaml
 from ..crd import GROUP
 from ..crd.meta import created_of, meta_errors, metadata_of, name_of, namespace_of
 from ..crd.schema import _path, _schema_message, structural_validator
+from ..crd.validate import json_errors
 from ..policy import Policy, PolicyInvalid, load_policy
 from ..safetext import one_line
 from ..sources import SourceError, _files, _is_policy, _objects
@@ -85,8 +86,10 @@ def load_discovery(obj: Mapping[str, Any]) -> Discovery:
     ref = one_line(f"{namespace_of(meta)}/{name_of(meta)}")
     spec = obj.get("spec")
     errors = [str(e) for e in meta_errors(obj)]
-    errors += [f"{_path('spec', e.absolute_path)}: {_schema_message(e)}"
-               for e in _validator().iter_errors(spec)] if spec is not None else ["spec: Required"]
+    not_json = [str(e) for e in json_errors(spec, "spec")]  # before the schema repr()s it
+    errors += not_json or ([f"{_path('spec', e.absolute_path)}: {_schema_message(e)}"
+                            for e in _validator().iter_errors(spec)]
+                           if spec is not None else ["spec: Required"])
     if not errors:
         assert isinstance(spec, Mapping)
         seen: dict[str, int] = {}
