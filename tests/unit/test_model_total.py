@@ -5,7 +5,7 @@ exception; the same for MailTLSDiscovery objects."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -13,11 +13,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailtls_operator.crd import cel_errors, version_schema
+from mailtls_operator.crd import cel_errors, status_errors, version_schema
 from mailtls_operator.crd.timefmt import is_kube_datetime, parse_instant
 from mailtls_operator.discovery.objects import DiscoveryInvalid, crd_path, load_discovery
 from mailtls_operator.policy import Policy, PolicyInvalid, load_policy
 from mailtls_operator.render import render
+from mailtls_operator.status import policy_status
 from mailtls_operator.world import World
 
 from .schema_strategy import from_schema, hostile_metadata, hostile_scalars, kube_datetimes
@@ -64,7 +65,8 @@ def _through_everything(objs: list[dict[str, Any]], now: datetime) -> None:
         keys |= world.upsert_policy(obj)
     for key in keys | {("default", "relay"), ("mail", "relay")}:
         render(world.policies_for(key), instance=key, now=now)
-        render(world.policies_for(key), instance=key, now=now + timedelta(0))
+    for rec in world.records():  # the status the operator would write: the server takes it
+        assert status_errors(policy_status(rec, [], now)) == []
 
 
 @settings(max_examples=60, deadline=None,

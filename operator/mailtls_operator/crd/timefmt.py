@@ -105,6 +105,14 @@ def parse_rfc3339(text: str) -> datetime:
     return parse_instant(text).utc
 
 
+def format_rfc3339(when: datetime) -> str:
+    """``2026-01-02T03:04:05Z`` (seconds, UTC; naive means UTC), the year always four
+    digits: ``strftime("%Y")`` writes year 1 as ``1``, which the API server refuses."""
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC)
+    return when.replace(microsecond=0, tzinfo=None).isoformat() + "Z"
+
+
 def add_capped(when: datetime, delta: timedelta) -> datetime:
     """``when + delta``, saturating at ``datetime.max``/``min`` (UTC) instead of raising
     OverflowError: "never" and "always" are what a time past year 9999 means here."""
