@@ -69,7 +69,7 @@ def _through_everything(objs: list[dict[str, Any]], now: datetime) -> None:
         assert status_errors(policy_status(rec, [], now)) == []
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(st.lists(st.tuples(good_metadata | hostile_metadata, specs), min_size=1, max_size=3),
        NOWS)
@@ -78,7 +78,7 @@ def test_any_object_the_schema_accepts_is_a_policy_or_a_refusal_everywhere(
     _through_everything([_obj(m, s) for m, s in objs], now)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(exception_windows)
 def test_exception_windows_never_raise_in_the_twin_or_in_cel_python(exc: dict[str, Any]
                                                                      ) -> None:
@@ -154,7 +154,7 @@ DISCOVERY_SPEC = yaml.safe_load(crd_path().read_text())["spec"]["versions"][0][
     "schema"]["openAPIV3Schema"]["properties"]["spec"]
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(good_metadata | hostile_metadata,
        from_schema(DISCOVERY_SPEC) | from_schema(DISCOVERY_SPEC).flatmap(_spoiled))
