@@ -21,8 +21,7 @@ MAX_DEPTH = 32
 MAX_INT_DIGITS = 19
 """int64 has at most 19 digits: a longer integer is no count or time we write."""
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKET = re.compile(r"[\[\]{}]")
+_TOKEN = re.compile(r'\\.|["\[\]{}]', re.DOTALL)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -42,13 +41,26 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
-def depth(text: str) -> int:
-    """The deepest bracket nesting of ``text`` outside string literals (a linear scan
-    with two regular expressions, no recursion: safe on any input)."""
+def depth(text: str, stop_above: int | None = None) -> int:
+    """The deepest bracket nesting of ``text`` outside string literals: one linear pass
+    over quotes, brackets and backslash pairs, no backtracking (a regular expression for
+    whole string literals is quadratic on ``"\\"\\"...`` without an end) and no recursion."""
     deepest = level = 0
-    for m in _BRACKET.finditer(_STRING.sub("", text)):
-        level += 1 if m.group() in "[{" else -1
-        deepest = max(deepest, level)
+    in_string = False
+    for m in _TOKEN.finditer(text):
+        token = m.group()
+        if len(token) == 2:  # a backslash pair: an escape inside a string
+            if in_string:
+                continue
+            token = token[1]  # outside one it is invalid JSON; the next character counts
+        if token == '"':
+            in_string = not in_string
+        elif not in_string:
+            level += 1 if token in "[{" else -1
+            if level > deepest:
+                deepest = level
+                if stop_above is not None and deepest > stop_above:
+                    break  # deep enough to refuse: the rest need not be read
     return deepest
 
 
@@ -59,9 +71,8 @@ def loads(text: Any, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
         raise ValueError(f"not a string but {type(text).__name__}")
     if len(text) > max_bytes or len(text.encode("utf-8", "surrogatepass")) > max_bytes:
         raise ValueError(f"longer than {max_bytes} bytes")
-    found = depth(text)
-    if found > max_depth:
-        raise ValueError(f"nested {found} deep, more than {max_depth}")
+    if text.count("[") + text.count("{") > max_depth and depth(text, max_depth) > max_depth:
+        raise ValueError(f"nested more than {max_depth} deep")
     try:
         return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite,
                           parse_int=_bounded_int)

@@ -58,6 +58,22 @@ def test_hostile_reports_are_refused_whole(text: str) -> None:
     assert time.monotonic() - started < 2
 
 
+_N = MAX_REPORT_READ - 10
+
+
+@pytest.mark.parametrize("text", [
+    '"' * _N, '"\\' * (_N // 2), "[" * _N, '{"a":' * (_N // 5), '"' + '\\"' * (_N // 2 - 1),
+    "1" * _N, "[" + "1," * (_N // 2 - 1) + "1]", '"' + "a" * (_N - 1), "[" * 30 + '"' * _N,
+], ids=["quotes", "quote-backslash", "brackets", "objects", "escaped-quotes", "digits",
+        "long-array", "unterminated", "brackets-then-quotes"])
+def test_reports_at_the_size_limit_are_judged_in_linear_time(text: str) -> None:
+    """No backtracking scan: a string literal without its end costs one pass, not n^2."""
+    started = time.monotonic()
+    with pytest.raises(BadReport):
+        parse_report(text)
+    assert time.monotonic() - started < 2
+
+
 def test_report_times_are_aware_utc_whatever_the_offset() -> None:
     got = parse_report(_report(at="9999-12-31T22:30:00-01:00"))
     assert got.at == datetime(9999, 12, 31, 23, 30, tzinfo=UTC)

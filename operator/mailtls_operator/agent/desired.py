@@ -181,7 +181,7 @@ def from_configmaps(bodies: Sequence[Mapping[str, Any]]) -> Desired:
         transport = reassemble(bodies, "transport")
     except Unreadable as exc:
         raise Malformed(str(exc)) from exc
-    primary = bodies[0]  # reassemble checked the types of its metadata and data
+    primary = bodies[0]  # reassemble refused it unless metadata, annotations, data are maps
     annotations = (primary.get("metadata") or {}).get("annotations") or {}
     return load(tls, transport, (primary.get("data") or {}).get(AGENT_DATA),
                 annotations.get(ANN_REVISION))

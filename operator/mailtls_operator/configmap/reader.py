@@ -46,8 +46,9 @@ def reassemble(bodies: Iterable[Any], table: str = "tls_policy") -> str:
     for number, body in enumerate(bodies):
         if not isinstance(body, Mapping):
             raise Unreadable(f"ConfigMap #{number} is {type(body).__name__}, not an object")
-        meta = body.get("metadata")
-        meta = meta if isinstance(meta, Mapping) else {}
+        meta = body.get("metadata") or {}
+        if not isinstance(meta, Mapping):
+            raise Unreadable(f"metadata is {type(meta).__name__}, not an object")
         annotations = _mapping(meta.get("annotations"), "metadata.annotations")
         name = meta.get("name")
         revisions[name if isinstance(name, str) else f"#{number}"] = annotations.get(
