@@ -21,6 +21,7 @@ second of what the API server lets through).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -37,6 +38,12 @@ _NS = 1_000_000_000
 
 def is_kube_datetime(text: str) -> bool:
     """The schema's ``format: date-time`` as kube-openapi judges it (see the module)."""
+    return isinstance(text, str) and _is_kube_datetime(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_kube_datetime(text: str) -> bool:
+    """kube-openapi's check itself, cached: the same few times recur across policies."""
     if len(text) < 4:
         return False
     parts = text.lower().split("t")
@@ -75,8 +82,19 @@ class Instant:
 
 
 def parse_instant(text: str) -> Instant:
-    """CEL's ``timestamp(text)``; raises :class:`ValueError` saying why not."""
-    m = _GO_RFC3339.fullmatch(text) if isinstance(text, str) else None
+    """CEL's ``timestamp(text)``; raises :class:`ValueError` saying why not (also for a
+    value that is not a string)."""
+    if not isinstance(text, str):
+        raise ValueError(f"not a string but {type(text).__name__}")
+    return _parse_instant(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_instant(text: str) -> Instant:
+    """Cached: the same few times (a burst's creationTimestamps, an exception window)
+    recur per policy in the schema, the CEL twin and the model; a refusal raises, so it
+    is not cached."""
+    m = _GO_RFC3339.fullmatch(text)
     if m is None:
         raise ValueError("not an RFC 3339 date-time (YYYY-MM-DDTHH:MM:SS[.frac](Z|+HH:MM))")
     year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
