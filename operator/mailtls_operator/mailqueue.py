@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from . import postfix
+from .crd.timefmt import format_rfc3339
 from .podrunner import PodRef, PodRunner, PodRunnerError
 from .render import REVISION_KEY
 from .routing import InstanceConfig, governing_key
@@ -218,7 +219,7 @@ def merge_deferred(*maps: Mapping[str, DeferredSummary]) -> dict[str, DeferredSu
 
 
 def _rfc3339(when: datetime) -> str:
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_rfc3339(when)
 
 
 def _totals(policy_keys: Iterable[str], deferred: Mapping[str, DeferredSummary]

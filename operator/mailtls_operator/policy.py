@@ -24,6 +24,8 @@ from typing import Any
 import idna
 
 from .crd import FieldError, validate_with_crd
+from .crd.meta import created_of, generation_of, meta_errors, metadata_of, name_of, namespace_of
+from .crd.timefmt import parse_rfc3339
 from .keys import deleted_by_mapping, lookup_key, unknown_character, with_dots
 from .safetext import one_line, shown, unsafe_character
 
@@ -256,9 +258,9 @@ def _protocol_errors(protocols: str) -> list[FieldError]:
 
 
 def parse_time(text: str) -> datetime:
-    """RFC 3339 -> aware datetime (Kubernetes writes ``...Z``)."""
-    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    """RFC 3339, as far as the API server accepts it -> an aware UTC datetime; only
+    :class:`ValueError` (with the reason) otherwise, never an OverflowError."""
+    return parse_rfc3339(text)
 
 
 def _exception_errors(spec: Mapping[str, Any], now: datetime | None,
@@ -266,8 +268,11 @@ def _exception_errors(spec: Mapping[str, Any], now: datetime | None,
     exc = spec.get("exception")
     if exc is None or now is None:
         return []
-    expires = parse_time(exc["expiresAt"])
-    if expires - now > max_exception:
+    try:
+        expires = parse_time(exc["expiresAt"])
+    except ValueError as err:  # the CEL rule refused it first; kept total regardless
+        return [FieldError("spec.exception.expiresAt", f"Invalid value: {err}")]
+    if expires - now > max_exception:  # a difference: never past datetime.max
         days = max_exception.total_seconds() / 86400
         return [FieldError("spec.exception.expiresAt",
                            f"Invalid value: {exc['expiresAt']!r}: an exception may last at most "
@@ -278,10 +283,35 @@ def _exception_errors(spec: Mapping[str, Any], now: datetime | None,
 # ------------------------------------------------------------------------ public
 
 
-def spec_hash(spec: Mapping[str, Any]) -> bytes:
-    """Content hash of a spec (16 bytes): the validation cache key across generations."""
-    return hashlib.blake2b(json.dumps(spec, sort_keys=True, ensure_ascii=False,
-                                      separators=(",", ":")).encode(), digest_size=16).digest()
+def spec_hash(spec: Any) -> bytes:
+    """Content hash of a spec (16 bytes): the validation cache key across generations.
+
+    Total over anything: a value JSON cannot write (an integer past Python's 4,300-digit
+    limit, NaN, a non-string key, nesting past the recursion limit) hashes its
+    ``repr`` of types and hex digits instead (:func:`_shape`)."""
+    try:
+        text = json.dumps(spec, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        text = "\0" + _shape(spec, 0)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _shape(value: Any, depth: int) -> str:
+    """A deterministic text for any JSON-ish value, bounded in depth (hex for integers)."""
+    if depth > 64:
+        return "..."
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{_shape(k, depth + 1)}:{_shape(v, depth + 1)}"
+                              for k, v in sorted(value.items(), key=lambda kv: repr(type(
+                                  kv[0])) + (kv[0] if isinstance(kv[0], str) else ""))) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_shape(v, depth + 1) for v in value) + "]"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"int:{value:x}"
+    if isinstance(value, str):
+        return "str:" + value
+    return f"{type(value).__name__}:{value!r}"
 
 
 def validate_object(obj: Mapping[str, Any], *, now: datetime | None = None,
@@ -298,39 +328,15 @@ def validate_object(obj: Mapping[str, Any], *, now: datetime | None = None,
     return []
 
 
-_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-
-
-def _meta_errors(meta: Mapping[str, Any]) -> list[FieldError]:
-    """Names the API server would refuse (RFC 1123 subdomain / label), so an offline
-    check never prints a name that could not exist, nor one with a newline in it."""
-    out = []
-    for attr, pattern, limit in (("name", _SUBDOMAIN, 253), ("namespace", _LABEL, 63)):
-        value = meta.get(attr)
-        if value is None or value == "":
-            continue
-        if not isinstance(value, str) or not pattern.fullmatch(value) or len(value) > limit:
-            out.append(FieldError(f"metadata.{attr}", f"Invalid value: {shown(str(value))}: "
-                                  f"must be a lowercase RFC 1123 "
-                                  f"{'subdomain' if limit == 253 else 'label'}"))
-    return out
-
-
 def load_policy(obj: Mapping[str, Any], *, now: datetime | None = None,
                 max_exception: timedelta = DEFAULT_MAX_EXCEPTION) -> Policy:
     """A MailTLSPolicy object (dict as the API returns it) -> a valid :class:`Policy`.
 
     Raises :class:`PolicyInvalid` with every error found.
     """
-    meta = obj.get("metadata")
-    if not isinstance(meta, Mapping):
-        meta = {}
-    ref = one_line(f"{meta.get('namespace', 'default')}/{meta.get('name', '?')}")
-    errors = validate_with_crd(obj)
-    if not isinstance(meta.get("name"), str) or not meta.get("name"):
-        errors.insert(0, FieldError("metadata.name", "Required value"))
-    errors[:0] = _meta_errors(meta)
+    meta = metadata_of(obj)
+    ref = one_line(f"{namespace_of(meta)}/{name_of(meta)}")
+    errors = meta_errors(obj) + validate_with_crd(obj)
     if errors:
         raise PolicyInvalid(ref, errors)
     spec: Mapping[str, Any] = obj["spec"]
@@ -358,17 +364,16 @@ def load_policy(obj: Mapping[str, Any], *, now: datetime | None = None,
         raise PolicyInvalid(ref, errors)
 
     exc = spec.get("exception")
-    created = meta.get("creationTimestamp")
     route = spec.get("route")
     return Policy(
-        namespace=sys.intern(meta.get("namespace", "default")),
-        name=meta.get("name", "?"),
+        namespace=sys.intern(namespace_of(meta)),
+        name=name_of(meta),
         level=sys.intern(spec["level"]),
         keys=tuple(keys),
         value=sys.intern(render_value(spec)),
-        uid=meta.get("uid", ""),
-        generation=int(meta.get("generation") or 0),
-        created=parse_time(created) if created else datetime(1970, 1, 1, tzinfo=UTC),
+        uid=meta.get("uid") or "",
+        generation=generation_of(meta),
+        created=created_of(meta),
         route=sys.intern(route) if route is not None else None,
         instances=tuple(sys.intern(i) for i in spec.get("instances", ())),
         mode=sys.intern(spec.get("mode", "enforce")),

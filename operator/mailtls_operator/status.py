@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from .crd.timefmt import format_rfc3339
 from .render import LOST_TO_CONFLICT, LOST_TO_EXCEPTION, Loss
 from .world import PolicyRecord
 
@@ -184,7 +185,7 @@ def conditions_for(rec: PolicyRecord, views: Sequence[InstanceView], now: dateti
 
 
 def _timestamp(now: datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_rfc3339(now)
 
 
 def merge_conditions(previous: Sequence[dict[str, Any]], wanted: Sequence[Condition],

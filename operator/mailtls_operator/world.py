@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .crd import FieldError
+from .crd.meta import generation_of, name_of, namespace_of
 from .policy import DEFAULT_MAX_EXCEPTION, Policy, PolicyInvalid, load_policy, spec_hash
 
 INSTANCE_LABEL = "mailtls.io/instance"
@@ -167,12 +168,14 @@ class World:
     def upsert_policy(self, obj: Mapping[str, Any]) -> set[InstanceKey]:
         """Record a policy; return the instances whose table input changed."""
         meta = _meta(obj)
-        ns, name = str(meta.get("namespace", "default")), str(meta.get("name", ""))
+        # never str()/int() of what a watch hands over: a 5,000-digit generation or a
+        # null namespace is refused by the model (a record with errors), not raised here
+        ns, name = namespace_of(meta), name_of(meta)
         old = self.policies.get(ns, {}).get(name)
         spec = obj.get("spec")
-        uid = str(meta.get("uid", ""))
-        generation = int(meta.get("generation") or 0)
-        digest = spec_hash(spec) if isinstance(spec, Mapping) else repr(spec).encode()
+        uid = raw_uid if isinstance(raw_uid := meta.get("uid"), str) else ""
+        generation = generation_of(meta)
+        digest = spec_hash(spec)
         verdict = self._verdict(obj, old, uid, generation, digest)
         last_good = old.policy if old is not None and old.uid == uid else None
         named = spec.get("instances") if isinstance(spec, Mapping) else None
@@ -185,7 +188,7 @@ class World:
             named=tuple(sys.intern(i) for i in named if isinstance(i, str))
             if isinstance(named, list) else (),
             stale=isinstance(verdict, list) and last_good is not None,
-            resource_version=str(meta.get("resourceVersion") or ""),
+            resource_version=rv if isinstance(rv := meta.get("resourceVersion"), str) else "",
         )
         self.policies.setdefault(ns, {})[name] = rec
         self._count_named(old, -1)
@@ -232,7 +235,7 @@ class World:
 
     def upsert_pod(self, obj: Mapping[str, Any]) -> set[InstanceKey]:
         meta = _meta(obj)
-        ns, name = str(meta.get("namespace", "default")), str(meta.get("name", ""))
+        ns, name = namespace_of(meta), name_of(meta)
         instance = (meta.get("labels") or {}).get(INSTANCE_LABEL)
         old = self.pods.get((ns, name))
         if not instance:

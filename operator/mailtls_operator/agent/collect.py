@@ -19,7 +19,7 @@ from ..mailqueue import DeferredSummary, merge_deferred
 from ..observer import PolicyProbes
 from ..status import TRUST_ANCHOR_MISSING, TRUST_ANCHOR_UNCHECKED
 from ..world import ANN_APPLIED, PodRecord
-from .report import AgentReport, report_of
+from .report import AgentReport, report_or_refusal
 
 STRATEGY = "agent"
 
@@ -37,15 +37,20 @@ class AgentView:
     tafile_missing: frozenset[str] = frozenset()
     reported: bool = False
     """At least one ready pod has reported its routing (the lint can run)."""
+    refused: tuple[str, ...] = ()
+    """``ns/pod: why`` for each ready pod whose report was refused whole (unparseable)."""
 
 
-def _reports(pods: Iterable[PodRecord]) -> list[tuple[PodRecord, AgentReport]]:
-    out = []
+def _reports(pods: Iterable[PodRecord]
+             ) -> tuple[list[tuple[PodRecord, AgentReport]], list[tuple[PodRecord, str]]]:
+    out, refused = [], []
     for pod in sorted(pods, key=lambda p: p.name):
-        report = report_of(pod.annotations)
-        if report is not None:
+        report = report_or_refusal(pod.annotations)
+        if isinstance(report, AgentReport):
             out.append((pod, report))
-    return out
+        elif report is not None:
+            refused.append((pod, str(report)))
+    return out, refused
 
 
 def agent_view(pods: Sequence[PodRecord], revision: str) -> AgentView:
@@ -58,9 +63,13 @@ def agent_view(pods: Sequence[PodRecord], revision: str) -> AgentView:
     """
     updated = sum(1 for p in pods if p.annotations.get(ANN_APPLIED) == revision)
     ready = [p for p in pods if p.ready]
-    reports = _reports(ready)
+    reports, refused = _reports(ready)
     failure = next((f"{pod.namespace}/{pod.name}: agent: {r.error}" for pod, r in reports
                     if r.error and pod.annotations.get(ANN_APPLIED) != revision), None)
+    if failure is None:  # a pod behind whose report cannot be read: say so, do not wait
+        failure = next((f"{pod.namespace}/{pod.name}: agent report refused: {why}"
+                        for pod, why in refused
+                        if pod.annotations.get(ANN_APPLIED) != revision), None)
     facts = next((r.facts for _, r in reports if r.facts is not None), None)
     probes: dict[str, PolicyProbes] = {}
     for _, r in reports:  # the first pod (by name) that probed a policy speaks for it
@@ -69,7 +78,8 @@ def agent_view(pods: Sequence[PodRecord], revision: str) -> AgentView:
     deferred = merge_deferred(*(r.deferred for _, r in reports))
     missing = frozenset(p for _, r in reports for p in r.tafile_missing)
     return AgentView(updated, failure, facts, probes, deferred,
-                     sum(r.released for _, r in reports), missing, facts is not None)
+                     sum(r.released for _, r in reports), missing, facts is not None,
+                     tuple(f"{pod.namespace}/{pod.name}: {why}" for pod, why in refused))
 
 
 class _PolicyWithTafile(Protocol):

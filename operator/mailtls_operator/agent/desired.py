@@ -29,11 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from .. import strictjson
 from ..configmap import ANN_REVISION, Unreadable, reassemble
 from ..render import REVISION_KEY, revision_value
 
 AGENT_DATA = "agent.json"
 """The key of the primary ConfigMap that holds the agent's desired state besides tables."""
+AGENT_DATA_MAX = 1024 * 1024
+"""Bytes: agent.json is in a ConfigMap, which the API server caps at 1 MiB."""
 _REVISION_HEADER = "# revision: "
 
 
@@ -133,13 +136,13 @@ def _agent_data(raw: str | None, tls_policy: str
     if not raw:
         return (), ()
     try:
-        doc = json.loads(raw)
+        doc = strictjson.loads(raw, max_bytes=AGENT_DATA_MAX)
         listed = [ProbeSpec(str(p["ref"]), str(p["value"]), tuple(str(k) for k in p["keys"]))
                   for p in doc.get("probes", [])]
         tafiles = tuple(str(f) for f in doc.get("tafiles", []))
         enforced = bool(doc.get("probeEnforced", False))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise Malformed(f"{AGENT_DATA}: {exc}") from exc
+        raise Malformed(f"{AGENT_DATA}: {type(exc).__name__}: {exc}"[:300]) from exc
     if enforced:
         seen = {p.ref for p in listed}
         listed += [p for p in table_policies(tls_policy) if p.ref not in seen]
@@ -178,7 +181,7 @@ def from_configmaps(bodies: Sequence[Mapping[str, Any]]) -> Desired:
         transport = reassemble(bodies, "transport")
     except Unreadable as exc:
         raise Malformed(str(exc)) from exc
-    primary = bodies[0]
+    primary = bodies[0]  # reassemble refused it unless metadata, annotations, data are maps
     annotations = (primary.get("metadata") or {}).get("annotations") or {}
     return load(tls, transport, (primary.get("data") or {}).get(AGENT_DATA),
                 annotations.get(ANN_REVISION))

@@ -29,12 +29,34 @@ from pathlib import Path
 from typing import Any
 
 from ..aio import wait_event
-from ..configmap import ANN_PARTS, configmap_name, part_name
+from ..configmap import ANN_PARTS, MAX_PARTS, configmap_name, part_name
 from .api import AgentApi, ApiUnavailable, Expired, NotFound
 from .converge import Converger
 from .desired import Desired, Malformed, from_configmaps, from_directory
 
 log = logging.getLogger("mailtls.agent")
+
+
+def _metadata(obj: Any) -> dict[str, Any]:
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _resource_version(obj: Any, default: str) -> str:
+    rv = _metadata(obj).get("resourceVersion")
+    return rv if isinstance(rv, str) and rv else default
+
+
+def _parts_named(primary: Any) -> int:
+    """``mailtls.io/parts`` of the primary: 0..MAX_PARTS, else :class:`Malformed`."""
+    annotations = _metadata(primary).get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise Malformed("metadata.annotations is not an object")
+    raw = annotations.get(ANN_PARTS) or "0"
+    if not isinstance(raw, str) or not raw.isascii() or not raw.isdigit() \
+            or len(raw) > 3 or int(raw) > MAX_PARTS:
+        raise Malformed(f"{ANN_PARTS}: not a part count of 0..{MAX_PARTS}")
+    return int(raw)
 
 
 @dataclass(frozen=True)
@@ -95,14 +117,14 @@ class Agent:
                 rv = ""
                 if body is not None:
                     await self._take(body)
-                    rv = str((body.get("metadata") or {}).get("resourceVersion", ""))
+                    rv = _resource_version(body, "")
                 while True:  # resume from the last position until it expires
                     opened, events = time.monotonic(), 0
                     async for kind, obj in self.api.watch_configmap(
                             self.namespace, self.primary, rv,
                             timeout_seconds=self.settings.watch_timeout):
                         events += 1
-                        rv = str((obj.get("metadata") or {}).get("resourceVersion", rv))
+                        rv = _resource_version(obj, rv)
                         if kind in ("ADDED", "MODIFIED"):
                             await self._take(obj)
                     if not events and time.monotonic() - opened < 1.0:
@@ -131,10 +153,12 @@ class Agent:
         self._report_wake.set()
 
     async def _take(self, primary: dict[str, Any]) -> None:
-        bodies = [primary]
-        annotations = (primary.get("metadata") or {}).get("annotations") or {}
+        """Load the set the primary names, or refuse it (reported; the last good table
+        stays live).  Whatever the object holds, nothing but a refusal comes of it: the
+        agent must not crash-loop on one bad ConfigMap."""
+        bodies: list[Any] = [primary]
         try:
-            for number in range(1, int(annotations.get(ANN_PARTS) or 0) + 1):
+            for number in range(1, _parts_named(primary) + 1):
                 bodies.append(await self.api.get_configmap(
                     self.namespace, part_name(self.settings.instance, number)))
             desired = from_configmaps(bodies)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from .. import strictjson
+from ..crd.timefmt import parse_rfc3339
 from ..facts import InstanceFacts
 from ..mailqueue import DeferredSummary
 from ..observer import PolicyProbes
@@ -43,10 +45,28 @@ AGENT_ANNOTATIONS = (ANN_APPLIED, ANN_REPORT)
 _REASON = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
 MAX_REPORT = 128 * 1024
 """Bytes; past this the probe and deferred details are cut (annotations total 256 KiB)."""
+MAX_REPORT_READ = 256 * 1024
+"""Bytes; a longer annotation is refused unparsed (the API server's limit on all of a
+pod's annotations together: no agent of ours writes one)."""
 
 
-def _time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+MAX_COUNT = 2**31 - 1
+"""Largest count (recipients, released) believed: status fields are int64, a queue far less."""
+
+
+def _time(text: Any) -> datetime:
+    """A pod's time -> aware UTC.  A naive time (no offset) is refused: pods' clocks are
+    compared with each other and with the operator's, never naive with aware; a time a
+    Kubernetes timestamp cannot hold (year 9999 with a negative offset) is refused."""
+    if not isinstance(text, str):
+        raise ValueError(f"time must be a string, not {type(text).__name__}")
+    return parse_rfc3339(text)
+
+
+def _count(value: Any) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"count must be an integer 0..{MAX_COUNT}")
+    return value
 
 
 @dataclass
@@ -122,16 +142,21 @@ def parse_report(text: str) -> AgentReport:
     """The operator's side: read ``mailtls.io/agent-report``; raise :class:`BadReport`.
 
     The annotation is written by a pod, so it is read as untrusted input: anything
-    that is not a report of this shape is refused whole.
+    that is not a report of this shape is refused whole -- bounded in size and depth
+    before parsing (:mod:`..strictjson`), no NaN/Infinity/huge numbers, times aware
+    and within Kubernetes' range (normalised to UTC), counts bounded.  Total: only
+    :class:`BadReport` is raised, whatever ``text`` is.
     """
     try:
-        doc = json.loads(text)
+        doc = strictjson.loads(text, max_bytes=MAX_REPORT_READ)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
         probes = {
             str(p["ref"]): PolicyProbes(str(p["value"]), _time(p["at"]),
                                         [_outcome(o) for o in p["outcomes"]])
             for p in doc.get("probes", [])}
         deferred = {
-            str(k): DeferredSummary(int(d["recipients"]), _time(d["oldest"]), str(d["reason"]),
+            str(k): DeferredSummary(_count(d["recipients"]), _time(d["oldest"]), str(d["reason"]),
                                     tuple(str(q) for q in d["queueIds"]))
             for k, d in (doc.get("deferred") or {}).items()}
         facts = doc.get("facts")
@@ -142,18 +167,24 @@ def parse_report(text: str) -> AgentReport:
             facts=InstanceFacts({str(k): str(v) for k, v in facts.items()})
             if facts else None,
             tafile_missing=[str(x) for x in doc.get("tafileMissing", [])],
-            probes=probes, deferred=deferred, released=int(doc.get("released", 0)),
+            probes=probes, deferred=deferred, released=_count(doc.get("released", 0)),
             at=_time(doc["at"]))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise BadReport(f"{ANN_REPORT}: {exc}") from exc
+        raise BadReport(clean(f"{ANN_REPORT}: {type(exc).__name__}: {exc}"[:1000], 300)) from exc
 
 
 def report_of(annotations: Mapping[str, str]) -> AgentReport | None:
     """The pod's report, or None when it has none (or one that does not parse)."""
+    found = report_or_refusal(annotations)
+    return found if isinstance(found, AgentReport) else None
+
+
+def report_or_refusal(annotations: Mapping[str, str]) -> AgentReport | BadReport | None:
+    """The pod's report, why it was refused, or None when the pod has none."""
     text = annotations.get(ANN_REPORT)
     if not text:
         return None
     try:
         return parse_report(text)
-    except BadReport:
-        return None
+    except BadReport as exc:
+        return exc

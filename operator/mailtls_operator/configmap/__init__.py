@@ -37,8 +37,10 @@ retries; it never loads a mix.
 
 gzip is written with mtime 0: the same table always gives the same bytes, so
 an unchanged table is never rewritten.  Past :data:`MAX_PARTS` part ConfigMaps
-(~45 MiB of gzip, some 15 million destinations) the tables are refused with
-:class:`TableTooLarge`.
+(~45 MiB of gzip), or past :data:`MAX_TABLE_BYTES` (64 MiB) of one table's text
+(~1.8 million destinations), the tables are refused with :class:`TableTooLarge`: the
+text bound is what every reader inflates at most, so a corrupt or hostile ConfigMap
+(a gzip bomb, a split bomb with a correct sha256) is refused before it costs more.
 
 Layout: :mod:`.layout` writes the bodies, :mod:`.reader` reads them back.
 """
@@ -57,7 +59,9 @@ from .layout import (
     LIMIT,
     MANAGED_BY,
     MANIFEST,
+    MAX_CHUNKS,
     MAX_PARTS,
+    MAX_TABLE_BYTES,
     OPERATOR,
     OWNED_ANNOTATIONS,
     PART_INFIX,
@@ -92,7 +96,9 @@ __all__ = [
     "LIMIT",
     "MANAGED_BY",
     "MANIFEST",
+    "MAX_CHUNKS",
     "MAX_PARTS",
+    "MAX_TABLE_BYTES",
     "OPERATOR",
     "OWNED_ANNOTATIONS",
     "PART_INFIX",

@@ -41,6 +41,14 @@ CHUNK = 700 * 1024
 """gzip bytes per chunk: ~933 KiB of base64, one chunk per part ConfigMap."""
 MAX_PARTS = 64
 """Most part ConfigMaps one instance gets; beyond, :class:`TableTooLarge`."""
+MAX_TABLE_BYTES = 64 * 1024 * 1024
+"""Longest table text (UTF-8 bytes) the operator writes -- ~1.8 million destinations,
+twice the largest measured (1,000,000 in 34.8 MB); a longer one is
+:class:`TableTooLarge`.  The one bound writer and readers share: a reader inflates at
+most this much per table (:func:`.reader.reassemble`), so a compressed bomb in a
+ConfigMap costs it no more memory than the largest table we could have written."""
+MAX_CHUNKS = 2 * MAX_PARTS
+"""Most chunks a manifest may name (one per part for tls_policy, transport's share parts)."""
 MANIFEST = ".gz.chunks"
 """Key suffix of a split table's manifest (``tls_policy.gz.chunks``)."""
 
@@ -234,7 +242,8 @@ def configmap_bodies(namespace: str, instance: str, tables: Tables) -> list[dict
     table takes a while (~2 s for 33 MiB), so the result for the last few large
     revisions is remembered; each call still returns fresh dicts.
 
-    Raises :class:`TableTooLarge` past :data:`MAX_PARTS` parts.
+    Raises :class:`TableTooLarge` past :data:`MAX_PARTS` parts or a table text past
+    :data:`MAX_TABLE_BYTES`.
     """
     key = (namespace, instance, tables.revision, len(tables.tls_policy),
            hash(tables.tls_policy), len(tables.transport), hash(tables.transport))
@@ -243,6 +252,13 @@ def configmap_bodies(namespace: str, instance: str, tables: Tables) -> list[dict
         if hit is not None:
             _CACHE.move_to_end(key)
     if hit is None:
+        for table in TABLES:
+            size = len(getattr(tables, table).encode("utf-8"))
+            if size > MAX_TABLE_BYTES:
+                raise TableTooLarge(
+                    f"{namespace}/{instance}: the {table} table is {size} bytes, more than "
+                    f"the {MAX_TABLE_BYTES} a Postfix pod's loader accepts. Split the "
+                    "destinations over more Postfix instances")
         gz: dict[str, bytes] = {}
         primary = _single(namespace, instance, tables, gz)
         bodies: tuple[dict[str, Any], ...] = (primary,) if _size(primary) <= BODY_MAX else tuple(

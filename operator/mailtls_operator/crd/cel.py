@@ -7,10 +7,11 @@ import copy
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from .source import FieldError, version_schema
+from .timefmt import Instant, parse_instant
 
 # ----------------------------------------------------------------------------- CEL
 
@@ -58,11 +59,22 @@ def _has(spec: Mapping[str, Any], name: str) -> bool:
     return name in spec
 
 
-_30_DAYS = timedelta(hours=720)
+_30_DAYS_NS = timedelta(hours=720) // timedelta(microseconds=1) * 1000
 
 
-def _ts(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+def _ts(exc: Mapping[str, Any], name: str) -> Instant:
+    """CEL's ``timestamp(self.<name>)``: a time CEL cannot read is an evaluation error
+    (ValueError), which refuses the object as it does on the API server."""
+    try:
+        return parse_instant(exc[name])
+    except ValueError as err:
+        raise ValueError(f"timestamp(self.{name}): {err}") from None
+
+
+def _window(exc: Mapping[str, Any]) -> bool:
+    """Subtraction only: adding 720h to a start in late 9999 would overflow."""
+    starts, expires = _ts(exc, "startsAt"), _ts(exc, "expiresAt")
+    return expires > starts and expires.minus(starts) <= _30_DAYS_NS
 
 
 _NONE_ATTRS = ("match", "ciphers", "protocols", "exclude", "tafile", "servername",
@@ -94,7 +106,7 @@ TWINS: dict[str, Twin] = {
             for d in s["destinations"]),
     "timestamp(self.expiresAt) > timestamp(self.startsAt) && timestamp(self.expiresAt)"
     " - timestamp(self.startsAt) <= duration('720h')":
-        lambda e: _ts(e["startsAt"]) < _ts(e["expiresAt"]) <= _ts(e["startsAt"]) + _30_DAYS,
+        _window,
 }
 
 
@@ -109,10 +121,15 @@ class CelEvaluator:
         self._programs = {r.rule: env.program(env.compile(r.rule)) for r in rules}
 
     def evaluate(self, rule: str, spec: Mapping[str, Any]) -> bool:
+        """The rule's verdict; an evaluation error (cel-python's CELEvalError, or anything
+        it lets escape) is a :class:`ValueError`, which refuses the object."""
         activation = {"self": self._celpy.adapter.json_to_cel(copy.deepcopy(dict(spec)))}
-        result = self._programs[rule].evaluate(activation)
+        try:
+            result = self._programs[rule].evaluate(activation)
+        except Exception as exc:  # cel-python raises its own types, and OverflowError
+            raise ValueError(f"{type(exc).__name__}: {exc}") from None
         if isinstance(result, Exception):
-            raise result
+            raise ValueError(f"{type(result).__name__}: {result}")
         return bool(result)
 
 
@@ -135,7 +152,13 @@ def cel_errors(spec: Mapping[str, Any], *, oracle: bool = False) -> list[FieldEr
         if target is None:
             continue  # like the API server: a rule on an absent object does not run
         twin = None if oracle else TWINS.get(rule.rule)
-        ok = twin(target) if twin is not None else _cel_evaluator().evaluate(rule.rule, target)
+        try:
+            ok = twin(target) if twin is not None else _cel_evaluator().evaluate(rule.rule,
+                                                                                 target)
+        except (ValueError, ArithmeticError, TypeError, KeyError) as exc:
+            # the API server refuses an object whose rule cannot be evaluated
+            out.append(FieldError(rule.field, f"{rule.message} (evaluation error: {exc})"))
+            continue
         if not ok:
             out.append(FieldError(rule.field, rule.message))
     return out

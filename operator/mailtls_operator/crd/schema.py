@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from typing import Any
 
 import jsonschema
 import re2
 
 from .source import FieldError, version_schema
+from .timefmt import is_kube_datetime
 
 # --------------------------------------------------------------------------- schema
 
@@ -126,11 +125,12 @@ _FORMATS = jsonschema.FormatChecker(formats=())
 
 @_FORMATS.checks("date-time", raises=ValueError)
 def _is_datetime(value: object) -> bool:
+    """kube-openapi's ``format: date-time`` (:func:`.timefmt.is_kube_datetime`): exactly
+    as lenient as the API server's schema check; CEL's ``timestamp()`` is stricter."""
     if not isinstance(value, str):
         return True
-    if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", value):
+    if not is_kube_datetime(value):
         raise ValueError("not an RFC 3339 date-time")
-    datetime.fromisoformat(value.replace("Z", "+00:00"))
     return True
 
 

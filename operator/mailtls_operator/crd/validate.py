@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -18,10 +19,55 @@ def validate_with_crd(obj: Mapping[str, Any], *, oracle: bool = False) -> list[F
     spec = obj.get("spec")
     if spec is None:
         return [FieldError("spec", "Required value")]
+    errors = json_errors(spec, "spec")
+    if errors:
+        return errors
     errors = schema_errors(spec)
     if errors:
         return errors
     return cel_errors(spec, oracle=oracle)
+
+
+MAX_DEPTH = 64
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def json_errors(value: Any, where: str, depth: int = 0) -> list[FieldError]:
+    """Values no JSON the API server decodes can hold, found before the schema walk
+    (whose messages ``repr`` the value: a 5,000-digit integer cannot be repr'd): an
+    integer outside int64, NaN or an infinity, a non-string key, a non-JSON type, nesting
+    past :data:`MAX_DEPTH`.  The first few, each naming its field."""
+    if depth > MAX_DEPTH:
+        return [FieldError(where, f"Invalid value: nested more than {MAX_DEPTH} deep")]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, int):
+        if not _INT64[0] <= value <= _INT64[1]:
+            return [FieldError(where, f"Invalid value: a {value.bit_length()}-bit integer, "
+                                      "outside int64")]
+        return []
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [
+            FieldError(where, "Invalid value: NaN and infinities are not JSON numbers")]
+    if isinstance(value, Mapping):
+        out: list[FieldError] = []
+        for key, item in value.items():
+            if not isinstance(key, str):
+                out.append(FieldError(where, f"Invalid value: a {type(key).__name__} key; "
+                                             "JSON object keys are strings"))
+            else:
+                out += json_errors(item, f"{where}.{key}", depth + 1)
+            if len(out) >= 5:
+                break
+        return out
+    if isinstance(value, list | tuple):
+        out = []
+        for index, item in enumerate(value):
+            out += json_errors(item, f"{where}[{index}]", depth + 1)
+            if len(out) >= 5:
+                break
+        return out
+    return [FieldError(where, f"Invalid value: a {type(value).__name__} is not a JSON value")]
 
 
 def status_errors(status: Any) -> list[FieldError]:

@@ -20,8 +20,11 @@ import jsonschema
 import yaml
 
 from ..crd import GROUP
+from ..crd.meta import created_of, meta_errors, metadata_of, name_of, namespace_of
 from ..crd.schema import _path, _schema_message, structural_validator
-from ..policy import Policy, PolicyInvalid, load_policy, parse_time
+from ..crd.validate import json_errors
+from ..policy import Policy, PolicyInvalid, load_policy
+from ..safetext import one_line
 from ..sources import SourceError, _files, _is_policy, _objects
 from .decide import SOURCES, DomainState
 from .entries import DomainInvalid, domain_keys, entries
@@ -79,11 +82,14 @@ class Discovery:
 
 def load_discovery(obj: Mapping[str, Any]) -> Discovery:
     """A MailTLSDiscovery object -> :class:`Discovery`, or :class:`DiscoveryInvalid`."""
-    meta = obj.get("metadata") or {}
-    ref = f"{meta.get('namespace') or 'default'}/{meta.get('name') or '?'}"
+    meta = metadata_of(obj)
+    ref = one_line(f"{namespace_of(meta)}/{name_of(meta)}")
     spec = obj.get("spec")
-    errors = [f"{_path('spec', e.absolute_path)}: {_schema_message(e)}"
-              for e in _validator().iter_errors(spec)] if spec is not None else ["spec: Required"]
+    errors = [str(e) for e in meta_errors(obj)]
+    not_json = [str(e) for e in json_errors(spec, "spec")]  # before the schema repr()s it
+    errors += not_json or ([f"{_path('spec', e.absolute_path)}: {_schema_message(e)}"
+                            for e in _validator().iter_errors(spec)]
+                           if spec is not None else ["spec: Required"])
     if not errors:
         assert isinstance(spec, Mapping)
         seen: dict[str, int] = {}
@@ -100,13 +106,12 @@ def load_discovery(obj: Mapping[str, Any]) -> Discovery:
     if errors:
         raise DiscoveryInvalid(f"{ref}: " + "; ".join(sorted(errors)))
     assert isinstance(spec, Mapping)
-    created = meta.get("creationTimestamp")
     sources = set(spec.get("sources") or SOURCES)
-    return Discovery(namespace=meta.get("namespace") or "default", name=meta["name"],
+    return Discovery(namespace=namespace_of(meta), name=name_of(meta),
                      domains=tuple(spec["domains"]),
                      sources=tuple(s for s in SOURCES if s in sources),
                      instances=tuple(spec.get("instances", ())),
-                     created=parse_time(created) if created else datetime(1970, 1, 1, tzinfo=UTC),
+                     created=created_of(meta),
                      check_interval=int(spec.get("checkIntervalSeconds", 3600)))
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Final
+
+from ..crd.timefmt import format_rfc3339
 
 # -- results -------------------------------------------------------------------
 
@@ -85,5 +87,6 @@ class ProbeOutcome:
 
 
 def rfc3339(when: datetime) -> str:
-    """``2026-01-02T03:04:05Z``: the form Kubernetes writes."""
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``2026-01-02T03:04:05Z``: the form Kubernetes writes (the year always four digits:
+    ``strftime("%Y")`` writes year 1 as ``1``, which no RFC 3339 reader accepts)."""
+    return format_rfc3339(when)
