@@ -10,8 +10,11 @@ from datetime import UTC, datetime, timedelta
 from ..policy import DEFAULT_MAX_EXCEPTION, Policy, PolicyInvalid, load_policy, parse_time
 from ..render import render
 from ..sources import Source, SourceError, read_policies
+from .argtypes import bounded_float
 
 EXIT_INVALID = 2
+MAX_EXCEPTION_DAYS = bounded_float(0, 3650)
+"""--max-exception-days: up to ten years (``timedelta`` and the model stay finite)."""
 
 
 def load_all(sources: list[Source], now: datetime, max_exception: timedelta
@@ -65,6 +68,6 @@ def add_offline_options(p: argparse.ArgumentParser) -> None:
                         "are ignored.")
     p.add_argument("--now", type=_timestamp, default=None, metavar="RFC3339",
                    help="evaluate break-glass exceptions at this time instead of now")
-    p.add_argument("--max-exception-days", type=float,
+    p.add_argument("--max-exception-days", type=MAX_EXCEPTION_DAYS,
                    default=DEFAULT_MAX_EXCEPTION.total_seconds() / 86400, metavar="DAYS",
                    help="longest break-glass exception accepted (default: %(default)g)")
