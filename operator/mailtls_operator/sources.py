@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from .crd import KIND
-from .loader import LoadError, Loaded, clip, load_objects
+from .loader import Loaded, LoadError, clip, load_objects
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,8 @@ def _add_lookup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-file", metavar="FILE",
                    help="trust these CA certificates for the MTA-STS HTTPS fetch "
                         "(default: the system store)")
-    p.add_argument("--timeout", type=bounded_float(0, 300, low_open=True), default=5.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=bounded_float(0, 300, low_open=True), default=5.0,
+                   metavar="SECONDS",
                    help="per DNS lookup (default: %(default)g)")
 
 

@@ -190,7 +190,8 @@ def add_probe_parser(sub: Any) -> None:
                         "ciphers, SNI and smtp_dns_support_level apply. Default: the system's")
     p.add_argument("--concurrency", type=bounded_int(1, 256), default=4, metavar="N",
                    help="probes in flight at once (default: %(default)s)")
-    p.add_argument("--timeout", type=bounded_float(0, 3600, low_open=True), default=10.0, metavar="S",
+    p.add_argument("--timeout", type=bounded_float(0, 3600, low_open=True), default=10.0,
+                   metavar="S",
                    help="connect timeout and per-command timeout of each probe, seconds "
                         "(default: %(default)g)")
     p.set_defaults(func=cmd_probe)

@@ -51,7 +51,8 @@ def add_run_parser(sub: Any) -> None:
                         "annotation (default: %(default)s)")
     p.add_argument("--max-exception-days", type=MAX_EXCEPTION_DAYS, default=30.0, metavar="DAYS",
                    help="longest break-glass exception accepted (default: %(default)s)")
-    p.add_argument("--probe-interval", type=bounded_float(0, 30 * 86400), default=3600.0, metavar="SECONDS",
+    p.add_argument("--probe-interval", type=bounded_float(0, 30 * 86400), default=3600.0,
+                   metavar="SECONDS",
                    help="how often destinations are probed with posttls-finger and queues "
                         "read; 0 disables the schedule (default: %(default)s)")
     p.add_argument("--probe-scope", choices=("all", "audit"), default="all",

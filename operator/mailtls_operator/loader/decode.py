@@ -24,10 +24,11 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
-from yaml.cyaml import CParser, CSafeLoader  # libyaml: PyYAML's wheels include it
+from yaml._yaml import CParser  # libyaml: PyYAML's wheels include it
+from yaml.cyaml import CSafeLoader
 
 from ..safetext import one_line
 
@@ -87,18 +88,19 @@ def _check_events(text: str) -> None:
         added = 0
         while (event := loader.get_event()) is not None:
             kind = type(event)
+            anchor = event.anchor if isinstance(event, yaml.NodeEvent) else None
             if kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
                 if len(stack) >= MAX_DEPTH:
                     raise DecodeError(f"{_where(event.start_mark)}: nested deeper than "
                                       f"{MAX_DEPTH} levels")
-                stack.append((1, event.anchor))
+                stack.append((1, anchor))
                 continue
             if kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
                 size, anchor = stack.pop()
             elif kind is yaml.ScalarEvent:
-                size, anchor = 1, event.anchor
+                size = 1
             elif kind is yaml.AliasEvent:
-                size, anchor = sizes.get(event.anchor, 1), None
+                size, anchor = sizes.get(str(anchor), 1), None
                 added += size
                 if added > MAX_ALIAS_NODES:
                     raise DecodeError(f"{_where(event.start_mark)}: aliases expand to more "
@@ -123,12 +125,12 @@ def _check_events(text: str) -> None:
 class _JsonConstructor(yaml.constructor.SafeConstructor):
     """SafeConstructor restricted to JSON values; duplicate keys refused."""
 
-    yaml_constructors: dict[Any, Callable[..., Any]] = {}
+    yaml_constructors: ClassVar[dict[Any, Callable[..., Any]]] = {}
 
     def construct_undefined(self, node: yaml.Node) -> Any:
         raise DecodeError(f"{_where(node.start_mark)}: tag {clip(_tag_name(str(node.tag)))} "
-                          "refused: only JSON values (string, number, boolean, null, list, mapping) "
-                          "are accepted")
+                          "refused: only JSON values (string, number, boolean, null, list, "
+                          "mapping) are accepted")
 
     def construct_string(self, node: yaml.Node) -> str:
         value = self.construct_scalar(node)  # type: ignore[arg-type]
@@ -143,7 +145,7 @@ class _JsonConstructor(yaml.constructor.SafeConstructor):
 
     def construct_bounded_int(self, node: yaml.Node) -> int:
         try:
-            return self.construct_yaml_int(node)  # type: ignore[arg-type, no-any-return]
+            return self.construct_yaml_int(node)  # type: ignore[arg-type]
         except ValueError as exc:  # more digits than int() converts (4300)
             raise DecodeError(f"{_where(node.start_mark)}: integer too large") from exc
 
@@ -184,11 +186,11 @@ for _tag, _method in (
         ("value", _JsonConstructor.construct_string),  # a plain "=" (YAML 1.1's value key)
         ("seq", yaml.constructor.SafeConstructor.construct_yaml_seq),
         ("map", _JsonConstructor.construct_json_map)):
-    _JsonConstructor.add_constructor(f"{_ANY_TAG_PREFIX}{_tag}", _method)
-_JsonConstructor.add_constructor(None, _JsonConstructor.construct_undefined)  # type: ignore[arg-type]
+    _JsonConstructor.add_constructor(f"{_ANY_TAG_PREFIX}{_tag}", _method)  # type: ignore[type-var]
+_JsonConstructor.add_constructor(None, _JsonConstructor.construct_undefined)  # type: ignore[type-var]
 
 
-class _JsonLoader(CParser, _JsonConstructor, yaml.resolver.Resolver):  # type: ignore[misc]
+class _JsonLoader(CParser, _JsonConstructor, yaml.resolver.Resolver):
     """libyaml's parser and composer with the JSON-typed constructor."""
 
     def __init__(self, stream: str) -> None:
@@ -257,8 +259,8 @@ def _json_documents(text: str) -> list[Any]:
     while (pos := len(text) - len(text[pos:].lstrip())) < len(text):
         try:
             doc, pos = _DECODER.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise DecodeError(f"line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        except json.JSONDecodeError:
+            raise  # not JSON after all: decode() reads it as YAML
         except ValueError as exc:  # an integer past int()'s digit limit
             if isinstance(exc, DecodeError):
                 raise
@@ -271,8 +273,8 @@ def _json_documents(text: str) -> list[Any]:
 
 
 def decode(data: bytes) -> list[Any]:
-    """The documents of a file: JSON if it starts with ``{`` (as kubectl decides), else a
-    YAML stream.  Empty documents are ``None``.  Raises :class:`DecodeError`."""
+    """The documents of a file: JSON if it starts with ``{`` and is JSON (as kubectl
+    sniffs it), else a YAML stream.  Empty documents are ``None``.  Raises :class:`DecodeError`."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -280,12 +282,15 @@ def decode(data: bytes) -> list[Any]:
     if text.startswith("\ufeff"):
         text = text[1:]
     if text.lstrip().startswith("{"):
-        return _json_documents(text)
+        try:
+            return _json_documents(text)
+        except json.JSONDecodeError:
+            pass  # a YAML flow mapping ({a: b}) or broken: YAML says which, and where
     try:
         return _yaml_documents(text)
     except yaml.MarkedYAMLError as exc:  # the problem and where, never the line's text
         problem = clip(exc.problem or exc.context or "invalid YAML", 200)
-        raise DecodeError(f"{_where(exc.problem_mark or exc.context_mark)}: {problem}"
-                          ) from exc
+        raise DecodeError(f"invalid YAML: {_where(exc.problem_mark or exc.context_mark)}: "
+                          f"{problem}") from exc
     except yaml.YAMLError as exc:  # a reader error: a character YAML does not allow
-        raise DecodeError(clip(str(exc).splitlines()[0], 200)) from exc
+        raise DecodeError(f"invalid YAML: {clip(str(exc).splitlines()[0], 200)}") from exc
