@@ -19,7 +19,7 @@ from mailtls_operator.safetext import unsafe_character
 
 # YAML 1.1 folds NEL, LS and PS as line breaks in plain scalars (PyYAML's emitter writes
 # them unquoted): kubectl's YAML 1.1 does the same, so they are left out of the texts.
-CHARS = st.characters(codec="utf-8", exclude_categories=("Cs",),
+CHARS = st.characters(codec="utf-8",
                       exclude_characters="\x85\u2028\u2029")
 KEYS = st.text(CHARS, min_size=1, max_size=12)
 SCALARS = (st.none() | st.booleans() | st.integers(-(2**63), 2**63)
@@ -201,7 +201,7 @@ def test_a_yaml_error_says_where_and_what_never_the_line() -> None:
 def test_clip_leaves_no_unsafe_character_and_is_short(text: str) -> None:
     shown = clip(text)
     assert unsafe_character(shown.replace(" ", "")) is None
-    assert len(shown) < 200
+    assert len(shown) < 300
 
 
 @settings(max_examples=200, deadline=None)

@@ -17,6 +17,17 @@ MAX_EXCEPTION_DAYS = bounded_float(0, 3650)
 """--max-exception-days: up to ten years (``timedelta`` and the model stay finite)."""
 
 
+MAX_LINE = 1000
+"""An error line is cut here: the model's messages quote values (escaped), and a value
+of a megabyte must not become a megabyte of CI log."""
+
+
+def capped(line: str) -> str:
+    """``line`` (already escaped) cut to :data:`MAX_LINE` characters."""
+    return line if len(line) <= MAX_LINE else \
+        f"{line[:MAX_LINE]}...[{len(line) - MAX_LINE} more characters]"
+
+
 def load_all(sources: list[Source], now: datetime, max_exception: timedelta
               ) -> tuple[list[Policy], list[str], dict[str, str]]:
     """The valid policies, one error line per refusal, and the file of each policy."""
@@ -50,7 +61,7 @@ def load_offline(args: argparse.Namespace) -> tuple[list[Policy], int]:
     refused = render(policies, now=now).refused
     errors += [f"{files[ref]}: {ref}: spec: {why}" for ref, why in sorted(refused.items())]
     for line in errors:
-        print(line, file=sys.stderr)
+        print(capped(line), file=sys.stderr)
     return policies, EXIT_INVALID if errors else 0
 
 

@@ -40,7 +40,7 @@ MAX_ALIAS_NODES = 10_000
 """Nodes a document may add through aliases (``*anchor``), counted as expanded: the
 honest use (a shared list of instances) adds dozens; a bomb adds billions."""
 
-MAX_SHOWN = 120
+MAX_SHOWN = 240
 """Characters of user text (a key, a tag, a file name) shown in one message."""
 
 JSON_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in
@@ -61,7 +61,14 @@ def clip(text: str, limit: int = MAX_SHOWN) -> str:
     safe = one_line(text)
     if len(safe) <= limit:
         return safe
-    return f"{safe[:limit]}...[{len(safe) - limit} more characters]"
+    kept, size = [], 0
+    for ch in text:  # whole escapes only: never half of a \u202e
+        piece = one_line(ch) if ch != " " else ch
+        if size + len(piece) > limit:
+            break
+        kept.append(piece)
+        size += len(piece)
+    return f"{''.join(kept)}...[{len(text) - len(kept)} more characters]"
 
 
 def _where(mark: Any) -> str:
