@@ -92,7 +92,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
         except DomainInvalid as exc:
             return _bad(str(exc))
     if args.config_dir is not None and not Path(args.config_dir, "main.cf").is_file():
-        return _bad(f"--config-dir: {args.config_dir}/main.cf: no such file")
+        return _bad(f"--config-dir: {shown_path(args.config_dir)}/main.cf: no such file")
     discoverer = _discoverer(args)
     now = datetime.now(UTC)
     states = asyncio.run(discoverer.discover_all(args.domain, now, args.source or SOURCES))
@@ -140,6 +140,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from ..discovery.explain import explain
     from ..discovery.objects import DiscoveryInvalid, load_explain_inputs
 
+    if args.ca_file is not None and (why := check_ca_file(args.ca_file)):
+        return _bad(f"--ca-file: {why}")  # told now, not only when a lookup needs it
     now = datetime.now(UTC)
     try:
         policies, discoveries = load_explain_inputs(args.file, now)

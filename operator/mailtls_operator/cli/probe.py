@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import probe
+from ..loader import shown_path
 from ..podrunner import ExecResult, PodRef, PodRunner, PodRunnerError
 from ..policy import Policy
 from .argtypes import bounded_float, bounded_int
@@ -171,7 +172,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         print(f"error: {probe.PROGRAM} not found (install Postfix)", file=sys.stderr)
         return EXIT_UNAVAILABLE
     if args.config_dir is not None and not Path(args.config_dir, "main.cf").is_file():
-        print(f"error: {args.config_dir}/main.cf: no such file", file=sys.stderr)
+        print(f"error: {shown_path(args.config_dir)}/main.cf: no such file", file=sys.stderr)
         return EXIT_INVALID
     with _config_dir(args.config_dir) as config_dir:
         return asyncio.run(_main(args, policies, config_dir))
