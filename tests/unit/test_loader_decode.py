@@ -13,7 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailtls_operator.loader import MAX_ALIAS_NODES, MAX_DEPTH, clip, decode
+from mailtls_operator.loader import MAX_ALIAS_NODES, MAX_DEPTH, MAX_NODES, clip, decode
 from mailtls_operator.loader.decode import DecodeError
 from mailtls_operator.safetext import unsafe_character
 
@@ -213,3 +213,16 @@ def test_arbitrary_bytes_decode_or_are_refused(data: bytes) -> None:
         assert "\n" not in str(exc)
     else:
         json.dumps(docs, allow_nan=False)  # JSON values only
+
+
+@pytest.mark.parametrize("form", ["list", "aliases"])
+def test_more_nodes_than_the_file_budget_are_refused_before_a_tree_is_built(form: str) -> None:
+    if form == "list":
+        text = "a: [" + "1," * MAX_NODES + "1]\n"
+    else:  # each alias small, their sum past the budget of the whole file
+        text = "".join(f"---\nx: &a [1, 2, 3]\ny: [{', '.join(['*a'] * 2000)}]\n"
+                       for _ in range(MAX_NODES // 8000 + 1))
+    start = time.monotonic()
+    with pytest.raises(DecodeError, match=f"more than {MAX_NODES} YAML nodes"):
+        decode(text.encode())
+    assert time.monotonic() - start < 5

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from .decode import MAX_ALIAS_NODES, MAX_DEPTH, DecodeError, clip, decode
+from .decode import MAX_ALIAS_NODES, MAX_DEPTH, MAX_NODES, DecodeError, clip, decode
 from .files import MAX_FILE_BYTES, FileError, read_inputs, shown_path
 from .kinds import KindError, check_kind, group_of, served
 
 __all__ = [
-    "MAX_ALIAS_NODES", "MAX_DEPTH", "MAX_FILE_BYTES", "LoadError", "Loaded", "clip",
+    "MAX_ALIAS_NODES", "MAX_DEPTH", "MAX_FILE_BYTES", "MAX_NODES", "LoadError", "Loaded", "clip",
     "decode", "load_objects", "served", "shown_path",
 ]
 

@@ -11,9 +11,9 @@ text (as kubectl does), and a tag that has no JSON value (``!!binary``,
 ``.nan``/``.inf`` (JSON cannot say them).
 
 Every input is bounded before the work that could explode: nesting deeper than
-:data:`MAX_DEPTH` and aliases that would expand to more than
-:data:`MAX_ALIAS_NODES` nodes (a "billion laughs" is a few hundred bytes) are
-refused while the event stream is read, before a tree is built.  Errors say
+:data:`MAX_DEPTH`, aliases that would expand to more than :data:`MAX_ALIAS_NODES`
+nodes (a "billion laughs" is a few hundred bytes) and more than :data:`MAX_NODES`
+nodes in a file are refused while the event stream is read, before a tree is built.  Errors say
 line, column and the problem, never the text of the offending line: the file
 may be a symlinked secret that is no policy at all.
 """
@@ -39,6 +39,13 @@ even large CRDs stay well under 100)."""
 MAX_ALIAS_NODES = 10_000
 """Nodes a document may add through aliases (``*anchor``), counted as expanded: the
 honest use (a shared list of instances) adds dozens; a bomb adds billions."""
+
+MAX_NODES = 100_000
+"""YAML nodes (scalars and collections, aliases counted expanded) in one file.  PyYAML
+builds a Python object per node, tens of thousands a second on a busy machine: the
+bound keeps a 3 MiB file of one-character list items (1.5 million nodes) from taking a
+minute and 600 MiB.  A MailTLSPolicy is 10 to 30 nodes; a large CRD some ten thousand.
+JSON files, decoded in C, have only the size bound."""
 
 MAX_SHOWN = 240
 """Characters of user text (a key, a tag, a file name) shown in one message."""
@@ -92,7 +99,7 @@ def _check_events(text: str) -> None:
     try:
         sizes: dict[str, int] = {}
         stack: list[tuple[int, str | None]] = []  # (expanded nodes so far, anchor)
-        added = 0
+        added = nodes = 0
         while (event := loader.get_event()) is not None:
             kind = type(event)
             anchor = event.anchor if isinstance(event, yaml.NodeEvent) else None
@@ -104,19 +111,25 @@ def _check_events(text: str) -> None:
                 continue
             if kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
                 size, anchor = stack.pop()
+                nodes += 1
             elif kind is yaml.ScalarEvent:
                 size = 1
+                nodes += 1
             elif kind is yaml.AliasEvent:
                 size, anchor = sizes.get(str(anchor), 1), None
                 added += size
+                nodes += size
                 if added > MAX_ALIAS_NODES:
                     raise DecodeError(f"{_where(event.start_mark)}: aliases expand to more "
                                       f"than {MAX_ALIAS_NODES} nodes")
             else:
                 if kind is yaml.DocumentStartEvent:
-                    sizes.clear()
+                    sizes.clear()  # anchors are per document; the node count per file
                     added = 0
                 continue
+            if nodes > MAX_NODES:
+                raise DecodeError(f"{_where(event.start_mark)}: more than {MAX_NODES} YAML "
+                                  "nodes in one file")
             if anchor is not None:
                 sizes[anchor] = size
             if stack:
