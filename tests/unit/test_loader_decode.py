@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -226,3 +227,14 @@ def test_more_nodes_than_the_file_budget_are_refused_before_a_tree_is_built(form
     with pytest.raises(DecodeError, match=f"more than {MAX_NODES} YAML nodes"):
         decode(text.encode())
     assert time.monotonic() - start < 5
+
+
+REPO = Path(__file__).parents[2]
+SHIPPED = sorted(p for top in ("manifests", "crds", "demo", "deploy")
+                 for p in (REPO / top).rglob("*.y*ml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_manifest_passes_the_strict_loader(path: Path) -> None:
+    """Users copy these: none may hold a duplicate key, a tag or a bound the gate refuses."""
+    decode(path.read_bytes())

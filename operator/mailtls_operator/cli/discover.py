@@ -211,6 +211,7 @@ def add_discover_parsers(sub: Any) -> None:
         epilog="Exit status: 0 explained, 1 a lookup failed, 2 bad input.")
     p.add_argument("key", metavar="KEY", help="a table key (next-hop), e.g. example.com")
     p.add_argument("-f", "--file", action="append", required=True, metavar="PATH",
-                   help="YAML/JSON file or directory (recursive); repeatable")
+                   help="YAML/JSON file, directory (recursive) or - for standard input; "
+                        "repeatable")
     _add_lookup_options(p)
     p.set_defaults(func=cmd_explain)

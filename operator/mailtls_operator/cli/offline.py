@@ -74,9 +74,10 @@ def _timestamp(text: str) -> datetime:
 
 def add_offline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--file", action="append", required=True, metavar="PATH",
-                   help="YAML/JSON file or directory (recursive); repeatable. Multi-document "
-                        "files and List objects are read; kinds other than MailTLSPolicy "
-                        "are ignored.")
+                   help="YAML/JSON file, directory (recursive: *.yaml, *.yml, *.json) or - "
+                        "for standard input; repeatable. Multi-document files and List "
+                        "objects are read; other groups' kinds are ignored, an unserved "
+                        "mailtls.io version or kind is refused. At most 3 MiB per file.")
     p.add_argument("--now", type=_timestamp, default=None, metavar="RFC3339",
                    help="evaluate break-glass exceptions at this time instead of now")
     p.add_argument("--max-exception-days", type=MAX_EXCEPTION_DAYS,
