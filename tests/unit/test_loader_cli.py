@@ -130,8 +130,8 @@ def test_a_duplicate_field_is_refused_not_last_wins(tmp_path: Path) -> None:
     path.write_text("apiVersion: mailtls.io/v1alpha1\nkind: MailTLSPolicy\n"
                     "metadata: {name: d}\nspec:\n  destinations: [d.example]\n"
                     "  level: encrypt\n  level: none\n")
-    for command in ("validate", "render"):
-        refused(mailtls(command, "-f", str(path)),
+    for argv in (["validate"], ["render"], ["probe"], ["explain", "d.example"]):
+        refused(mailtls(*argv, "-f", str(path)),
                 'line 7, column 3: mapping key "level" already defined at line 6')
 
 
