@@ -238,3 +238,14 @@ SHIPPED = sorted(p for top in ("manifests", "crds", "demo", "deploy")
 def test_every_shipped_manifest_passes_the_strict_loader(path: Path) -> None:
     """Users copy these: none may hold a duplicate key, a tag or a bound the gate refuses."""
     decode(path.read_bytes())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10), st.sampled_from(["seq", "map"]))
+def test_an_alias_inside_its_own_anchor_is_refused(depth: int, shape: str) -> None:
+    inner = "*a"
+    for i in range(depth):
+        inner = f"[{inner}]" if i % 2 else f"{{k{i}: {inner}}}"
+    text = f"x: &a [1, {inner}]\n" if shape == "seq" else f"x: &a {{v: {inner}}}\n"
+    with pytest.raises(DecodeError, match="inside its own anchor"):
+        decode(text.encode())

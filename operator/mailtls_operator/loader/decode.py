@@ -116,6 +116,9 @@ def _check_events(text: str) -> None:
                 size = 1
                 nodes += 1
             elif kind is yaml.AliasEvent:
+                if any(own == anchor for _, own in stack):
+                    raise DecodeError(f"{_where(event.start_mark)}: alias *{clip(str(anchor))} "
+                                      "inside its own anchor (a recursive structure)")
                 size, anchor = sizes.get(str(anchor), 1), None
                 added += size
                 nodes += size
