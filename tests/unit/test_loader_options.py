@@ -46,12 +46,21 @@ def test_a_float_option_refuses_what_is_no_number_in_range(
     (["probe", "-f", "x", "--concurrency"], "\u0663"),
     (["probe", "-f", "x", "--concurrency"], "9" * 5000),
     (["run", "--parallelism"], "0"),
+    (["run", "--health"], "0.0.0.0:\u00b2"), (["run", "--health"], "0.0.0.0"),
+    (["run", "--metrics"], "0.0.0.0:70000"), (["run", "--metrics"], "a b:80"),
+    (["run", "--health"], "off"),
 ])
 def test_zero_and_foreign_digits_are_refused_where_they_mean_nothing(
         option: list[str], value: str) -> None:
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([*option, value])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0:8080", ":9090", "localhost:1", "[::]:8080"])
+def test_a_listen_address_in_each_form_is_accepted(value: str) -> None:
+    assert build_parser().parse_args(["run", "--health", value, "--metrics", value]).health \
+        == value
 
 
 @settings(max_examples=300)

@@ -53,3 +53,22 @@ def bounded_int(low: int, high: int) -> Callable[[str], int]:
 
     parse.__name__ = "integer"
     return parse
+
+
+def listen_address(text: str) -> str:
+    """An argparse ``type`` for ``HOST:PORT`` listen options (``--health``, ``--metrics``):
+    checked here, so a bad port is a usage error before the operator connects anywhere;
+    the text is returned as given."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not re.fullmatch(r"[0-9]{1,5}", port, re.ASCII) \
+            or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{clip(text)}: expected HOST:PORT with a port "
+                                         "1-65535")
+    if host and not re.fullmatch(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]", host, re.ASCII):
+        raise argparse.ArgumentTypeError(f"{clip(text)}: not an address or host name")
+    return text
+
+
+def listen_address_or_off(text: str) -> str:
+    """:func:`listen_address`, or ``off`` (``--metrics off``)."""
+    return text if text == "off" else listen_address(text)

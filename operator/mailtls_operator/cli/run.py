@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from .argtypes import bounded_float, bounded_int
+from .argtypes import bounded_float, bounded_int, listen_address, listen_address_or_off
 from .logs import FORMATS
 from .offline import MAX_EXCEPTION_DAYS
 
@@ -34,9 +34,10 @@ def add_run_parser(sub: Any) -> None:
                    help="namespace of the Lease (default: $POD_NAMESPACE, else 'default')")
     p.add_argument("--lease-name", metavar="NAME", default="mailtls-operator",
                    help="name of the Lease (default: %(default)s)")
-    p.add_argument("--health", metavar="HOST:PORT", default="0.0.0.0:8080",
+    p.add_argument("--health", type=listen_address, metavar="HOST:PORT", default="0.0.0.0:8080",
                    help="serve /healthz (liveness/readiness) here (default: %(default)s)")
-    p.add_argument("--metrics", metavar="HOST:PORT", default="0.0.0.0:9090",
+    p.add_argument("--metrics", type=listen_address_or_off, metavar="HOST:PORT",
+                   default="0.0.0.0:9090",
                    help="serve Prometheus /metrics here; 'off' disables (default: %(default)s)")
     p.add_argument("--debounce", type=bounded_float(0, 3600), default=0.5, metavar="SECONDS",
                    help="quiet period before an instance is re-rendered after a change "
