@@ -22,6 +22,7 @@ import yaml
 from ..crd import KIND as POLICY_KIND
 from ..crd.schema import _path, _schema_message, structural_validator
 from ..policy import Policy, PolicyInvalid, load_policy, parse_time
+from ..safetext import one_line
 from ..sources import SourceError, read_objects
 from .decide import SOURCES, DomainState
 from .entries import DomainInvalid, domain_keys, entries
@@ -79,11 +80,14 @@ class Discovery:
 
 def load_discovery(obj: Mapping[str, Any]) -> Discovery:
     """A MailTLSDiscovery object -> :class:`Discovery`, or :class:`DiscoveryInvalid`."""
-    meta = obj.get("metadata") or {}
-    ref = f"{meta.get('namespace') or 'default'}/{meta.get('name') or '?'}"
+    given = obj.get("metadata")
+    meta: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
+    ref = one_line(f"{meta.get('namespace') or 'default'}/{meta.get('name') or '?'}")
     spec = obj.get("spec")
     errors = [f"{_path('spec', e.absolute_path)}: {_schema_message(e)}"
               for e in _validator().iter_errors(spec)] if spec is not None else ["spec: Required"]
+    if not isinstance(meta.get("name"), str) or not meta["name"]:
+        errors.append("metadata.name: Required value")
     if not errors:
         assert isinstance(spec, Mapping)
         seen: dict[str, int] = {}
