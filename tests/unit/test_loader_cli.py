@@ -5,6 +5,7 @@ memory (300 MiB, the child's peak RSS measured with ``wait4``)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,16 +114,21 @@ def test_standard_input_past_the_limit_is_refused() -> None:
             "<stdin>: larger than")
 
 
+README = Path(__file__).parents[2] / "README.md"
+
+
 def test_an_unquoted_time_in_the_readme_break_glass_example_validates(tmp_path: Path) -> None:
+    """The README's break-glass ``spec``, its times unquoted (kubectl keeps them strings)."""
+    text = README.read_text(encoding="utf-8")
+    block = text[text.index("```yaml\nspec:\n  destinations: [\"[mx.partner"):]
+    spec = block[len("```yaml\n"):block.index("```", 3)]
+    unquoted = re.sub(r'"(\d{4}-\d\d-\d\dT[0-9:]+Z)"', r"\1", spec)
+    assert unquoted != spec and "expiresAt: 2026-" in unquoted
     path = tmp_path / "bg.yaml"
     path.write_text("apiVersion: mailtls.io/v1alpha1\nkind: MailTLSPolicy\n"
-                    "metadata: {name: bg}\nspec:\n"
-                    '  destinations: ["[mx.partner.example]:25"]\n  level: may\n'
-                    "  exception: {startsAt: 2026-11-25T08:00:00Z, "
-                    "expiresAt: 2026-11-27T08:00:00Z,\n"
-                    '              reason: "INC-4711: partner certificate expired"}\n')
+                    "metadata: {name: bg}\n" + unquoted)
     run = mailtls("validate", "--now", "2026-11-26T00:00:00Z", "-f", str(path))
-    assert run.status == 0, run.stderr
+    assert run.status == 0 and run.stderr == "1 MailTLSPolicy object(s) valid\n", run
 
 
 def test_a_duplicate_field_is_refused_not_last_wins(tmp_path: Path) -> None:
