@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from mailtls_operator.loader import MAX_ALIAS_NODES, MAX_DEPTH, MAX_NODES, clip, decode
 from mailtls_operator.loader.decode import DecodeError
+from mailtls_operator.loader.files import FileError, read_inputs
 from mailtls_operator.safetext import unsafe_character
 
 # YAML 1.1 folds NEL, LS and PS as line breaks in plain scalars (PyYAML's emitter writes
@@ -249,3 +250,18 @@ def test_an_alias_inside_its_own_anchor_is_refused(depth: int, shape: str) -> No
     text = f"x: &a [1, {inner}]\n" if shape == "seq" else f"x: &a {{v: {inner}}}\n"
     with pytest.raises(DecodeError, match="inside its own anchor"):
         decode(text.encode())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1,
+               max_size=5000))
+def test_a_path_in_any_error_is_escaped_and_short(name: str) -> None:
+    """Newlines, controls and bidi overrides in a name cannot forge or reorder a line."""
+    try:
+        list(read_inputs([f"/nonexistent-mailtls/{name}"]))
+    except FileError as exc:
+        message = str(exc)
+    else:
+        pytest.fail("a path under /nonexistent-mailtls was read")
+    assert unsafe_character(message.replace(" ", "")) is None
+    assert len(message) < 400
