@@ -26,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailtls_operator import cli, crd
+from mailtls_operator.loader import decode
 from mailtls_operator.policy import Policy
 from mailtls_operator.render import render
 
@@ -82,7 +83,7 @@ def _run(spec: dict[str, Any], command: str) -> tuple[int, str, str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "policy.yaml"
         path.write_text(yaml.safe_dump(obj, allow_unicode=False), encoding="utf-8")
-        assert yaml.safe_load(path.read_text(encoding="utf-8")) == obj  # nothing lost on disk
+        assert decode(path.read_bytes()) == [obj]  # nothing lost on disk (the CLI's loader)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = cli.main([command, "-f", str(path), "--now", NOW])

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from mailtls_operator.crd import validate_with_crd
+from mailtls_operator.loader import decode
 from mailtls_operator.policy import validate_object
 
-CORPUS = yaml.safe_load((Path(__file__).parents[1] / "corpus" / "invalid.yaml").read_text())
+CORPUS = decode((Path(__file__).parents[1] / "corpus" / "invalid.yaml").read_bytes())[0]
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import stat
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,23 +24,54 @@ from typing import Any
 from ..discovery.decide import SOURCES, DomainState
 from ..discovery.entries import DomainInvalid, domain_keys, entries
 from ..discovery.report import describe
+from ..loader import clip, shown_path
 from ..render import REVISION_KEY, render
+from .argtypes import bounded_float
 
 EXIT_OK, EXIT_LOOKUP, EXIT_INVALID = 0, 1, 2
+
+
+MAX_CA_FILE_BYTES = 16 * 1024 * 1024
+
+
+def check_ca_file(path: str) -> str | None:
+    """Why ``path`` cannot be the ``--ca-file`` (a readable regular file of PEM
+    certificates), or None.  ``/dev/null`` or a directory is told as such, not as
+    "no such file"; a huge or endless file is refused before it is read."""
+    name = shown_path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{name}: no such file"
+    except (OSError, ValueError) as exc:
+        return f"{name}: {getattr(exc, 'strerror', None) or 'not a valid path'}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{name}: not a regular file"
+    if st.st_size > MAX_CA_FILE_BYTES:
+        return f"{name}: larger than {MAX_CA_FILE_BYTES} bytes"
+    try:
+        with open(path, "rb") as fh:
+            pem = fh.read(MAX_CA_FILE_BYTES + 1)
+    except OSError as exc:
+        return f"{name}: cannot read: {exc.strerror or type(exc).__name__}"
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        return f"{name}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it"
+    return None
 
 
 def _discoverer(args: argparse.Namespace) -> Any:
     """The same :class:`Discoverer` the operator builds, from the CLI options (or exit 2)."""
     from ..discovery.engine import build_discoverer
 
-    if args.ca_file and not Path(args.ca_file).is_file():
-        raise SystemExit(_bad(f"--ca-file: {args.ca_file}: no such file"))
+    if args.ca_file is not None and (why := check_ca_file(args.ca_file)):
+        raise SystemExit(_bad(f"--ca-file: {why}"))
     try:
         return build_discoverer(args.nameserver, args.ca_file, args.timeout)
     except ValueError as exc:
         raise SystemExit(_bad(f"--nameserver: {exc}")) from exc
-    except OSError as exc:
-        raise SystemExit(_bad(f"--ca-file: {args.ca_file}: {exc}")) from exc
+    except OSError as exc:  # ssl: a PEM block OpenSSL cannot load
+        raise SystemExit(_bad(f"--ca-file: {shown_path(args.ca_file or '')}: "
+                              f"{clip(str(exc), 200)}")) from exc
 
 
 def _bad(message: str) -> int:
@@ -59,7 +92,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
         except DomainInvalid as exc:
             return _bad(str(exc))
     if args.config_dir is not None and not Path(args.config_dir, "main.cf").is_file():
-        return _bad(f"--config-dir: {args.config_dir}/main.cf: no such file")
+        return _bad(f"--config-dir: {shown_path(args.config_dir)}/main.cf: no such file")
     discoverer = _discoverer(args)
     now = datetime.now(UTC)
     states = asyncio.run(discoverer.discover_all(args.domain, now, args.source or SOURCES))
@@ -107,6 +140,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from ..discovery.explain import explain
     from ..discovery.objects import DiscoveryInvalid, load_explain_inputs
 
+    if args.ca_file is not None and (why := check_ca_file(args.ca_file)):
+        return _bad(f"--ca-file: {why}")  # told now, not only when a lookup needs it
     now = datetime.now(UTC)
     try:
         policies, discoveries = load_explain_inputs(args.file, now)
@@ -141,7 +176,8 @@ def _add_lookup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-file", metavar="FILE",
                    help="trust these CA certificates for the MTA-STS HTTPS fetch "
                         "(default: the system store)")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=bounded_float(0, 300, low_open=True), default=5.0,
+                   metavar="SECONDS",
                    help="per DNS lookup (default: %(default)g)")
 
 
@@ -175,6 +211,7 @@ def add_discover_parsers(sub: Any) -> None:
         epilog="Exit status: 0 explained, 1 a lookup failed, 2 bad input.")
     p.add_argument("key", metavar="KEY", help="a table key (next-hop), e.g. example.com")
     p.add_argument("-f", "--file", action="append", required=True, metavar="PATH",
-                   help="YAML/JSON file or directory (recursive); repeatable")
+                   help="YAML/JSON file, directory (recursive) or - for standard input; "
+                        "repeatable")
     _add_lookup_options(p)
     p.set_defaults(func=cmd_explain)

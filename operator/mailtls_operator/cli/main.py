@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from .. import __version__
+from ..loader import clip
 from ..render import render
 from .offline import EXIT_INVALID, add_offline_options, load_offline
 from .probe import add_probe_parser
@@ -87,7 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    status: int = args.func(args)
+    if args.command == "run" or args.command == "agent":  # long-running: their own handling
+        status: int = args.func(args)
+        return status
+    try:
+        status = args.func(args)
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except RecursionError:
+        print("error: input nested too deeply", file=sys.stderr)
+        return EXIT_INVALID
+    except Exception as exc:  # a safety net only: each known failure is handled where it
+        # arises; an unknown one is still one line and exit 2, never a traceback
+        print(f"error: unexpected {type(exc).__name__}: {clip(str(exc), 200)}",
+              file=sys.stderr)
+        return EXIT_INVALID
     return status
 
 

@@ -11,8 +11,22 @@ from ..policy import DEFAULT_MAX_EXCEPTION, Policy, PolicyInvalid, load_policy, 
 from ..render import render
 from ..routing import folding_warning
 from ..sources import Source, SourceError, read_policies
+from .argtypes import bounded_float
 
 EXIT_INVALID = 2
+MAX_EXCEPTION_DAYS = bounded_float(0, 3650)
+"""--max-exception-days: up to ten years (``timedelta`` and the model stay finite)."""
+
+
+MAX_LINE = 1000
+"""An error line is cut here: the model's messages quote values (escaped), and a value
+of a megabyte must not become a megabyte of CI log."""
+
+
+def capped(line: str) -> str:
+    """``line`` (already escaped) cut to :data:`MAX_LINE` characters."""
+    return line if len(line) <= MAX_LINE else \
+        f"{line[:MAX_LINE]}...[{len(line) - MAX_LINE} more characters]"
 
 
 def load_all(sources: list[Source], now: datetime, max_exception: timedelta
@@ -48,11 +62,11 @@ def load_offline(args: argparse.Namespace) -> tuple[list[Policy], int]:
     refused = render(policies, now=now).refused
     errors += [f"{files[ref]}: {ref}: spec: {why}" for ref, why in sorted(refused.items())]
     for line in errors:
-        print(line, file=sys.stderr)
+        print(capped(line), file=sys.stderr)
     for policy in policies:  # offline, Postfix is taken to fold UTF-8 keys (the default)
         folding = folding_warning(policy.keys)
         if folding:
-            print(f"warning: {files[policy.ref]}: {policy.ref}: {folding}",
+            print(capped(f"warning: {files[policy.ref]}: {policy.ref}: {folding}"),
                   file=sys.stderr)
     return policies, EXIT_INVALID if errors else 0
 
@@ -66,11 +80,12 @@ def _timestamp(text: str) -> datetime:
 
 def add_offline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--file", action="append", required=True, metavar="PATH",
-                   help="YAML/JSON file or directory (recursive); repeatable. Multi-document "
-                        "files and List objects are read; kinds other than MailTLSPolicy "
-                        "are ignored.")
+                   help="YAML/JSON file, directory (recursive: *.yaml, *.yml, *.json) or - "
+                        "for standard input; repeatable. Multi-document files and List "
+                        "objects are read; other groups' kinds are ignored, an unserved "
+                        "mailtls.io version or kind is refused. At most 3 MiB per file.")
     p.add_argument("--now", type=_timestamp, default=None, metavar="RFC3339",
                    help="evaluate break-glass exceptions at this time instead of now")
-    p.add_argument("--max-exception-days", type=float,
+    p.add_argument("--max-exception-days", type=MAX_EXCEPTION_DAYS,
                    default=DEFAULT_MAX_EXCEPTION.total_seconds() / 86400, metavar="DAYS",
                    help="longest break-glass exception accepted (default: %(default)g)")

@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import probe
+from ..loader import shown_path
 from ..podrunner import ExecResult, PodRef, PodRunner, PodRunnerError
 from ..policy import Policy
+from .argtypes import bounded_float, bounded_int
 from .offline import EXIT_INVALID, add_offline_options, load_offline
 
 EXIT_OK = 0
@@ -170,24 +172,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
         print(f"error: {probe.PROGRAM} not found (install Postfix)", file=sys.stderr)
         return EXIT_UNAVAILABLE
     if args.config_dir is not None and not Path(args.config_dir, "main.cf").is_file():
-        print(f"error: {args.config_dir}/main.cf: no such file", file=sys.stderr)
+        print(f"error: {shown_path(args.config_dir)}/main.cf: no such file", file=sys.stderr)
         return EXIT_INVALID
     with _config_dir(args.config_dir) as config_dir:
         return asyncio.run(_main(args, policies, config_dir))
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
 
 
 def add_probe_parser(sub: Any) -> None:
@@ -201,9 +189,10 @@ def add_probe_parser(sub: Any) -> None:
                    help="Postfix configuration directory to probe with (MAIL_CONFIG), e.g. an "
                         "instance's; its smtp_tls_CAfile/CApath, trust anchors, protocols, "
                         "ciphers, SNI and smtp_dns_support_level apply. Default: the system's")
-    p.add_argument("--concurrency", type=_positive_int, default=4, metavar="N",
+    p.add_argument("--concurrency", type=bounded_int(1, 256), default=4, metavar="N",
                    help="probes in flight at once (default: %(default)s)")
-    p.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S",
+    p.add_argument("--timeout", type=bounded_float(0, 3600, low_open=True), default=10.0,
+                   metavar="S",
                    help="connect timeout and per-command timeout of each probe, seconds "
                         "(default: %(default)g)")
     p.set_defaults(func=cmd_probe)

@@ -6,7 +6,9 @@ import argparse
 import os
 from typing import Any
 
+from .argtypes import bounded_float, bounded_int, listen_address, listen_address_or_off
 from .logs import FORMATS
+from .offline import MAX_EXCEPTION_DAYS
 
 
 def add_run_parser(sub: Any) -> None:
@@ -32,24 +34,26 @@ def add_run_parser(sub: Any) -> None:
                    help="namespace of the Lease (default: $POD_NAMESPACE, else 'default')")
     p.add_argument("--lease-name", metavar="NAME", default="mailtls-operator",
                    help="name of the Lease (default: %(default)s)")
-    p.add_argument("--health", metavar="HOST:PORT", default="0.0.0.0:8080",
+    p.add_argument("--health", type=listen_address, metavar="HOST:PORT", default="0.0.0.0:8080",
                    help="serve /healthz (liveness/readiness) here (default: %(default)s)")
-    p.add_argument("--metrics", metavar="HOST:PORT", default="0.0.0.0:9090",
+    p.add_argument("--metrics", type=listen_address_or_off, metavar="HOST:PORT",
+                   default="0.0.0.0:9090",
                    help="serve Prometheus /metrics here; 'off' disables (default: %(default)s)")
-    p.add_argument("--debounce", type=float, default=0.5, metavar="SECONDS",
+    p.add_argument("--debounce", type=bounded_float(0, 3600), default=0.5, metavar="SECONDS",
                    help="quiet period before an instance is re-rendered after a change "
                         "(default: %(default)s)")
-    p.add_argument("--max-delay", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--max-delay", type=bounded_float(0, 3600), default=5.0, metavar="SECONDS",
                    help="longest a burst of changes may postpone a render (default: "
                         "%(default)s)")
-    p.add_argument("--parallelism", type=int, default=1, metavar="N",
+    p.add_argument("--parallelism", type=bounded_int(1, 10_000), default=1, metavar="N",
                    help="pods of one instance updated at once (default: %(default)s)")
     p.add_argument("--strategy", choices=("exec", "restart", "agent"), default="exec",
                    help="default rollout strategy when a pod has no mailtls.io/strategy "
                         "annotation (default: %(default)s)")
-    p.add_argument("--max-exception-days", type=float, default=30.0, metavar="DAYS",
+    p.add_argument("--max-exception-days", type=MAX_EXCEPTION_DAYS, default=30.0, metavar="DAYS",
                    help="longest break-glass exception accepted (default: %(default)s)")
-    p.add_argument("--probe-interval", type=float, default=3600.0, metavar="SECONDS",
+    p.add_argument("--probe-interval", type=bounded_float(0, 30 * 86400), default=3600.0,
+                   metavar="SECONDS",
                    help="how often destinations are probed with posttls-finger and queues "
                         "read; 0 disables the schedule (default: %(default)s)")
     p.add_argument("--probe-scope", choices=("all", "audit"), default="all",
@@ -62,7 +66,7 @@ def add_run_parser(sub: Any) -> None:
                         "the system resolver")
     p.add_argument("--discovery-ca-file", metavar="FILE",
                    help="CA certificates for MTA-STS policy fetches (default: system store)")
-    p.add_argument("--status-qps", type=float, default=100.0, metavar="N",
+    p.add_argument("--status-qps", type=bounded_float(0, 1e6), default=100.0, metavar="N",
                    help="policy status patches per second at most, in bursts of up to 5x "
                         "that: a bulk load's statuses follow its enforcement instead of "
                         "flooding the API server; 0 means unlimited (default: %(default)s)")

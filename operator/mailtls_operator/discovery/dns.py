@@ -11,6 +11,7 @@ policies, not DNS answers, so an id change is seen on the next round.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 
 import dns.asyncresolver
@@ -34,32 +35,51 @@ class DnsFailure(Exception):
 def parse_nameserver(text: str) -> tuple[str, int]:
     """``HOST[:PORT]``, ``[IPv6]:PORT`` or a bare IPv6 address -> (address, port).
 
-    A host name is resolved once with the system resolver: dnspython talks to
-    addresses only.  Raises :class:`ValueError` with a readable reason.
+    Strict, because a lax reading sends the queries elsewhere: the port is 1-65535 in
+    ASCII digits (``int()`` would take other scripts' digits, ``isdigit()`` even
+    ``²``); ``HOST:PORT`` has one colon, so ``127.0.0.1:53:53`` is refused instead of
+    being looked up as a host name.  A host name is resolved once with the system
+    resolver: dnspython talks to addresses only.  Raises :class:`ValueError` with a
+    readable reason (the text escaped and clipped).
     """
-    host, port_text = text, ""
+    shown = repr(text) if len(text) <= 80 else repr(text[:80]) + "..."
+    host, port_text, has_port = text, "", False
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"{text!r}: expected [ADDRESS]:PORT")
-        port_text = rest[1:]
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{shown}: expected [ADDRESS]:PORT")
+        has_port, port_text = bool(rest), rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as exc:
+            raise ValueError(f"{shown}: not an IPv6 address in brackets") from exc
     elif text.count(":") == 1:
         host, port_text = text.split(":")
+        has_port = True
+    elif ":" in text:
+        try:
+            return str(ipaddress.IPv6Address(text)), 53
+        except ValueError as exc:
+            raise ValueError(f"{shown}: HOST:PORT has one colon; an IPv6 address with a "
+                             "port is [ADDRESS]:PORT") from exc
     port = 53
-    if port_text:
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise ValueError(f"{text!r}: port must be 1-65535")
+    if has_port:
+        if not re.fullmatch(r"[0-9]{1,5}", port_text, re.ASCII) \
+                or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"{shown}: port must be 1-65535 (ASCII digits)")
         port = int(port_text)
     if not host:
-        raise ValueError(f"{text!r}: no host")
+        raise ValueError(f"{shown}: no host")
     try:
         return str(ipaddress.ip_address(host)), port
     except ValueError:
         pass
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,253}", host, re.ASCII):
+        raise ValueError(f"{shown}: not an IP address or a host name")
     try:
         return str(socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][4][0]), port
     except (OSError, UnicodeError) as exc:
-        raise ValueError(f"{text!r}: cannot resolve {host}: {exc}") from exc
+        raise ValueError(f"{shown}: cannot resolve {host}: {exc}") from exc
 
 
 class Dns:

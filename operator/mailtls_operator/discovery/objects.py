@@ -19,13 +19,13 @@ from typing import Any
 import jsonschema
 import yaml
 
-from ..crd import GROUP
+from ..crd import KIND as POLICY_KIND
 from ..crd.meta import created_of, meta_errors, metadata_of, name_of, namespace_of
 from ..crd.schema import _path, _schema_message, structural_validator
 from ..crd.validate import json_errors
 from ..policy import Policy, PolicyInvalid, load_policy
 from ..safetext import one_line
-from ..sources import SourceError, _files, _is_policy, _objects
+from ..sources import SourceError, read_objects
 from .decide import SOURCES, DomainState
 from .entries import DomainInvalid, domain_keys, entries
 
@@ -115,31 +115,20 @@ def load_discovery(obj: Mapping[str, Any]) -> Discovery:
                      check_interval=int(spec.get("checkIntervalSeconds", 3600)))
 
 
-def _is_discovery(obj: Any) -> bool:
-    return (isinstance(obj, dict) and obj.get("kind") == KIND
-            and str(obj.get("apiVersion", "")).startswith(f"{GROUP}/"))
-
-
 def load_explain_inputs(paths: list[str], now: datetime
                         ) -> tuple[list[Policy], list[Discovery]]:
-    """Every MailTLSPolicy and MailTLSDiscovery in ``paths``, validated like the cluster does."""
+    """Every MailTLSPolicy and MailTLSDiscovery in ``paths``, validated like the cluster does
+    (read by the one loader, :func:`mailtls_operator.sources.read_objects`)."""
     policies: list[Policy] = []
     discoveries: list[Discovery] = []
     try:
-        files = [f for top in paths for f in _files(Path(top))]
-        for file in files:
-            docs = list(yaml.safe_load_all(file.read_bytes().decode("utf-8")))
-            for obj in (o for doc in docs for o in _objects(doc)):
-                if isinstance(obj, dict) and isinstance(obj.get("metadata"), dict):
-                    obj["metadata"].setdefault("namespace", "default")
-                if _is_policy(obj):
-                    policies.append(load_policy(obj, now=now))
-                elif _is_discovery(obj):
-                    discoveries.append(load_discovery(obj))
+        for item in read_objects(paths):
+            if item.kind == POLICY_KIND:
+                policies.append(load_policy(item.obj, now=now))
+            elif item.kind == KIND:
+                discoveries.append(load_discovery(item.obj))
     except (SourceError, DiscoveryInvalid) as exc:
         raise DiscoveryInvalid(str(exc)) from exc
     except PolicyInvalid as exc:
         raise DiscoveryInvalid(str(exc)) from exc
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise DiscoveryInvalid(str(exc).replace("\n", " ")) from exc
     return policies, discoveries
