@@ -69,7 +69,7 @@ mkdir -p "$out"
 log="$out/build.log"
 : > "$log"
 echo "controlplane: building Kubernetes $k8s, etcd $etcd, kwok $kwok with $go into $out" \
-     "(cold: about 15 min on 2 cores; log: $log)" >&2
+     "(cold: 30-50 min on 2 busy cores; log: $log)" >&2
 
 major=${k8s#v}; major=${major%%.*}
 minor=${k8s#v*.}; minor=${minor%%.*}
@@ -94,8 +94,9 @@ build() {
         -o "$target" "${pkgs[@]}") >>"$log" 2>&1; then
     local i
     for i in "${!names[@]}"; do
-      [[ ${#pkgs[@]} -eq 1 ]] || mv "$out/.tmp-$dir/$(basename "${pkgs[$i]}")" "$out/.tmp-$dir/${names[$i]}"
-      mv "$out/.tmp-$dir/${names[$i]}" "$out/${names[$i]}"
+      local built="$out/.tmp-$dir/${names[$i]}"
+      [[ ${#pkgs[@]} -eq 1 ]] || built="$out/.tmp-$dir/$(basename "${pkgs[$i]}")"
+      mv "$built" "$out/${names[$i]}"
       echo "controlplane: built ${names[$i]} ($((SECONDS - start)) s)" >&2
     done
     rmdir "$out/.tmp-$dir"
