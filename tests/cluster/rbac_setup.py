@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -71,7 +71,7 @@ class Install:
     def service_account(self) -> str:
         [sa] = [o["metadata"]["name"] for o in self.objects if o["kind"] == "ServiceAccount"
                 and o["metadata"]["namespace"] == self.release_ns]
-        return sa
+        return str(sa)
 
     @property
     def user(self) -> str:
@@ -117,12 +117,21 @@ def installed(cp: ControlPlane, base: str, scope: str, strategy: str) -> Iterato
     release = f"mailtls-{base}"
     inst = Install(cp, scope, strategy, release, base, f"{base}-mail", f"{base}-off",
                    f"{base}-other")
-    for ns in (inst.watched, inst.outside, inst.other):
-        cp.kubectl("apply", "-f", "-", input=to_yaml([namespace_obj(ns)]))
+    for ns in (inst.watched, inst.outside, inst.other):  # with the ServiceAccount a pod
+        cp.kubectl("apply", "-f", "-", input=to_yaml([  # gets by default (no controllers)
+            namespace_obj(ns), {"apiVersion": "v1", "kind": "ServiceAccount",
+                                "metadata": {"name": "default", "namespace": ns}}]))
     inst.objects = render(values(scope, strategy, release, inst.watched, inst.other),
                           release=release, namespace=inst.release_ns)
     granted = privileges(inst.objects)
     cp.kubectl("apply", "-f", "-", input=to_yaml(granted))
+    # The RBAC authorizer reads roles from an informer: wait until it sees the binding.
+    until(lambda: cp.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", {
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {"user": inst.user, "resourceAttributes": {
+            "group": "apiextensions.k8s.io", "resource": "customresourcedefinitions",
+            "verb": "get", "name": "mailtlspolicies.mailtls.io"}}})["status"].get("allowed"),
+          10, f"the authorizer never granted {inst.user} its ClusterRole")
     try:
         yield inst
     finally:
@@ -133,10 +142,8 @@ def installed(cp: ControlPlane, base: str, scope: str, strategy: str) -> Iterato
                            if "/" in obj["apiVersion"] else obj["kind"].lower(),
                            obj["metadata"]["name"], check=False)
         for ns in (inst.watched, inst.outside, inst.other):
-            try:
+            with suppress(ControlPlaneError):
                 cp.request("DELETE", f"/api/v1/namespaces/{ns}")
-            except ControlPlaneError:
-                pass
 
 
 @dataclass
@@ -158,7 +165,7 @@ def running_operator(inst: Install, workdir: Path) -> Iterator[OperatorProcess]:
     env.pop("KUBERNETES_SERVICE_HOST", None)
     log = workdir / "operator.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([MAILTLS, *inst.args(free_port())],  # noqa: S603
+        proc = subprocess.Popen([MAILTLS, *inst.args(free_port())],
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     running = OperatorProcess(proc, log)
     try:
@@ -167,7 +174,8 @@ def running_operator(inst: Install, workdir: Path) -> Iterator[OperatorProcess]:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(20)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             proc.kill()
             proc.wait(5)
-            raise AssertionError(f"mailtls run did not stop on SIGTERM:\n{running.text()}")
+            raise AssertionError(
+                f"mailtls run did not stop on SIGTERM:\n{running.text()}") from exc
