@@ -142,8 +142,23 @@ def installed(cp: ControlPlane, base: str, scope: str, strategy: str) -> Iterato
                            if "/" in obj["apiVersion"] else obj["kind"].lower(),
                            obj["metadata"]["name"], check=False)
         for ns in (inst.watched, inst.outside, inst.other):
+            _empty(cp, ns)
             with suppress(ControlPlaneError):
                 cp.request("DELETE", f"/api/v1/namespaces/{ns}")
+
+
+#: What a test here creates in its namespaces. Without a namespace controller a deleted
+#: namespace keeps its content, and a later cluster-wide operator would act on it.
+_CONTENT = ("/apis/mailtls.io/v1alpha1/namespaces/{}/mailtlspolicies",
+            "/api/v1/namespaces/{}/pods?gracePeriodSeconds=0",
+            "/apis/apps/v1/namespaces/{}/statefulsets",
+            "/api/v1/namespaces/{}/configmaps")
+
+
+def _empty(cp: ControlPlane, ns: str) -> None:
+    for collection in _CONTENT:
+        with suppress(ControlPlaneError):
+            cp.request("DELETE", collection.format(ns))
 
 
 @dataclass

@@ -117,8 +117,12 @@ def test_operator_does_its_whole_job_with_only_the_charts_rights(
     assert op.proc.returncode == 0, log
     assert {e["involvedObject"]["kind"] for e in events} >= {"MailTLSPolicy"}
     assert lease["spec"].get("holderIdentity"), lease
+    # Other tests' namespaces stay Terminating with their content (no namespace
+    # controller): a cluster-wide operator may be refused writes there for that reason,
+    # which is the namespace lifecycle, not RBAC.
     refused = [line for line in log.splitlines()
-               if "403" in line or "forbidden" in line.lower()]
+               if ("403" in line or "forbidden" in line.lower())
+               and "because it is being terminated" not in line]
     assert refused == [], "the server refused the operator:\n" + "\n".join(refused)
     record(f"{install.scope}/{install.strategy} operator run",
            f"{len(log.splitlines())} log lines, no 403; {len(events)} Events")
