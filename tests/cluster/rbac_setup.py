@@ -93,6 +93,12 @@ class Install:
             out.append(arg)
         return out
 
+    def agent_service_account(self, instance: str) -> str:
+        """The ServiceAccount the chart binds to an agent instance's Role."""
+        [binding] = [o for o in self.objects if o["kind"] == "RoleBinding"
+                     and o["metadata"]["name"] == f"mailtls-agent-{instance}"]
+        return str(binding["subjects"][0]["name"])
+
     @property
     def lease(self) -> str:
         [name] = [a.split("=", 1)[1] for a in operator_args(self.objects)
@@ -106,6 +112,7 @@ def values(scope: str, strategy: str, release: str, watched: str, other: str) ->
         out["watchNamespaces"] = [watched]
     if strategy == "agent":
         out["agent"] = {"instances": [{"namespace": watched, "name": "relay"},
+                                      {"namespace": watched, "name": "second"},
                                       {"namespace": other, "name": "other"}]}
     return out
 

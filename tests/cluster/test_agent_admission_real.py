@@ -28,8 +28,8 @@ from tests.cluster.rbac_setup import Install, installed, until
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[2]
-AGENT_SA = "mailtls-agent"
 STRATEGIC = "application/strategic-merge-patch+json"
+FAKE_UID = "00000000-0000-4000-8000-000000000001"
 
 
 def record(case: str, answer: Answer | str) -> None:
@@ -46,7 +46,8 @@ class Agents:
 
     @property
     def user(self) -> str:
-        return f"system:serviceaccount:{self.install.watched}:{AGENT_SA}"
+        sa = self.install.agent_service_account("relay")
+        return f"system:serviceaccount:{self.install.watched}:{sa}"
 
 
 def _configmap(name: str, ns: str) -> dict[str, Any]:
@@ -57,8 +58,9 @@ def _configmap(name: str, ns: str) -> dict[str, Any]:
 
 @pytest.fixture
 def agents(controlplane: ControlPlane, namespace: str) -> Iterator[Agents]:
-    """The chart (strategy agent, instances relay in <ns>-mail and other in <ns>-other)
-    applied; two agent pods of relay and one of other; their ConfigMaps and a Secret."""
+    """The chart (strategy agent; instances relay and second in <ns>-mail, other in
+    <ns>-other) applied; two agent pods of relay and one of other; the instances'
+    ConfigMaps, one of no instance, and a Secret."""
     controlplane.apply_crds(sorted((ROOT / "crds").glob("*.yaml")))
     cp = controlplane
     applied = time.monotonic()
@@ -67,9 +69,12 @@ def agents(controlplane: ControlPlane, namespace: str) -> Iterator[Agents]:
         for name, where in (("relay-0", ns), ("relay-1", ns), ("other-0", other)):
             cp.request("POST", f"/api/v1/namespaces/{where}/pods",
                        pod(where, name, instance=name.split("-")[0],
-                           service_account=AGENT_SA))
+                           annotations={"mailtls.io/strategy": "agent"},
+                           service_account=inst.agent_service_account(
+                               name.split("-")[0])))
         for name, where in (("relay-mailtls", ns), ("relay-mailtls-part-1", ns),
-                            ("web-config", ns), ("other-mailtls", other)):
+                            ("second-mailtls", ns), ("web-config", ns),
+                            ("other-mailtls", other)):
             cp.request("POST", f"/api/v1/namespaces/{where}/configmaps",
                        _configmap(name, where))
         cp.request("POST", f"/api/v1/namespaces/{ns}/secrets",
@@ -77,8 +82,8 @@ def agents(controlplane: ControlPlane, namespace: str) -> Iterator[Agents]:
                     "stringData": {"key": "secret"}})
         [vap] = [o["metadata"]["name"] for o in inst.objects
                  if o["kind"] == "ValidatingAdmissionPolicy"]
-        caller = Caller(cp.url, cp.ca_file,
-                        cp.service_account_token(ns, AGENT_SA, pod="relay-0"))
+        caller = Caller(cp.url, cp.ca_file, cp.service_account_token(
+            ns, inst.agent_service_account("relay"), pod="relay-0"))
         # The admission plugin loads policies from an informer: a fresh policy is
         # enforced only once it has been seen. Probe with a change it must refuse (an
         # annotation outside its two) until the first denial; before that it passes.
@@ -152,6 +157,7 @@ def test_the_agent_is_refused_every_other_change_and_read(agents: Agents) -> Non
     ours = {ANN_APPLIED: "rev-2"}
     own_pod_only = "a mailtls agent may patch only its own pod"
     no_spec = "a mailtls agent may not change a pod's spec or labels"
+    owners = "a mailtls agent may not change a pod's finalizers or owner references"
     two_keys = ("a mailtls agent may change only the annotations "
                 "mailtls.io/applied-revision and mailtls.io/agent-report")
 
@@ -163,13 +169,23 @@ def test_the_agent_is_refused_every_other_change_and_read(agents: Agents) -> Non
                 f"binding '{vap}' denied request: {message}")
 
     unbound = Caller(inst.cp.url, inst.cp.ca_file,
-                     inst.cp.service_account_token(ns, AGENT_SA))
+                     inst.cp.service_account_token(ns, inst.agent_service_account("relay")))
     cases: list[tuple[str, Caller, str, str, dict[str, Any] | None, str, str]] = [
         ("another pod's mailtls annotations", agents.caller, "PATCH", f"{api}/pods/relay-1",
          {"metadata": {"annotations": ours}}, MERGE, admission("relay-1", own_pod_only)),
         ("own pod, another annotation", agents.caller, "PATCH", _own(ns),
          {"metadata": {"annotations": {"mailtls.io/strategy": "exec"}}}, MERGE,
          admission("relay-0", two_keys)),
+        ("own pod, removing another annotation", agents.caller, "PATCH", _own(ns),
+         {"metadata": {"annotations": {"mailtls.io/strategy": None}}}, MERGE,
+         admission("relay-0", two_keys)),
+        ("own pod, a finalizer", agents.caller, "PATCH", _own(ns),
+         {"metadata": {"finalizers": ["example.com/hold"]}}, MERGE,
+         admission("relay-0", owners)),
+        ("own pod, its owner references", agents.caller, "PATCH", _own(ns),
+         {"metadata": {"ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap",
+                                            "name": "web-config", "uid": FAKE_UID}]}},
+         MERGE, admission("relay-0", owners)),
         ("own pod, a label", agents.caller, "PATCH", _own(ns),
          {"metadata": {"labels": {"mailtls.io/instance": "other"}}}, MERGE,
          admission("relay-0", no_spec)),
@@ -187,7 +203,10 @@ def test_the_agent_is_refused_every_other_change_and_read(agents: Agents) -> Non
         ("a pod in another namespace", agents.caller, "PATCH",
          f"/api/v1/namespaces/{other}/pods/other-0", {"metadata": {"annotations": ours}},
          MERGE, rbac("patch", "pods", other, "other-0")),
-        ("another instance's ConfigMap", agents.caller, "GET",
+        ("another instance's ConfigMap in the same namespace", agents.caller, "GET",
+         f"{api}/configmaps/second-mailtls", None, "",
+         rbac("get", "configmaps", ns, "second-mailtls")),
+        ("another instance's ConfigMap in another namespace", agents.caller, "GET",
          f"/api/v1/namespaces/{other}/configmaps/other-mailtls", None, "",
          rbac("get", "configmaps", other, "other-mailtls")),
         ("a ConfigMap of no instance", agents.caller, "GET", f"{api}/configmaps/web-config",
