@@ -99,23 +99,17 @@ def agents(controlplane: ControlPlane, namespace: str) -> Iterator[Agents]:
         yield Agents(inst, caller, vap, time.monotonic() - applied)
 
 
-def test_the_admission_policy_api_is_served_and_the_charts_policy_type_checks(
+def test_the_admission_policy_api_is_served_and_a_fresh_policy_is_enforced_in_seconds(
         agents: Agents) -> None:
-    cp = agents.install.cp
-    group = cp.request("GET", "/apis/admissionregistration.k8s.io/v1")
-    assert "validatingadmissionpolicies" in {r["name"] for r in group["resources"]}
-    path = f"/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/{agents.policy}"
-
-    def checked() -> dict[str, Any] | None:
-        obj = cp.request("GET", path)
-        status = obj.get("status") or {}
-        done = status.get("observedGeneration") == obj["metadata"]["generation"]
-        return status if done else None
-    status = until(checked, 30, "the server never type-checked the policy")
-    warnings = (status.get("typeChecking") or {}).get("expressionWarnings") or []
-    record("policy type checking", f"observedGeneration reached, warnings: {warnings}")
-    record("first denial after applying", f"{agents.enforced_after:.2f} s")
-    assert warnings == []
+    """admissionregistration.k8s.io/v1 is on by default (GA in 1.30). The policy's
+    status.typeChecking is written by kube-controller-manager, which does not run here;
+    a CEL expression the server could not compile would instead deny every agent update
+    (failurePolicy: Fail), which the allowed-patch test rules out."""
+    group = agents.install.cp.request("GET", "/apis/admissionregistration.k8s.io/v1")
+    served = {r["name"] for r in group["resources"]}
+    assert {"validatingadmissionpolicies", "validatingadmissionpolicybindings"} <= served
+    record("first denial after applying the policy", f"{agents.enforced_after:.2f} s")
+    assert agents.enforced_after < 30
 
 
 def test_the_agent_reads_its_configmaps_and_sets_its_own_pods_two_annotations(
