@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from mailtls_operator.render import REVISION_KEY
 from testbed.controlplane import ControlPlane
 from tests.cluster.rbac_kit import (
     MERGE,
@@ -74,7 +75,8 @@ def _table(cp: ControlPlane, ns: str, instance: str) -> set[str] | None:
     if not found:
         return None
     text = (found[0].get("data") or {}).get("tls_policy", "")
-    return {line for line in text.splitlines() if line and not line.startswith("#")}
+    return {line for line in text.splitlines()
+            if line and not line.startswith(("#", REVISION_KEY))}
 
 
 def _condition(cp: ControlPlane, ns: str, name: str, kind: str) -> dict[str, Any] | None:
@@ -94,8 +96,11 @@ def test_operator_does_its_whole_job_with_only_the_charts_rights(
         cp.request("POST", policies, policy(ns, "p", ["a.example"], "encrypt", []))
         cp.request("POST", policies, policy(ns, "named", ["b.example"], "may", ["lonely"]))
         cp.request("POST", policies, policy(ns, "loser", ["b.example"], "none", ["lonely"]))
-        until(lambda: _table(cp, ns, "lonely") == {"a.example encrypt", "b.example may"},
-              60, f"the ConfigMap lonely-mailtls, log:\n{op.text()}")
+        try:
+            until(lambda: _table(cp, ns, "lonely") == {"a.example encrypt", "b.example may"},
+                  60, "the ConfigMap lonely-mailtls")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the operator's log:\n{op.text()[-6000:]}") from exc
         until(lambda: (c := _condition(cp, ns, "loser", "Accepted"))
               and c["reason"] == "Conflict", 30, "status of the conflicting policy")
         until(lambda: _table(cp, ns, "relay") == {"a.example encrypt"}, 30, "relay-mailtls")
@@ -103,8 +108,8 @@ def test_operator_does_its_whole_job_with_only_the_charts_rights(
         until(lambda: "mailtls.io/revision" in (cp.request(
             "GET", f"/apis/apps/v1/namespaces/{ns}/statefulsets/relay")["spec"]["template"]
             ["metadata"].get("annotations") or {}), 30, "the StatefulSet template patched")
-        cp.request("PATCH", f"{policies}/p", {"spec": {"level": "secure",
-                                                       "match": ["nexthop"]}})
+        cp.kubectl("patch", "mailtlspolicies.mailtls.io", "p", "-n", ns, "--type=merge",
+                   "-p", '{"spec": {"level": "secure", "match": ["nexthop"]}}')
         until(lambda: _table(cp, ns, "relay") == {"a.example secure match=nexthop"}, 30,
               "relay-mailtls patched")
         cp.request("DELETE", f"{policies}/loser")
