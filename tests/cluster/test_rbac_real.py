@@ -39,9 +39,9 @@ SCOPES = ("cluster", "namespaced")
 STRATEGIES = ("exec", "restart", "agent")
 CRD = "mailtlspolicies.mailtls.io"
 CRD_PATH = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD}"
-DRY = "?dryRun=All"
+DRY = "?dryRun=All"  # a refusal that would wrongly succeed changes nothing
 #: A refusal in the operator's log: the status code as a word, or the reason.
-REFUSED = re.compile(r"\b403\b|forbidden", re.IGNORECASE)  # a refusal that would wrongly succeed changes nothing
+REFUSED = re.compile(r"\b403\b|forbidden", re.IGNORECASE)
 
 
 def record(case: str, answer: Answer | str) -> None:
