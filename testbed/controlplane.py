@@ -54,6 +54,13 @@ class ControlPlaneError(RuntimeError):
     names the log to read."""
 
 
+class KubectlError(subprocess.CalledProcessError):
+    """kubectl failed; unlike its base class, the message carries kubectl's stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}: {str(self.stderr).strip()}"
+
+
 def binaries_dir() -> Path:
     """The directory holding etcd, kube-apiserver and kubectl: ``tools/build.sh``'s last
     line of output (it builds on first use, which takes many minutes cold)."""
@@ -278,12 +285,16 @@ class ControlPlane:
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """The built kubectl with the admin kubeconfig (its discovery cache in the work
-        directory, never ``~/.kube``)."""
+        directory, never ``~/.kube``).  With ``check``, a failure raises
+        :class:`KubectlError` (a ``CalledProcessError`` whose message has stderr)."""
         assert self.binaries is not None, "start() first"
-        return subprocess.run(  # noqa: S603
-            [str(self.binaries / "kubectl"), f"--kubeconfig={self.kubeconfig}",
-             f"--cache-dir={self.workdir / 'kubectl-cache'}", *args],
-            input=input, capture_output=True, text=True, check=check, timeout=timeout)
+        argv = [str(self.binaries / "kubectl"), f"--kubeconfig={self.kubeconfig}",
+                f"--cache-dir={self.workdir / 'kubectl-cache'}", *args]
+        done = subprocess.run(argv, input=input, capture_output=True, text=True,  # noqa: S603
+                              check=False, timeout=timeout)
+        if check and done.returncode != 0:
+            raise KubectlError(done.returncode, argv, done.stdout, done.stderr)
+        return done
 
     def api_client(self) -> Any:
         """The official client (``kubernetes.client.ApiClient``) configured as admin."""

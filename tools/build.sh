@@ -25,8 +25,11 @@ if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
        "building from tools/ instead" >&2
 fi
 
-# The version a go.mod requires of a module: `require MODULE vX.Y.Z` (one-line form).
-required() { awk -v m="$2" '$1 == "require" && $2 == m { print $3 }' "$here/$1/go.mod"; }
+# The version a go.mod requires of a module (one-line `require` or inside a block).
+required() {
+  awk -v m="$2" '$1 == "require" && $2 == m { print $3; exit }
+                 $1 == m && $2 ~ /^v/ { print $2; exit }' "$here/$1/go.mod"
+}
 k8s=$(required kubernetes k8s.io/kubernetes)
 etcd=$(required etcd go.etcd.io/etcd/server/v3)
 kwok=$(required kwok sigs.k8s.io/kwok)
