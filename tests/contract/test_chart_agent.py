@@ -49,9 +49,9 @@ def test_the_agent_reads_only_its_instances_configmaps_and_patches_only_pods() -
     assert {(v, r) for v, _, r in AGENT_CALLS} == granted  # what the agent calls, no more
     [binding] = [o for o in find(objects, "RoleBinding")
                  if o["metadata"]["name"] == "mailtls-agent-relay"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mailtls-agent",
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mailtls-agent-relay",
                                     "namespace": "mail"}]
-    assert not any(o["metadata"].get("name") == "mailtls-agent" for o in
+    assert not any(o["metadata"].get("name") == "mailtls-agent-relay" for o in
                    find(objects, "ClusterRoleBinding"))
 
 
@@ -94,7 +94,7 @@ POD: dict[str, Any] = {"metadata": {"name": "relay-0", "namespace": "mail",
                     "labels": {"mailtls.io/instance": "relay"},
                     "annotations": {"mailtls.io/strategy": "agent"}},
        "spec": {"containers": [{"name": "postfix", "image": "postfix"}]}}
-AGENT_USER = "system:serviceaccount:mail:mailtls-agent"
+AGENT_USER = "system:serviceaccount:mail:mailtls-agent-relay"
 
 
 def patched(**annotations: str) -> dict[str, Any]:
@@ -110,7 +110,8 @@ def test_an_agent_may_write_its_report_on_its_own_pod() -> None:
 
 
 @pytest.mark.parametrize("case", ["other pod", "no claim", "strategy", "label", "spec",
-                                  "foreign annotation", "remove annotation"])
+                                  "foreign annotation", "remove annotation", "finalizer",
+                                  "owner"])
 def test_an_agent_may_not(case: str) -> None:
     old, new = POD, patched(**{AGENT_ANNOTATIONS[0]: "x"})
     claim: str | None = "relay-0"
@@ -131,6 +132,11 @@ def test_an_agent_may_not(case: str) -> None:
     elif case == "remove annotation":
         new = copy.deepcopy(POD)
         del new["metadata"]["annotations"]["mailtls.io/strategy"]
+    elif case == "finalizer":
+        new["metadata"]["finalizers"] = ["example.com/hold"]
+    elif case == "owner":
+        new["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "ConfigMap",
+                                               "name": "x", "uid": "1"}]
     assert not admitted(AGENT_USER, claim, old, new)
 
 
