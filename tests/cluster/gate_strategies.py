@@ -1,0 +1,147 @@
+"""Hypothesis strategies for the offline-gate differential test: whole objects of both
+kinds, each field absent, plausible, hostile (control, format and separator characters,
+injections) or of another JSON type; drawn with a fixed seed by :func:`draw_many`.
+
+The drawn objects are cached by :mod:`.gate_objects` under a key made of this file's
+text: any change here draws them anew.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+
+from mailtls_operator.policy import LEVELS
+from tests.unit import strategies as unit
+
+API_VERSION = "mailtls.io/v1alpha1"
+KINDS = ("MailTLSPolicy", "MailTLSDiscovery")
+
+OTHER_TYPES = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+                        st.floats(allow_nan=False, allow_infinity=False),
+                        st.just([]), st.just({}), st.just(["x"]), st.just({"a": "b"}))
+HOSTILE = unit.hostile
+times = st.one_of(
+    st.datetimes().map(lambda d: d.strftime("%Y-%m-%dT%H:%M:%SZ")),
+    st.sampled_from([
+        "2026-12-07T00:00:00Z", "2026-12-08T00:00:00Z", "2027-01-06T00:00:00Z",
+        "2026-12-07T00:00:00.123456789Z", "2026-12-07T00:00:00+01:00", "2026-12-07T00:00:00-0100",
+        "2026-12-07t00:00:00z", "2026-12-07 00:00:00Z", "2026-12-07T00:00:00", "2026-12-07",
+        "2026-12-07T24:00:00Z", "2026-12-07T23:59:60Z", "0000-01-01T00:00:00Z",
+        "9999-12-31T23:59:59Z", "2026-02-30T00:00:00Z", "2026-12-07T00:00:00.Z",
+        "2026-12-07T00:00:00.1234567890123Z", "2026-12-07T00:00Z", "20261207T000000Z",
+        "2026-12-07T00:00:00+24:00", "2026-12-07T00:00:00+14:00",
+        "2026-12-07T00:00:00\u221201:00", "\uff12\uff10\uff12\uff16-12-07T00:00:00Z",
+        "2026-12-07T00:00:00Z\n", " 2026-12-07T00:00:00Z"]),
+    HOSTILE)
+reasons = st.one_of(st.sampled_from(["INC-1 partner certificate expired", "ab", "abc",
+                                     " leading", "trailing ", "tab\tinside", "x" * 513]),
+                    st.text(min_size=0, max_size=40), HOSTILE)
+
+
+def _maybe_hostile(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Mostly the field's plausible values, sometimes a hostile string or another type."""
+    return st.one_of(valid, valid, valid, HOSTILE, OTHER_TYPES)
+
+
+def _list_of(item: st.SearchStrategy[Any], max_size: int = 4) -> st.SearchStrategy[Any]:
+    return _maybe_hostile(st.lists(st.one_of(item, item, item, HOSTILE, OTHER_TYPES),
+                                   min_size=0, max_size=max_size))
+
+
+@st.composite
+def _exception(draw: st.DrawFn) -> Any:
+    exc = {"startsAt": draw(_TIMES), "expiresAt": draw(_TIMES), "reason": draw(_REASONS)}
+    for key in list(exc):
+        if draw(st.integers(0, 9)) == 0:
+            del exc[key]
+    return exc
+
+
+# Strategies are built once, here: building them inside a draw costs hypothesis a
+# validation walk per draw (it made 10,000 objects take minutes).
+_TIMES = _maybe_hostile(times)
+_REASONS = _maybe_hostile(reasons)
+EXCEPTIONS = st.one_of(_exception(), _exception(), OTHER_TYPES)
+POLICY_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "destinations": _list_of(unit.destination),
+    "level": _maybe_hostile(st.sampled_from(LEVELS)),
+    "match": _list_of(unit.name_pattern | unit.digest),
+    "ciphers": _maybe_hostile(st.sampled_from(["export", "low", "medium", "high", "null"])),
+    "protocols": _maybe_hostile(st.sampled_from([">=TLSv1.2", "!SSLv2:!SSLv3", "TLSv1.3",
+                                                 "<=TLSv1.3", ">=TLSv1.2:>=TLSv1.3"])),
+    "exclude": _list_of(st.sampled_from(["3DES", "aNULL", "RC4", "a.b+c-d"])),
+    "tafile": _list_of(unit.path, max_size=9),
+    "servername": _maybe_hostile(st.sampled_from(["hostname", "nexthop"]) | unit.domain),
+    "connectionReuse": _maybe_hostile(st.booleans()),
+    "route": _maybe_hostile(st.just("direct")),
+    "instances": _list_of(st.sampled_from(["relay", "edge", "a-b", "Relay", "-x"])),
+    "mode": _maybe_hostile(st.sampled_from(["enforce", "audit"])),
+    "exception": EXCEPTIONS,
+}
+_INTERVALS = st.one_of(st.sampled_from([59, 60, 61, 3600, 86400, 86401, 0, -1, 2**63,
+                                        3600.0, 3600.5, 1e3, 6e1]),
+                       st.integers(-(2**64), 2**64))
+DISCOVERY_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "domains": _list_of(unit.destination | unit.domain, max_size=5),
+    "sources": _list_of(st.sampled_from(["dane", "mta-sts", "DANE", "mta_sts"]), 3),
+    "instances": _list_of(st.sampled_from(["relay", "edge", "a-b", "Relay", "-x"])),
+    "checkIntervalSeconds": _maybe_hostile(_INTERVALS),
+}
+UNIT_SPECS = unit.specs() | unit.schema_valid_specs()
+_EXTRA = st.sampled_from(["tafiles", "Level", "extra", "status", ""])
+
+
+def _fields(draw: st.DrawFn, fields: dict[str, st.SearchStrategy[Any]],
+            required: tuple[str, ...]) -> Any:
+    """Each field absent or drawn (required ones mostly present); now and then an
+    unknown field, or a spec that is not an object at all."""
+    if draw(st.integers(0, 19)) == 0:
+        return draw(OTHER_TYPES)
+    spec: dict[str, Any] = {}
+    for key, strategy in fields.items():
+        if (key in required and draw(st.integers(0, 19)) != 0) or draw(st.booleans()):
+            spec[key] = draw(strategy)
+    if draw(st.integers(0, 24)) == 0:
+        spec[draw(_EXTRA)] = "x"
+    return spec
+
+
+@st.composite
+def objects(draw: st.DrawFn) -> dict[str, Any]:
+    """A whole object of either kind, its spec's fields each absent, plausible, hostile or
+    of another type (a fifth of the policies from the unit tests' own strategies, so the
+    CEL rules are in play). The name is filled in later (unique per file); the envelope
+    is mostly right, so the spec is what is judged."""
+    kind = draw(st.sampled_from(KINDS))
+    if kind == "MailTLSDiscovery":
+        spec = _fields(draw, DISCOVERY_FIELDS, ("domains",))
+    elif draw(st.integers(0, 4)) == 0:
+        spec = draw(UNIT_SPECS)
+    else:
+        spec = _fields(draw, POLICY_FIELDS, ("destinations", "level"))
+    obj: dict[str, Any] = {"apiVersion": API_VERSION, "kind": kind, "metadata": {}}
+    if draw(st.integers(0, 49)) != 0:
+        obj["spec"] = spec
+    if draw(st.integers(0, 49)) == 0:
+        obj[draw(st.sampled_from(["status", "extra", "Spec"]))] = draw(
+            st.sampled_from([{}, {"observedGeneration": 1}, "x", ["y"]]))
+    return obj
+
+
+def draw_many(strategy: st.SearchStrategy[Any], count: int, seed_value: int) -> list[Any]:
+    """``count`` examples of ``strategy``, the same ones on every run (a fixed seed)."""
+    out: list[Any] = []
+
+    @seed(seed_value)
+    @settings(max_examples=count, database=None, phases=[Phase.generate], deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def collect(value: Any) -> None:
+        out.append(copy.deepcopy(value))
+
+    collect()
+    return out
