@@ -23,7 +23,7 @@ from typing import Any
 
 import idna
 
-from .crd import FieldError, validate_with_crd
+from .crd import FieldError, prune_nulls, validate_with_crd
 from .safetext import one_line, shown, unsafe_character
 
 LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify", "secure")
@@ -300,6 +300,7 @@ def load_policy(obj: Mapping[str, Any], *, now: datetime | None = None,
 
     Raises :class:`PolicyInvalid` with every error found.
     """
+    obj = prune_nulls(obj)  # as the API server does before it validates
     meta = obj.get("metadata")
     if not isinstance(meta, Mapping):
         meta = {}

@@ -19,7 +19,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from ..crd import GROUP
+from ..crd import GROUP, prune_nulls, root_errors
 from ..crd.schema import _path, _schema_message, structural_validator
 from ..policy import Policy, PolicyInvalid, load_policy, parse_time
 from ..sources import SourceError, _files, _is_policy, _objects
@@ -79,11 +79,13 @@ class Discovery:
 
 def load_discovery(obj: Mapping[str, Any]) -> Discovery:
     """A MailTLSDiscovery object -> :class:`Discovery`, or :class:`DiscoveryInvalid`."""
+    obj = prune_nulls(obj)  # as the API server does before it validates
     meta = obj.get("metadata") or {}
     ref = f"{meta.get('namespace') or 'default'}/{meta.get('name') or '?'}"
     spec = obj.get("spec")
-    errors = [f"{_path('spec', e.absolute_path)}: {_schema_message(e)}"
-              for e in _validator().iter_errors(spec)] if spec is not None else ["spec: Required"]
+    errors = [str(e) for e in root_errors(obj)]
+    errors += [f"{_path('spec', e.absolute_path)}: {_schema_message(e)}"
+               for e in _validator().iter_errors(spec)] if spec is not None else ["spec: Required"]
     if not errors:
         assert isinstance(spec, Mapping)
         seen: dict[str, int] = {}
