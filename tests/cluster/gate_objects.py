@@ -89,6 +89,7 @@ def corpus_cases(namespaces: set[str]) -> list[Case]:
                           json.dumps(doc), suffix=".json"))
     from tests.unit.test_invalid_corpus import MODEL_ONLY
     for name, spec, _field, _reason in MODEL_ONLY:
+        assert isinstance(spec, dict)
         cases.append(Case(f"corpus-model-only-{name}", "tests/unit/test_invalid_corpus.py",
                           json.dumps(_doc("MailTLSPolicy", {"level": "encrypt", **spec},
                                           name=f"bad-{name}")), suffix=".json"))

@@ -74,7 +74,7 @@ def _judge(case: Case, server: Verdict, offline: Verdict) -> str:
         if rules:
             return "stricter:" + ",".join(rules)
     for pending in PENDING:
-        if pending.matches(case.obj, server, offline):
+        if pending.matches(case, server, offline):
             return f"pending:{pending.name}"
     return "bug"
 
@@ -119,6 +119,11 @@ def test_every_example_and_fixture_gets_the_servers_verdict_from_mailtls_validat
     assert any(v.accepted for v in server.values()) and not all(
         v.accepted for v in server.values())
     assert not bugs, "\n".join(bugs)
+    examples = [p for p, c in files.items() if c.name.startswith(("corpus-example-",
+                                                                   "corpus-doc-"))]
+    assert examples and all(server[p].accepted and offline[p].accepted for p in examples), [
+        (p.name, server[p].said, offline[p].said) for p in examples
+        if not (server[p].accepted and offline[p].accepted)]
 
 
 def test_ten_thousand_generated_objects_get_the_servers_verdict_from_mailtls_validate(
