@@ -103,6 +103,10 @@ def corpus_cases(namespaces: set[str]) -> list[Case]:
 # ----------------------------------------------------------------------- generation
 
 
+DRAWN = 10_000
+"""Always drawn (and cached) whole; a smaller run takes the first ones."""
+
+
 def _cache_file(count: int, seed_value: int) -> Path:
     """Where the drawn objects are kept between runs: drawing 10,000 with hypothesis takes
     a minute or more, reading them back a second. The key is everything the draw depends
@@ -139,7 +143,8 @@ def generated_cases(count: int, namespace: str, seed_value: int = 23) -> list[Ca
     """``count`` generated objects in ``namespace``, one file each (JSON mostly, every
     fifth as YAML, so kubectl's YAML decoding is in play too)."""
     cases = []
-    for i, text in enumerate(generated_objects(count, seed_value)):
+    drawn = generated_objects(max(count, DRAWN), seed_value)[:count]
+    for i, text in enumerate(drawn):
         obj = json.loads(text)
         name = f"gen-{i:05d}"
         obj["metadata"] = {"name": name, "namespace": namespace}
