@@ -9,6 +9,7 @@ text: any change here draws them anew.
 from __future__ import annotations
 
 import copy
+from datetime import datetime, timedelta
 from typing import Any
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
@@ -92,37 +93,127 @@ DISCOVERY_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "checkIntervalSeconds": _maybe_hostile(_INTERVALS),
 }
 UNIT_SPECS = unit.specs() | unit.schema_valid_specs()
-_EXTRA = st.sampled_from(["tafiles", "Level", "extra", "status", ""])
 
 
-def _fields(draw: st.DrawFn, fields: dict[str, st.SearchStrategy[Any]],
-            required: tuple[str, ...]) -> Any:
-    """Each field absent or drawn (required ones mostly present); now and then an
-    unknown field, or a spec that is not an object at all."""
-    if draw(st.integers(0, 19)) == 0:
-        return draw(OTHER_TYPES)
-    spec: dict[str, Any] = {}
-    for key, strategy in fields.items():
-        if (key in required and draw(st.integers(0, 19)) != 0) or draw(st.booleans()):
-            spec[key] = draw(strategy)
-    if draw(st.integers(0, 24)) == 0:
-        spec[draw(_EXTRA)] = "x"
+VALID_DESTINATION = st.one_of(
+    unit.domain, unit.domain.map(lambda d: "." + d), unit.domain.map(lambda d: f"[{d}]"),
+    st.tuples(unit.domain, st.integers(1, 65535)).map(lambda t: f"[{t[0]}]:{t[1]}"),
+    st.tuples(unit.domain, st.integers(1, 65535)).map(lambda t: f"{t[0]}:{t[1]}"),
+    st.ip_addresses(v=4).map(lambda a: f"[{a}]"), st.ip_addresses(v=6).map(lambda a: f"[ipv6:{a}]"),
+    unit.idn)
+NAMES = st.sampled_from(["nexthop", "dot-nexthop", "hostname"]) | unit.domain | unit.domain.map(
+    lambda d: "." + d)
+VALID_PATH = st.from_regex(r"/[a-z0-9._-]{1,12}(/[a-z0-9._-]{1,12}){0,3}", fullmatch=True)
+PLAIN = ("ciphers", "protocols", "exclude", "servername", "connectionReuse")
+_WINDOW_START = st.datetimes(min_value=datetime(2026, 11, 1), max_value=datetime(2027, 1, 15))
+_WINDOW = st.timedeltas(min_value=timedelta(seconds=1), max_value=timedelta(days=30))
+_MUTATIONS = st.sampled_from([0, 0, 0, 0, 1, 1, 1, 1, 2, 3])
+
+
+@st.composite
+def valid_policy_specs(draw: st.DrawFn) -> dict[str, Any]:
+    """A spec the server accepts: attributes only where the level allows them."""
+    level = draw(st.sampled_from(LEVELS))
+    spec: dict[str, Any] = {
+        "destinations": draw(st.lists(VALID_DESTINATION, min_size=1, max_size=4, unique=True)),
+        "level": level}
+    if level == "fingerprint":
+        spec["match"] = draw(st.lists(unit.digest, min_size=1, max_size=3))
+    elif level in ("verify", "secure") and draw(st.booleans()):
+        spec["match"] = draw(st.lists(NAMES, min_size=1, max_size=3))
+    if level in ("verify", "secure") and draw(st.booleans()):
+        spec["tafile"] = draw(st.lists(VALID_PATH, min_size=1, max_size=3))
+    if level != "none":
+        for key in PLAIN:
+            if draw(st.booleans()):
+                spec[key] = draw(PLAIN_VALID[key])
+    if all(d[0] not in ".[" and ":" not in d for d in spec["destinations"]) and draw(
+            st.booleans()):
+        spec["route"] = "direct"
+    if draw(st.booleans()):
+        spec["instances"] = draw(st.lists(st.sampled_from(["relay", "edge", "a-b"]),
+                                          max_size=3, unique=True))
+    if draw(st.booleans()):
+        spec["mode"] = draw(st.sampled_from(["enforce", "audit"]))
+    if draw(st.integers(0, 3)) == 0:
+        start = draw(_WINDOW_START)
+        spec["exception"] = {"startsAt": f"{start:%Y-%m-%dT%H:%M:%SZ}",
+                             "expiresAt": f"{start + draw(_WINDOW):%Y-%m-%dT%H:%M:%SZ}",
+                             "reason": draw(st.sampled_from(["INC-1 partner certificate expired",
+                                                             "CHG-42 bank.example renews"]))}
     return spec
+
+
+PLAIN_VALID: dict[str, st.SearchStrategy[Any]] = {
+    "ciphers": st.sampled_from(["export", "low", "medium", "high", "null"]),
+    "protocols": st.sampled_from([">=TLSv1.2", "!SSLv2:!SSLv3", "TLSv1.3", "<=TLSv1.3",
+                                  "!SSLv2:!SSLv3:!TLSv1:!TLSv1.1"]),
+    "exclude": st.lists(st.sampled_from(["3DES", "aNULL", "RC4", "a.b+c-d"]), min_size=1,
+                        max_size=3),
+    "servername": st.sampled_from(["hostname", "nexthop"]) | unit.domain,
+    "connectionReuse": st.booleans(),
+}
+
+
+@st.composite
+def valid_discovery_specs(draw: st.DrawFn) -> dict[str, Any]:
+    spec: dict[str, Any] = {"domains": draw(st.lists(unit.domain | unit.idn, min_size=1,
+                                                     max_size=5, unique=True))}
+    if draw(st.booleans()):
+        spec["sources"] = draw(st.lists(st.sampled_from(["dane", "mta-sts"]), min_size=1,
+                                        max_size=2, unique=True))
+    if draw(st.booleans()):
+        spec["instances"] = draw(st.lists(st.sampled_from(["relay", "edge", "a-b"]),
+                                          max_size=3, unique=True))
+    if draw(st.booleans()):
+        spec["checkIntervalSeconds"] = draw(st.integers(60, 86400))
+    return spec
+
+
+_EXCEPTION_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "exception.startsAt": _TIMES, "exception.expiresAt": _TIMES,
+    "exception.reason": _REASONS}
+_EXTRA_FIELDS = ("tafiles", "Level", "extra", "status", "")
+
+
+def _mutate(draw: st.DrawFn, spec: dict[str, Any],
+            fields: dict[str, st.SearchStrategy[Any]]) -> None:
+    """Zero to three fields made hostile: another value (hostile string, wrong type,
+    implausible) or removed; now and then an unknown field."""
+    for _ in range(draw(_MUTATIONS)):
+        target = draw(st.sampled_from([*fields, "+extra"]))
+        if target == "+extra":
+            spec[draw(st.sampled_from(_EXTRA_FIELDS))] = draw(st.sampled_from(["x", None, 1]))
+            continue
+        where, key = spec, target
+        if "." in target:
+            if not isinstance(spec.get("exception"), dict):
+                continue
+            where, key = spec["exception"], target.split(".", 1)[1]
+        if draw(st.integers(0, 5)) == 0:
+            where.pop(key, None)
+        else:
+            where[key] = draw(fields[target])
 
 
 @st.composite
 def objects(draw: st.DrawFn) -> dict[str, Any]:
-    """A whole object of either kind, its spec's fields each absent, plausible, hostile or
-    of another type (a fifth of the policies from the unit tests' own strategies, so the
-    CEL rules are in play). The name is filled in later (unique per file); the envelope
-    is mostly right, so the spec is what is judged."""
+    """A whole object of either kind: a valid spec with zero to three fields made
+    hostile (a tenth of the policies from the unit tests' own strategies), now and then
+    a spec that is missing or not an object. The name is filled in later (unique per
+    file); the envelope is mostly right, so the spec is what is judged."""
     kind = draw(st.sampled_from(KINDS))
+    spec: Any
     if kind == "MailTLSDiscovery":
-        spec = _fields(draw, DISCOVERY_FIELDS, ("domains",))
-    elif draw(st.integers(0, 4)) == 0:
+        spec = draw(valid_discovery_specs())
+        _mutate(draw, spec, DISCOVERY_FIELDS)
+    elif draw(st.integers(0, 9)) == 0:
         spec = draw(UNIT_SPECS)
     else:
-        spec = _fields(draw, POLICY_FIELDS, ("destinations", "level"))
+        spec = draw(valid_policy_specs())
+        _mutate(draw, spec, {**POLICY_FIELDS, **_EXCEPTION_FIELDS})
+    if draw(st.integers(0, 39)) == 0:
+        spec = draw(OTHER_TYPES)
     obj: dict[str, Any] = {"apiVersion": API_VERSION, "kind": kind, "metadata": {}}
     if draw(st.integers(0, 49)) != 0:
         obj["spec"] = spec
