@@ -217,7 +217,8 @@ STRICTER_BY_DESIGN: tuple[Rule, ...] = (
          _field_says(r"spec\.exception\.expiresAt", "may last at most")),
     Rule("discovery-domain-syntax",
          "A discovered domain must be a valid (IDNA) host name; the pattern cannot say so.",
-         _field_says(r"spec\.domains\[\d+\]", "Invalid value")),
+         _field_says(r"spec\.domains\[\d+\]", "not a valid host name", "empty host name",
+                     "longer than 253", "a space, control or format character")),
 )
 
 
