@@ -45,6 +45,8 @@ MAILTLS = Path(sys.executable).parent / "mailtls"
 def server(controlplane: Any) -> Any:
     """The control plane with the CRDs of ``crds/`` applied (idempotent)."""
     controlplane.apply_crds(sorted((REPO / "crds").glob("*.yaml")))
+    # kubectl's discovery cache learns the new kinds once, before kubectl runs in parallel
+    controlplane.kubectl("get", "mailtlspolicies,mailtlsdiscoveries", "-A", "-o", "name")
     return controlplane
 
 
