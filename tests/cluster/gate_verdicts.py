@@ -105,7 +105,10 @@ def offline_verdict_in_process(path: Path, now: str) -> Verdict:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         args = _parser().parse_args(["validate", "-f", str(path), "--now", now])
-        code = args.func(args)
+        try:
+            code = args.func(args)
+        except Exception as exc:  # the CLI would die with a traceback: a verdict of its own
+            return Verdict(False, (f"{path}: Traceback: {type(exc).__name__}: {exc}",))
     lines = tuple(ln for ln in err.getvalue().splitlines() if not ln.endswith(" valid"))
     return Verdict(code == 0, lines)
 
