@@ -52,10 +52,11 @@ def server_verdicts(kubectl: Kubectl, files: Sequence[Path], batch: int = 250,
     ``parallel`` calls at a time (each object costs kubectl a GET and a POST: the
     round trips, not the server's CPU, are most of the time).
 
-    kubectl goes on after a refused object and names the file of each refusal on stderr
-    (``error when creating "FILE"``, ``error parsing FILE``); a file named there is
-    refused.  Any file of a batch whose fate is ambiguous (not named on stderr, yet
-    kubectl failed for a reason it did not tie to a file) is sent again on its own.
+    kubectl goes on after a refused object, prints each accepted object's name on
+    stdout and names the file of each refusal on stderr (``error when creating
+    "FILE"``, ``error parsing FILE``).  A file is accepted when all its objects are
+    printed and it is named in no error, refused when named in an error; any other file
+    (kubectl stopped early, or could not be told) is sent again on its own.
     """
     chunks = [list(files[i:i + batch]) for i in range(0, len(files), batch)]
     out: dict[Path, Verdict] = {}
@@ -69,21 +70,37 @@ def _server_batch(kubectl: Kubectl, chunk: list[Path]) -> dict[Path, Verdict]:
     args = [a for f in chunk for a in ("-f", str(f))]
     proc = kubectl("apply", "--dry-run=server", "-o", "name", *args, check=False,
                    timeout=600)
+    printed = set(proc.stdout.split())
     lines = proc.stderr.splitlines()
-    named = {f: tuple(ln for ln in lines if _names(ln, f)) for f in chunk}
-    unexplained = [ln for ln in lines if ln.strip() and not any(_names(ln, f) for f in chunk)
-                   and not ln.startswith("Warning:")]
     out: dict[Path, Verdict] = {}
     for f in chunk:
-        if named[f]:
-            out[f] = Verdict(False, named[f])
-        elif not unexplained:
+        said = tuple(ln for ln in lines if _names(ln, f))
+        expected = _printed_names(f)
+        if said and not (expected and expected <= printed):
+            out[f] = Verdict(False, said)
+        elif not said and expected and expected <= printed:
             out[f] = Verdict(True)
-        else:
+        else:  # kubectl stopped early, or said something it did not tie to the file
             single = kubectl("apply", "--dry-run=server", "-o", "name", "-f", str(f),
                              check=False, timeout=60)
             out[f] = Verdict(single.returncode == 0, tuple(single.stderr.splitlines()))
     return out
+
+
+def _printed_names(path: Path) -> set[str]:
+    """What ``kubectl apply -o name`` prints for the objects of ``path`` once accepted
+    (``mailtlspolicy.mailtls.io/NAME``); empty where the file cannot be read here."""
+    try:
+        docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return set()
+    names = set()
+    for doc in docs:
+        if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict):
+            return set()
+        group = str(doc.get("apiVersion", "")).partition("/")[0]
+        names.add(f"{str(doc.get('kind')).lower()}.{group}/{doc['metadata'].get('name')}")
+    return names
 
 
 def _names(line: str, path: Path) -> bool:
