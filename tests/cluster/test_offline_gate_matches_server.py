@@ -89,7 +89,7 @@ def _report(title: str, files: dict[Path, Case], server: dict[Path, Verdict],
     for path, case in files.items():
         verdict = _judge(case, server[path], offline[path])
         classes[verdict.split(":")[0]] += 1
-        if verdict != "agree":
+        if ":" in verdict:
             classes[verdict] += 1
         if verdict == "bug":
             bugs.append(f"{path.name} ({case.origin}): server "
