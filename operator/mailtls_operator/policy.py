@@ -23,7 +23,7 @@ from typing import Any
 
 import idna
 
-from .crd import FieldError, validate_with_crd
+from .crd import FieldError, prune_nulls, validate_with_crd
 from .crd.meta import created_of, generation_of, meta_errors, metadata_of, name_of, namespace_of
 from .crd.timefmt import parse_rfc3339
 from .keys import deleted_by_mapping, lookup_key, unknown_character, with_dots
@@ -334,6 +334,7 @@ def load_policy(obj: Mapping[str, Any], *, now: datetime | None = None,
 
     Raises :class:`PolicyInvalid` with every error found.
     """
+    obj = prune_nulls(obj)  # as the API server does before it validates
     meta = metadata_of(obj)
     ref = one_line(f"{namespace_of(meta)}/{name_of(meta)}")
     errors = meta_errors(obj) + validate_with_crd(obj)

@@ -52,6 +52,8 @@ from .source import (
 )
 from .validate import (
     iter_rule_texts,
+    prune_nulls,
+    root_errors,
     status_errors,
     validate_with_crd,
 )
@@ -74,6 +76,8 @@ __all__ = [
     "iter_rule_texts",
     "load_crd",
     "pattern_matches",
+    "prune_nulls",
+    "root_errors",
     "schema_errors",
     "schema_valid",
     "status_errors",

@@ -20,6 +20,7 @@ import jsonschema
 import yaml
 
 from ..crd import KIND as POLICY_KIND
+from ..crd import prune_nulls, root_errors
 from ..crd.meta import created_of, meta_errors, metadata_of, name_of, namespace_of
 from ..crd.schema import _path, _schema_message, structural_validator
 from ..crd.validate import json_errors
@@ -82,10 +83,11 @@ class Discovery:
 
 def load_discovery(obj: Mapping[str, Any]) -> Discovery:
     """A MailTLSDiscovery object -> :class:`Discovery`, or :class:`DiscoveryInvalid`."""
+    obj = prune_nulls(obj)  # as the API server does before it validates
     meta = metadata_of(obj)
     ref = one_line(f"{namespace_of(meta)}/{name_of(meta)}")
     spec = obj.get("spec")
-    errors = [str(e) for e in meta_errors(obj)]
+    errors = [str(e) for e in meta_errors(obj) + root_errors(obj)]
     not_json = [str(e) for e in json_errors(spec, "spec")]  # before the schema repr()s it
     errors += not_json or ([f"{_path('spec', e.absolute_path)}: {_schema_message(e)}"
                             for e in _validator().iter_errors(spec)]
