@@ -171,10 +171,7 @@ def test_the_discovery_model_refuses_exactly_what_the_server_refuses(
             ref = f"{namespace}/{case.name}"
             parts = str(exc).removeprefix(f"{ref}: ").split("; ")
             model[path] = Verdict(False, tuple(f"{path}: {ref}: {part}" for part in parts))
-    # the model is judged on the object itself: only the loader's YAML difference applies
-    yaml_only = tuple(p for p in PENDING if p.name == "yaml-y-n-are-booleans-to-kubectl")
-    bugs = _report("discovery model", files, server, model, time.monotonic() - started,
-                   yaml_only)
+    bugs = _report("discovery model", files, server, model, time.monotonic() - started)
     assert not bugs, f"{len(bugs)} disagreements:\n" + "\n".join(bugs[:60])
 
 

@@ -26,7 +26,9 @@ from .run import add_run_parser
 def cmd_validate(args: argparse.Namespace) -> int:
     policies, status = load_offline(args)
     if status == 0:
-        print(f"{len(policies)} MailTLSPolicy object(s) valid", file=sys.stderr)
+        found = getattr(args, "discoveries", 0)
+        also = f", {found} MailTLSDiscovery object(s)" if found else ""
+        print(f"{len(policies)} MailTLSPolicy object(s){also} valid", file=sys.stderr)
     return status
 
 

@@ -7,10 +7,13 @@ import argparse
 import sys
 from datetime import UTC, datetime, timedelta
 
+from ..crd import KIND
+from ..discovery.objects import KIND as DISCOVERY_KIND
+from ..discovery.objects import DiscoveryInvalid, load_discovery
 from ..policy import DEFAULT_MAX_EXCEPTION, Policy, PolicyInvalid, load_policy, parse_time
 from ..render import render
 from ..routing import folding_warning
-from ..sources import Source, SourceError, read_policies
+from ..sources import Source, SourceError, read_objects
 from .argtypes import bounded_float
 
 EXIT_INVALID = 2
@@ -51,13 +54,26 @@ def load_all(sources: list[Source], now: datetime, max_exception: timedelta
 
 
 def load_offline(args: argparse.Namespace) -> tuple[list[Policy], int]:
+    """The valid MailTLSPolicy objects of ``-f``, and 0 or :data:`EXIT_INVALID`.
+
+    MailTLSDiscovery objects in the files are judged too (the cluster would refuse an
+    invalid one): they make the exit status, though offline they render nothing."""
     now = args.now or datetime.now(UTC)
     try:
-        sources = read_policies(args.file)
+        loaded = read_objects(args.file)
     except SourceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return [], EXIT_INVALID
+    sources = [Source(item.path, item.obj) for item in loaded if item.kind == KIND]
     policies, errors, files = load_all(sources, now, timedelta(days=args.max_exception_days))
+    args.discoveries = 0
+    for item in loaded:
+        if item.kind == DISCOVERY_KIND:
+            try:
+                load_discovery(item.obj)
+                args.discoveries += 1
+            except DiscoveryInvalid as exc:
+                errors.append(f"{item.path}: {exc}")
     # The renderer's own last gate, run here too so `validate` refuses what `render` would.
     refused = render(policies, now=now).refused
     errors += [f"{files[ref]}: {ref}: spec: {why}" for ref, why in sorted(refused.items())]

@@ -199,9 +199,18 @@ class _JsonConstructor(yaml.constructor.SafeConstructor):
                           "(kubectl's JSON has no other)")
 
 
+def _construct_bool(loader: _JsonConstructor, node: yaml.ScalarNode) -> bool:
+    """YAML 1.1 booleans as kubectl's go-yaml reads them: PyYAML's words plus the single
+    letters y/Y/n/N (a plain ``n`` is ``false`` to kubectl, so it must be to us)."""
+    value = str(node.value)
+    if value in ("y", "Y", "n", "N"):
+        return value in ("y", "Y")
+    return bool(yaml.constructor.SafeConstructor.construct_yaml_bool(loader, node))
+
+
 for _tag, _method in (
         ("null", yaml.constructor.SafeConstructor.construct_yaml_null),
-        ("bool", yaml.constructor.SafeConstructor.construct_yaml_bool),
+        ("bool", _construct_bool),
         ("int", _JsonConstructor.construct_bounded_int),
         ("float", _JsonConstructor.construct_finite_float),
         ("str", _JsonConstructor.construct_string),
@@ -213,13 +222,21 @@ for _tag, _method in (
 _JsonConstructor.add_constructor(None, _JsonConstructor.construct_undefined)  # type: ignore[type-var]
 
 
-class _JsonLoader(CParser, _JsonConstructor, yaml.resolver.Resolver):
+class _GoYamlResolver(yaml.resolver.Resolver):
+    """PyYAML's YAML 1.1 resolver plus go-yaml's single-letter booleans."""
+
+
+_GoYamlResolver.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"),
+                                      list("yYnN"))
+
+
+class _JsonLoader(CParser, _JsonConstructor, _GoYamlResolver):
     """libyaml's parser and composer with the JSON-typed constructor."""
 
     def __init__(self, stream: str) -> None:
         CParser.__init__(self, stream)
         _JsonConstructor.__init__(self)
-        yaml.resolver.Resolver.__init__(self)
+        _GoYamlResolver.__init__(self)
 
 
 def _yaml_documents(text: str) -> list[Any]:
