@@ -91,8 +91,8 @@ StartOperator = Callable[..., OperatorProcess]
 @pytest.fixture
 def start_operator(operator_identity: Identity, namespace: str, tmp_path: Path,
                    request: pytest.FixtureRequest) -> Iterator[StartOperator]:
-    """``start_operator(*args, name="op", namespaces=None, env=None)``: ``mailtls run`` in the test's
-    namespace (or ``namespaces``) with fast debounce, healthy before it returns. Every
+    """``start_operator(*args, name="op", namespaces=None, env=None)``: ``mailtls run``
+    in the test's namespace (or ``namespaces``) with fast debounce, healthy before it returns. Every
     process is stopped at teardown; a failed test prints their logs."""
     started: list[OperatorProcess] = []
 
@@ -114,5 +114,6 @@ def start_operator(operator_identity: Identity, namespace: str, tmp_path: Path,
             print(f"--- {p.log} (exit {p.proc.returncode if p.proc else None}) ---")
             print(p.tail(120))
     for p, code in zip(started, codes, strict=True):
-        assert p.tracebacks_ok or "Traceback" not in p.text(), f"{p.log} has a traceback:\n{p.tail(80)}"
+        assert p.tracebacks_ok or "Traceback" not in p.text(), \
+            f"{p.log} has a traceback:\n{p.tail(80)}"
         assert code in (0, -9, None), f"{p.log} exited with {code}:\n{p.tail(40)}"

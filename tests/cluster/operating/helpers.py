@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import kubernetes.client
 
@@ -27,11 +27,10 @@ from mailtls_operator.render import REVISION_KEY
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
 MAILTLS = str(Path(sys.executable).with_name("mailtls"))
-T = TypeVar("T")
 
 
-def until(predicate: Callable[[], T], timeout: float = 20.0, what: str = "",
-          every: float = 0.1) -> T:
+def until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "",
+          every: float = 0.1) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail at the deadline with the
     last value (a bounded wait, never a sleep standing in for an assertion)."""
     deadline = time.monotonic() + timeout
@@ -59,7 +58,7 @@ def policy(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
 
 
 def not_found(exc: kubernetes.client.ApiException) -> bool:
-    return exc.status == 404
+    return bool(exc.status == 404)
 
 
 class OperatorProcess:
@@ -96,12 +95,13 @@ class OperatorProcess:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.health}/healthz",
                                         timeout=1) as resp:
-                return bool(resp.status == 200)
+                status: int = resp.status
+                return status == 200
         except OSError:
             return False
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        until(lambda: self.healthy() or not self.alive() and "exited", timeout,
+        until(lambda: self.healthy() or (not self.alive() and "exited"), timeout,
               f"{self.log.name} serves /healthz")
         assert self.alive(), f"the operator exited:\n{self.tail()}"
 
@@ -113,7 +113,8 @@ class OperatorProcess:
 
     def wait_log(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
         regex = re.compile(pattern)
-        return until(lambda: regex.search(self.text()), timeout, f"log line /{pattern}/")
+        found: re.Match[str] = until(lambda: regex.search(self.text()), timeout, f"log line /{pattern}/")
+        return found
 
     def kill(self) -> None:
         """SIGKILL: no clean-up, no Lease released (a crashed or evicted replica)."""
@@ -140,12 +141,13 @@ class Cluster:
     """What a user does with kubectl, through the official client, as the admin."""
 
     def __init__(self, client: kubernetes.client.ApiClient, namespace: str) -> None:
-        self.client = client
+        # typed as Any: these tests send and read plain dicts, not the client's models
+        self.client: Any = client
         self.ns = namespace
-        self.custom = kubernetes.client.CustomObjectsApi(client)
-        self.core = kubernetes.client.CoreV1Api(client)
-        self.coordination = kubernetes.client.CoordinationV1Api(client)
-        self.rbac = kubernetes.client.RbacAuthorizationV1Api(client)
+        self.custom: Any = kubernetes.client.CustomObjectsApi(client)
+        self.core: Any = kubernetes.client.CoreV1Api(client)
+        self.coordination: Any = kubernetes.client.CoordinationV1Api(client)
+        self.rbac: Any = kubernetes.client.RbacAuthorizationV1Api(client)
 
     def ensure_namespace(self, name: str) -> None:
         try:
@@ -183,6 +185,16 @@ class Cluster:
         with ThreadPoolExecutor(workers) as pool:
             for _ in pool.map(self.apply, objs):
                 pass
+
+    def create_pod(self, body: dict[str, Any]) -> None:
+        self.core.create_namespaced_pod(self.ns, cast(Any, body))
+
+    def create_configmap(self, body: dict[str, Any]) -> None:
+        self.core.create_namespaced_config_map(self.ns, cast(Any, body))
+
+    def lease(self, name: str = "mailtls-operator") -> dict[str, Any]:
+        lease = self.coordination.read_namespaced_lease(name, self.ns)
+        return cast(dict[str, Any], self.client.sanitize_for_serialization(lease))
 
     def delete(self, name: str, namespace: str | None = None) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace or self.ns,

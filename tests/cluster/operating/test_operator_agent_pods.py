@@ -41,7 +41,7 @@ def postfix_pod(cluster: Cluster, controlplane: ControlPlane,
     inst = LocalInstance(base / "relay-0", InstanceSettings(name="relay-0"))
     inst.start()
     ns = cluster.ns
-    cluster.core.create_namespaced_pod(ns, {
+    cluster.create_pod({
         "metadata": {"name": "relay-0", "labels": {"mailtls.io/instance": "relay"},
                      "annotations": {"mailtls.io/strategy": "agent",
                                      "mailtls.io/map-path": str(inst.map_path),

@@ -4,6 +4,8 @@ watches, paged lists on restart and a restart that writes nothing."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from mailtls_operator.kube import PAGE
@@ -48,10 +50,10 @@ def test_watches_and_lists_are_narrowed_by_label_and_unrelated_objects_are_not_r
         operator_identity: Identity) -> None:
     ns = cluster.ns
     for i in range(5):
-        cluster.core.create_namespaced_pod(ns, {
+        cluster.create_pod({
             "metadata": {"name": f"web-{i}", "labels": {"app": "web"}},
             "spec": {"nodeName": "nowhere", "containers": [{"name": "web", "image": "nginx"}]}})
-        cluster.core.create_namespaced_config_map(ns, {
+        cluster.create_configmap({
             "metadata": {"name": f"web-config-{i}", "labels": {"app": "web"}},
             "data": {"big": "x" * 20_000}})
     start_operator()
@@ -100,7 +102,7 @@ def test_a_restart_lists_in_pages_and_writes_nothing(
     assert {r.name for r in status} == {"probe"}, len(status)
 
 
-def _policies(cluster: Cluster) -> list[dict[str, object]]:
-    items = cluster.custom.list_namespaced_custom_object(
-        "mailtls.io", "v1alpha1", cluster.ns, PLURAL)["items"]
-    return [{"status": o.get("status") or {}} for o in items]
+def _policies(cluster: Cluster) -> list[dict[str, Any]]:
+    listed: dict[str, Any] = cluster.custom.list_namespaced_custom_object(
+        "mailtls.io", "v1alpha1", cluster.ns, PLURAL)
+    return [{"status": o.get("status") or {}} for o in listed["items"]]

@@ -102,7 +102,7 @@ def test_a_configmap_someone_else_created_first_is_taken_over_after_a_409(
     ns = cluster.ns
     # e.g. a Helm chart's empty placeholder: unlabelled, so the operator's label-selected
     # watch never sees it and its create is refused with 409 AlreadyExists
-    cluster.core.create_namespaced_config_map(ns, {
+    cluster.create_configmap({
         "metadata": {"name": "relay-mailtls", "annotations": {"owner": "someone"}},
         "data": {"tls_policy": "a.example none\n"}})
     start_operator()

@@ -28,8 +28,7 @@ def test_the_standby_takes_over_a_killed_leader_within_the_lease_and_no_revision
     b = start_operator(*elect, name="replica-b", env={"POD_NAME": "replica-b"})
     cluster.apply(policy("p", ns, destinations=["a.example"], level="may"))
     until(lambda: cluster.table() == ["a.example may"], what="the leader's table")
-    lease = cluster.coordination.read_namespaced_lease("mailtls-operator", ns)
-    assert lease.spec.holder_identity == "replica-a"
+    assert cluster.lease()["spec"]["holderIdentity"] == "replica-a"
     assert "leading as" not in b.text()
 
     a.kill()  # SIGKILL: the Lease is not released, it must run out
@@ -41,8 +40,8 @@ def test_the_standby_takes_over_a_killed_leader_within_the_lease_and_no_revision
     until(lambda: cluster.table() == ["a.example encrypt"], 20, what="the new leader's table")
     until(lambda: (c := cluster.condition("p", "Ready")) and c["observedGeneration"] == 2,
           20, what="status of generation 2")
-    lease = cluster.coordination.read_namespaced_lease("mailtls-operator", ns)
-    assert (lease.spec.holder_identity, lease.spec.lease_transitions) == ("replica-b", 1)
+    spec = cluster.lease()["spec"]
+    assert (spec["holderIdentity"], spec["leaseTransitions"]) == ("replica-b", 1)
 
     # every table the replicas wrote, by revision: each exactly once, and the server
     # saw exactly those writes

@@ -69,8 +69,7 @@ def test_conflicts_resolve_per_namespace_and_instance_and_the_loser_is_told(
     assert accepted["reason"] == "Conflict"
     assert f"{ns}/strong" in accepted["message"]
     for name in ("strong", "edge-only"):
-        until(lambda n=name: (c := cluster.condition(n, "Accepted")) and c["status"] == "True",
-              what=f"{name} accepted")
+        until(lambda n=name: _accepted(cluster, n), what=f"{name} accepted")  # type: ignore[misc]
     until(lambda: (c := cluster.condition("elsewhere", "Accepted", other))
           and c["status"] == "True", what="elsewhere accepted")
     until(lambda: cluster.status("strong").get("entries") == ["a.example encrypt"])
@@ -145,6 +144,11 @@ def test_configmap_deleted_or_edited_by_hand_is_restored(
     until(lambda: cluster.table() == ["a.example encrypt"], what="restored after edit")
     restored = cluster.configmap()
     assert restored is not None and restored["data"] == good["data"]
+
+
+def _accepted(cluster: Cluster, name: str) -> bool:
+    cond = cluster.condition(name, "Accepted")
+    return cond is not None and cond["status"] == "True"
 
 
 def _z(t: datetime) -> str:
