@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 .PHONY: help install system-deps test test-unit test-postfix test-integration lint bench demo \
-        images e2e kind-up deploy clean
+        images e2e kind-up deploy clean controlplane
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -46,7 +46,15 @@ system-deps: ## install Debian packages the tests and demo need (postfix, lua, p
 	    echo "note: $$p is not installable here; the tests that need it are skipped"; }; \
 	done
 
-test: system-deps install ## install everything needed, then run the whole suite but e2e
+# The real control plane (etcd, kube-apiserver, kubectl, kube-controller-manager,
+# kube-scheduler, kwok) compiled from the pinned Go modules in tools/ into
+# ~/.cache/mailtls/controlplane/<versions>/ (KUBEBUILDER_ASSETS from setup-envtest is used
+# instead when set). The test bed finds the directory the same way: testbed/controlplane.py
+# runs tools/build.sh, which only prints the directory once it is built.
+controlplane: ## build etcd + kube-apiserver + kubectl (+ kwok, controller-manager, scheduler) from Go modules, cached; prints the directory
+	@bash tools/build.sh
+
+test: system-deps install controlplane ## install everything needed, then run the whole suite but e2e
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test-unit: install ## unit and contract tests only (no Postfix, no API emulation)
@@ -57,16 +65,16 @@ lint: install ## ruff, mypy --strict and the import-linter layer contract
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-bench: system-deps install ## benchmarks: print figures and ratios, write bench/results/*.json
+bench: system-deps install controlplane ## benchmarks: print figures and ratios, write bench/results/*.json
 	$(BIN)/python -m bench
 
-demo: system-deps install ## the whole job on this machine: API emulation, operator, real Postfix pods, real mail
+demo: system-deps install controlplane ## the whole job on this machine: API emulation, operator, real Postfix pods, real mail
 	$(BIN)/python -m demo
 
 images: system-deps ## build localhost/mailtls-operator:dev and localhost/mailtls-postfix:dev (podman or docker)
 	@bash images/build.sh images
 
-e2e: ## end-to-end on kind (skipped with a message where no container engine exists)
+e2e: controlplane ## end-to-end on kind (skipped with a message where no container engine exists)
 	@bash tests/e2e/run.sh e2e
 
 kind-up: ## create a kind cluster and load the images

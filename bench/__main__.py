@@ -40,6 +40,7 @@ def _benchmarks() -> dict[str, Callable[[], Runner]]:
         "images": load("images"),
         "discovery": load("discovery"),
         "agent_rollout": load("agent_rollout"),
+        "controlplane": load("controlplane"),
     }
 
 

@@ -1,0 +1,103 @@
+"""The test bed's control plane does what the cluster tests rely on: the pinned
+version, RBAC with an admin, pod-bound ServiceAccount tokens, apiserver restarts and
+etcd compaction that makes old resourceVersions gone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from testbed.controlplane import ControlPlane
+
+pytestmark = pytest.mark.cluster
+
+POD_NAME_KEY = "authentication.kubernetes.io/pod-name"
+
+
+def _pod(name: str, sa: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"serviceAccountName": sa,
+                     "containers": [{"name": "c", "image": "registry.invalid/none:0"}]}}
+
+
+def test_version_is_the_pinned_release(controlplane: ControlPlane) -> None:
+    version = controlplane.version()
+    assert version["gitVersion"].startswith("v1.") and version["gitVersion"] != "v0.0.0"
+    client_version = json.loads(controlplane.kubectl("version", "-o", "json").stdout)
+    assert client_version["clientVersion"]["gitVersion"] == version["gitVersion"]
+    assert client_version["serverVersion"]["gitVersion"] == version["gitVersion"]
+
+
+def test_admin_is_system_masters_and_rbac_refuses_a_bare_service_account(
+        controlplane: ControlPlane, namespace: str, tmp_path: Path) -> None:
+    who = json.loads(controlplane.kubectl("auth", "whoami", "-o", "json").stdout)
+    assert "system:masters" in who["status"]["userInfo"]["groups"]
+    token = controlplane.service_account_token(namespace, "default")
+    config = controlplane.kubeconfig_for_token(token, tmp_path / "sa.kubeconfig")
+    denied = controlplane.kubectl("--kubeconfig", str(config), "get", "secrets",
+                                  "-n", namespace, check=False)
+    assert denied.returncode != 0
+    assert "Forbidden" in denied.stderr and f"system:serviceaccount:{namespace}:default" \
+        in denied.stderr
+
+
+def test_token_request_bound_to_a_pod_names_the_pod(
+        controlplane: ControlPlane, namespace: str, tmp_path: Path) -> None:
+    controlplane.kubectl("create", "serviceaccount", "agent", "-n", namespace)
+    controlplane.kubectl("apply", "-n", namespace, "-f", "-",
+                         input=json.dumps(_pod("postfix-0", "agent")))
+    token = controlplane.service_account_token(namespace, "agent", pod="postfix-0",
+                                               seconds=600)
+    config = controlplane.kubeconfig_for_token(token, tmp_path / "agent.kubeconfig")
+    who = json.loads(controlplane.kubectl("--kubeconfig", str(config),
+                                          "auth", "whoami", "-o", "json").stdout)
+    user = who["status"]["userInfo"]
+    assert user["username"] == f"system:serviceaccount:{namespace}:agent"
+    assert user["extra"][POD_NAME_KEY] == ["postfix-0"]
+
+
+def test_token_request_refuses_a_pod_of_another_service_account(
+        controlplane: ControlPlane, namespace: str) -> None:
+    controlplane.kubectl("create", "serviceaccount", "agent", "-n", namespace)
+    controlplane.kubectl("apply", "-n", namespace, "-f", "-",
+                         input=json.dumps(_pod("other", "default")))
+    with pytest.raises(Exception, match="400|does not match|service account"):
+        controlplane.service_account_token(namespace, "agent", pod="other")
+
+
+def test_objects_survive_an_apiserver_restart(
+        controlplane: ControlPlane, namespace: str) -> None:
+    controlplane.kubectl("create", "configmap", "kept", "-n", namespace,
+                         "--from-literal=k=v")
+    url = controlplane.url
+    controlplane.restart_apiserver()
+    assert controlplane.url == url
+    got = json.loads(controlplane.kubectl("get", "configmap", "kept", "-n", namespace,
+                                          "-o", "json").stdout)
+    assert got["data"] == {"k": "v"}
+
+
+def test_compaction_makes_a_watch_from_an_old_resource_version_gone(
+        controlplane: ControlPlane, namespace: str) -> None:
+    core = client.CoreV1Api(controlplane.api_client())
+    created = core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "churn"}, "data": {"n": "0"}})
+    old = created.metadata.resource_version
+    for n in range(1, 4):
+        core.patch_namespaced_config_map("churn", namespace, {"data": {"n": str(n)}})
+    revision = controlplane.compact_etcd()
+    assert revision > int(old)
+    controlplane.restart_apiserver()  # the watch cache starts over above the compacted revision
+    stream = core.list_namespaced_config_map(
+        namespace, watch=True, resource_version=old, _preload_content=False,
+        _request_timeout=20)
+    try:
+        first = json.loads(stream.readline())
+    finally:
+        stream.release_conn()
+    assert first["type"] == "ERROR"
+    assert first["object"]["code"] == 410
