@@ -113,7 +113,8 @@ class OperatorProcess:
 
     def wait_log(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
         regex = re.compile(pattern)
-        found: re.Match[str] = until(lambda: regex.search(self.text()), timeout, f"log line /{pattern}/")
+        found: re.Match[str] = until(lambda: regex.search(self.text()), timeout,
+                                     f"log line /{pattern}/")
         return found
 
     def kill(self) -> None:
