@@ -78,22 +78,24 @@ def test_a_watch_resumed_from_a_compacted_revision_gets_410_and_relists(
     try:
         cluster.apply(policy("after", ns, destinations=["b.example"], level="encrypt"))
         cluster.delete("before")
+        # one more write, so that every revision the operator may have seen is compacted
+        cluster.create_configmap({"metadata": {"name": "unrelated"}})
         compacted = controlplane.compact_etcd()
         controlplane.restart_apiserver()
+        audit.mark()  # from here on: only what the thawed operator does
     finally:
         os.kill(op.pid, signal.SIGCONT)
     until(lambda: cluster.table() == ["b.example encrypt"], 60, what="the table after 410")
     until(lambda: (c := cluster.condition("after", "Ready")) and c["reason"] == "RolledOut",
           30, what="after is rolled out")
+    # Kopf's answer to the 410 (an ERROR event in the watch stream): list again
+    op.wait_log(r"Restarting the watch-stream for \S*mailtlspolicies", 30)
     audit.barrier()
-    watches = audit.select("watch", PLURAL, user=operator_identity.user)
-    stale = [r for r in watches if r.param("resourceVersion")
-             and int(r.param("resourceVersion") or 0) < compacted]
+    stale = audit.select("watch", PLURAL, user=operator_identity.user,
+                         where=lambda r: 0 < int(r.param("resourceVersion") or 0) < compacted)
     assert stale, "the operator never resumed a watch from before the compaction"
-    relists = audit.select("list", PLURAL, user=operator_identity.user,
-                           where=lambda r: r.audit_id not in {w.audit_id for w in watches})
-    assert relists, "no list after the 410"
-    assert "410" in op.text() or "too old" in op.text() or "Restarting the watch" in op.text()
+    relisted = audit.select("list", PLURAL, user=operator_identity.user)
+    assert relisted, "no list after the 410"
 
 
 def test_a_configmap_someone_else_created_first_is_taken_over_after_a_409(
