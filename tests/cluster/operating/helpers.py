@@ -201,6 +201,12 @@ class Cluster:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace or self.ns,
                                                     PLURAL, name)
 
+    def statuses(self, namespace: str | None = None) -> dict[str, dict[str, Any]]:
+        """Every policy's status by name, in one list request."""
+        listed = self.custom.list_namespaced_custom_object(GROUP, VERSION,
+                                                           namespace or self.ns, PLURAL)
+        return {o["metadata"]["name"]: o.get("status") or {} for o in listed["items"]}
+
     def status(self, name: str, namespace: str | None = None) -> dict[str, Any]:
         obj = self.get_policy(name, namespace) or {}
         return cast(dict[str, Any], obj.get("status") or {})
