@@ -68,21 +68,32 @@ class Identity:
     user: str  # as the audit log names it
 
 
+def admin_service_account(controlplane: ControlPlane, cluster: Cluster, sa: str,
+                          kubeconfig: Path, *, pod: str | None = None) -> Identity:
+    """ServiceAccount ``sa`` of the test's namespace bound to cluster-admin, and a
+    kubeconfig with a token of it (bound to ``pod`` if given; the pod must exist)."""
+    ns = cluster.ns
+    try:
+        cluster.core.create_namespaced_service_account(ns, {"metadata": {"name": sa}})
+        cluster.rbac.create_cluster_role_binding({
+            "metadata": {"name": f"{sa}-{ns}"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "cluster-admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]})
+    except kubernetes.client.ApiException as exc:
+        if exc.status != 409:
+            raise
+    token = controlplane.service_account_token(ns, sa, pod=pod)
+    return Identity(controlplane.kubeconfig_for_token(token, kubeconfig),
+                    f"system:serviceaccount:{ns}:{sa}")
+
+
 @pytest.fixture
 def operator_identity(crds_applied: ControlPlane, cluster: Cluster,
                       tmp_path: Path) -> Identity:
-    """A ServiceAccount of the test's namespace, bound to cluster-admin, and a kubeconfig
-    with its token."""
-    ns, sa = cluster.ns, "mailtls-operator"
-    cluster.core.create_namespaced_service_account(ns, {"metadata": {"name": sa}})
-    cluster.rbac.create_cluster_role_binding({
-        "metadata": {"name": f"mailtls-operator-{ns}"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                    "name": "cluster-admin"},
-        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]})
-    token = crds_applied.service_account_token(ns, sa)
-    path = crds_applied.kubeconfig_for_token(token, tmp_path / "operator.kubeconfig")
-    return Identity(path, f"system:serviceaccount:{ns}:{sa}")
+    """The operator's own ServiceAccount, so the audit log tells its requests apart."""
+    return admin_service_account(crds_applied, cluster, "mailtls-operator",
+                                 tmp_path / "operator.kubeconfig")
 
 
 StartOperator = Callable[..., OperatorProcess]

@@ -22,7 +22,7 @@ from testbed.instance import postfix_unavailable
 from testbed.layout import InstanceSettings
 
 from .audit import AuditLog
-from .conftest import Identity, StartOperator
+from .conftest import Identity, StartOperator, admin_service_account
 from .helpers import Cluster, policy, until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postfix]
@@ -41,13 +41,18 @@ def postfix_pod(cluster: Cluster, controlplane: ControlPlane,
     inst = LocalInstance(base / "relay-0", InstanceSettings(name="relay-0"))
     inst.start()
     ns = cluster.ns
+    agent_kubeconfig = tmp_path / "agent.kubeconfig"
+    admin_service_account(controlplane, cluster, "mailtls-agent", agent_kubeconfig)
     cluster.create_pod({
         "metadata": {"name": "relay-0", "labels": {"mailtls.io/instance": "relay"},
                      "annotations": {"mailtls.io/strategy": "agent",
                                      "mailtls.io/map-path": str(inst.map_path),
                                      "mailtls.io/map-type": inst.settings.map_type}},
-        "spec": {"nodeName": "node-a", "containers": [
+        "spec": {"nodeName": "node-a", "serviceAccountName": "mailtls-agent", "containers": [
             {"name": "postfix", "image": "postfix"}, {"name": "agent", "image": "mailtls"}]}})
+    # its token now bound to the pod, as the kubelet would project it
+    agent_id = admin_service_account(controlplane, cluster, "mailtls-agent", agent_kubeconfig,
+                                     pod="relay-0")
     cluster.core.patch_namespaced_pod_status("relay-0", ns, {"status": {
         "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
         "conditions": [{"type": "Ready", "status": "True"}]}})
@@ -56,7 +61,7 @@ def postfix_pod(cluster: Cluster, controlplane: ControlPlane,
     log = (tmp_path / "agent.log").open("ab")
     agent = subprocess.Popen(
         [sys.executable, "-m", "mailtls_operator.cli", "agent", "--instance", "relay",
-         "--kubeconfig", str(controlplane.kubeconfig), "--map-path", str(inst.map_path),
+         "--kubeconfig", str(agent_id.kubeconfig), "--map-path", str(inst.map_path),
          "--map-type", inst.settings.map_type, "--configmap-dir", str(inst.configmap_dir),
          "--observe-interval", "0"],
         env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
