@@ -81,5 +81,5 @@ def test_printer_columns_show_in_kubectl_get(
     assert row[:2] == [name, "secure"]
     assert "example.com" in row[2] and ".example.com" in row[2]
 
-    table = controlplane.kubectl("get", "mtp", "-n", namespace, "-o", "wide").stdout
-    assert table.splitlines()[0].split() == ["NAME", *wide]
+    wide_table = controlplane.kubectl("get", "mtp", "-n", namespace, "-o", "wide").stdout
+    assert wide_table.splitlines()[0].split() == ["NAME", *wide]
