@@ -72,6 +72,9 @@ class OperatorProcess:
         self.env = env or {}
         #: a test that breaks the connection expects tracebacks of connection errors
         self.tracebacks_ok = False
+        #: the log up to the SIGTERM of :meth:`stop` (Kopf 1.x may log a traceback of an
+        #: async generator while it shuts down, which is not the operator's doing)
+        self.running_log = ""
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
@@ -120,6 +123,7 @@ class OperatorProcess:
     def kill(self) -> None:
         """SIGKILL: no clean-up, no Lease released (a crashed or evicted replica)."""
         if self.alive():
+            self.running_log = self.text()
             assert self.proc is not None
             self.proc.kill()
             self.proc.wait(10)
@@ -129,6 +133,7 @@ class OperatorProcess:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
+            self.running_log = self.text()
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
