@@ -104,7 +104,8 @@ def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
 class ControlPlane:
     """etcd + kube-apiserver in ``workdir``; a context manager (or start()/stop())."""
 
-    def __init__(self, workdir: Path, *, binaries: Path | None = None) -> None:
+    def __init__(self, workdir: Path, *, binaries: Path | None = None,
+                 audit: bool = True) -> None:
         self.workdir = workdir
         self.binaries = binaries
         self.url = ""
@@ -117,6 +118,9 @@ class ControlPlane:
         self.start_seconds = 0.0
         self._apiserver_args: list[str] = []
         self._ssl: ssl.SSLContext | None = None
+        #: kube-apiserver's audit log (JSON lines, level Metadata): what tests count API
+        #: requests by verb, resource, user and query from; None with ``audit=False``.
+        self.audit_log: Path | None = workdir / "audit.log" if audit else None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -199,7 +203,19 @@ class ControlPlane:
             f"--service-account-key-file={pki.sa_public_key}",
             # The loopback address cannot be an endpoint of the `kubernetes` Service.
             "--endpoint-reconciler-type=none",
-            "--allow-privileged=true", "--profiling=false", "--v=1"]
+            "--allow-privileged=true", "--profiling=false", "--v=1",
+            *self._audit_flags()]
+
+    def _audit_flags(self) -> list[str]:
+        """Every request at level Metadata (who, verb, object, URI with its query, code),
+        one JSON line each, appended across restarts."""
+        if self.audit_log is None:
+            return []
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text("apiVersion: audit.k8s.io/v1\nkind: Policy\n"
+                          "omitStages: [RequestReceived]\nrules:\n- level: Metadata\n")
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json", "--audit-log-maxsize=0"]
 
     def _start_apiserver(self) -> None:
         self.apiserver = self._spawn("kube-apiserver", self._apiserver_args)

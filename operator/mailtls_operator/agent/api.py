@@ -98,8 +98,15 @@ class AgentApi:
         cfg = client.Configuration()
         config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=path, client_configuration=cfg)
-        return cls(cfg.host, token=lambda: cfg.get_api_key_with_prefix("authorization"),
-                   ca_file=cfg.ssl_ca_cert, timeout=timeout)
+        # the loader files a kubeconfig token under "BearerToken" (kubernetes >= 30),
+        # older ones under "authorization": without either key the agent was anonymous
+        def token() -> str | None:
+            for key in ("BearerToken", "authorization"):
+                found: str | None = cfg.get_api_key_with_prefix(key)
+                if found:
+                    return found
+            return None
+        return cls(cfg.host, token=token, ca_file=cfg.ssl_ca_cert, timeout=timeout)
 
     def _headers(self, content_type: str | None = None) -> dict[str, str]:
         headers = {"Accept": "application/json"}
