@@ -181,16 +181,16 @@ def _remap_ids(root: Path) -> None:
             os.chmod(path, st.st_mode & 0o7777)  # chown cleared the setgid bit of postdrop
     for db, ids, names in (("passwd", uids, ("postfix",)),
                            ("group", gids, ("postfix", "postdrop"))):
-        path = root / "etc" / db
+        db_path = root / "etc" / db
         lines = []
-        for line in path.read_text().splitlines():
+        for line in db_path.read_text().splitlines():
             f = line.split(":")
             if f[0] in names:
                 f[2] = str(ids[int(f[2])])
                 if db == "passwd":
                     f[3] = str(grp.getgrnam("postfix").gr_gid)
             lines.append(":".join(f))
-        path.write_text("\n".join(lines) + "\n")
+        db_path.write_text("\n".join(lines) + "\n")
 
 
 def ensure(out: TextIO = sys.stderr) -> int:
