@@ -213,6 +213,7 @@ class InstanceLayout:
             "anvil     unix  - - n - 1 anvil",
             "scache    unix  - - n - 1 scache",
             "postlog   unix-dgram n - n - 1 postlogd",
+            "tlsproxy  unix  - - n - 0 tlsproxy",
         ]
         return "\n".join(rows) + "\n"
 
