@@ -77,6 +77,5 @@ class VersionLint:
             warnings.setdefault(ref, []).append((REASON, message))
         for message in deprecated_settings(values):
             for p in policies:
-                warnings.setdefault(p.ref, []).append(
-                    (DEPRECATED_REASON, f"{key[0]}/{key[1]}: {message}"))
+                warnings.setdefault(p.ref, []).append((DEPRECATED_REASON, message))
         return held

@@ -59,7 +59,7 @@ RANGE_SYNTAX_MIN: Version = (3, 6)
 """``protocols=>=TLSv1.2`` (and ``<=``): the range form of Postfix 3.6."""
 
 REASON = "UnsupportedAttribute"
-DEPRECATED_REASON = "DeprecatedParameter"
+DEPRECATED_REASON = "DeprecatedParameter"  # status.DEPRECATED_PARAMETER: a note in RolledOut
 
 DEPRECATED_TLS_PARAMS: dict[str, str] = {
     "smtp_use_tls": "smtp_tls_security_level",

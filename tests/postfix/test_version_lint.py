@@ -74,7 +74,7 @@ async def test_agent_mode_lints_from_the_reported_facts_without_exec() -> None:
     assert "enable_rpk needs Postfix 3.9" in held["mail/rpk"]
     assert runner.calls == []
     deprecated = [m for r, m in warnings["mail/plain"] if r == DEPRECATED_REASON]
-    assert deprecated == ["mail/relay: main.cf sets smtp_use_tls = yes: Postfix 3.10 warns "
+    assert deprecated == ["main.cf sets smtp_use_tls = yes: Postfix 3.10 warns "
                           "that support for it will be removed; specify "
                           "smtp_tls_security_level instead"]
     assert await VersionLint().hold(runner, ("mail", "relay"), None, [rpk], {}, None) == {}
