@@ -28,6 +28,7 @@ machine's ``/etc/hosts`` over the jail the test bed writes.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -79,6 +80,13 @@ class PostfixBuild:
         self.host_path(bind).mkdir(parents=True, exist_ok=True)
         return ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", _WRAP,
                 "mailtls-postfix-root", str(self.root), str(bind), *argv]
+
+    def forget(self, bind: Path) -> None:
+        """Remove the (empty) mount point :meth:`command` made for ``bind``, once nothing
+        runs there any more: removing it earlier would detach a live master's bind mount."""
+        if self.root is not None:
+            with contextlib.suppress(OSError):
+                self.host_path(bind).rmdir()
 
     def unavailable(self) -> str | None:
         """None if this Postfix can run here, else why not (tests skip with it)."""

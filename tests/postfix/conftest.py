@@ -27,7 +27,7 @@ from testbed import (
     starttls_sink,
     stop_all,
 )
-from testbed.postfixroot import VERSIONS
+from testbed.postfixroot import VERSIONS, build_for
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +70,7 @@ def pods_dir() -> Iterator[Path]:
     base.chmod(0o755)
     yield base
     shutil.rmtree(base, ignore_errors=True)
+    build_for("3.10").forget(base)
 
 
 @pytest.fixture

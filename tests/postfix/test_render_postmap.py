@@ -55,6 +55,7 @@ def config_dir(request: pytest.FixtureRequest) -> Iterator[Postmap]:
     os.utime(path / "main.cf", (old, old))
     yield Postmap(build, path)
     shutil.rmtree(path, ignore_errors=True)
+    build.forget(path)
 
 
 def compile_and_query(config_dir: Postmap, text: str, entries: Mapping[str, str],

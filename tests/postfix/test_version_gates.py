@@ -92,6 +92,7 @@ def outcome(request: pytest.FixtureRequest) -> Iterator[Outcome]:
         inst.stop()
         sink.stop()
         shutil.rmtree(base, ignore_errors=True)
+        inst.build.forget(base)
 
 
 @pytest.mark.parametrize("attr", sorted(set(LINES) - EXTRA))
