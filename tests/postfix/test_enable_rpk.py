@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from mailtls_operator import probe
 from mailtls_operator.rollout import apply_to_pod
 from testbed import LocalPodRunner, SmtpSink
 from testbed.apiserver import ApiServer
@@ -67,3 +68,15 @@ async def test_the_operator_holds_enable_rpk_back_from_37_only(
             assert "enable_rpk needs Postfix 3.9" in held["message"]
             assert "runs 3.7.11" in held["message"]
             assert inst.query("rpk.example") is None
+
+
+async def test_an_enable_rpk_policy_is_probed_like_any_other(
+        runner: LocalPodRunner, make_pod: PodFactory, plain: SmtpSink,
+        self_signed: SmtpSink) -> None:
+    """The probe reads ``enable_rpk`` as Postfix does; it does not change the verdict."""
+    pod, _ = make_pod("relay-0")
+    p = policy("rpk", "encrypt", [plain.nexthop, self_signed.nexthop], enableRPK=True)
+    outs = await probe.probe_policy(runner, pod, p, concurrency=2,
+                                    timeouts=probe.ProbeTimeouts(connect=5, command=5))
+    assert [(o.result, o.reason) for o in outs] == [("Fail", "NoStartTLS"),
+                                                    ("Pass", "Encrypted")]
