@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import smtplib
 import socket
@@ -37,6 +36,7 @@ from .layout import (
     free_port,
     wait_until,
 )
+from .postfixroot import build_for
 
 __all__ = ["Delivery", "InstanceSettings", "LocalInstance", "PostfixError", "free_port",
            "postfix_unavailable", "running_instance", "stop_all", "wait_until"]
@@ -94,9 +94,9 @@ class LocalInstance(InstanceLayout):
         except (OSError, ValueError, IndexError):
             return None
         try:
-            if os.readlink(f"/proc/{pid}/exe") != MASTER_EXE:
+            if Path(os.readlink(f"/proc/{pid}/exe")) != self.build.host_path(MASTER_EXE):
                 return None
-            if Path(os.readlink(f"/proc/{pid}/cwd")) != self.queue_dir:
+            if Path(os.readlink(f"/proc/{pid}/cwd")) != self.build.host_path(self.queue_dir):
                 return None
         except OSError:
             return None
@@ -162,13 +162,13 @@ class LocalInstance(InstanceLayout):
 
         Raises PostfixError where the filesystem or capabilities do not allow it.
         """
-        self.run(["chattr", "+i", str(self.map_dir)])
+        self.run(["chattr", "+i", str(self.map_dir)], host=True)
         self._map_dir_locked = True
 
     def unlock_map_dir(self) -> None:
         """Undo :meth:`lock_map_dir` (so the directory can be removed)."""
         if self._map_dir_locked:
-            self.run(["chattr", "-i", str(self.map_dir)])
+            self.run(["chattr", "-i", str(self.map_dir)], host=True)
             self._map_dir_locked = False
 
     # -- the ConfigMap a kubelet would mount -------------------------------------
@@ -299,19 +299,10 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
-def postfix_unavailable() -> str | None:
-    """None if throwaway Postfix instances can run on this machine, else why not (tests
-    skip with it, benchmarks report it)."""
-    for tool in ("postfix", "postmap", "postconf", "postqueue"):
-        if shutil.which(tool, path="/usr/sbin:/usr/bin") is None:
-            return f"{tool} not installed (make system-deps: postfix postfix-lmdb postfix-cdb)"
-    if not Path("/usr/lib/postfix/sbin/master").exists():
-        return "Postfix master not found"
-    if os.geteuid() != 0:
-        return "starting Postfix instances needs root"
-    if not any(Path("/usr/lib/postfix").glob("postfix-lmdb.so*")):
-        return "postfix-lmdb not installed (make system-deps)"
-    return None
+def postfix_unavailable(version: str = "3.7") -> str | None:
+    """None if throwaway instances of Postfix ``version`` can run on this machine, else why
+    not (tests skip with it, benchmarks report it)."""
+    return build_for(version).unavailable()
 
 
 def stop_all(instances: Sequence[LocalInstance]) -> list[str]:

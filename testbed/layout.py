@@ -28,6 +28,8 @@ from typing import Self, TypeVar
 
 from mailtls_operator import postfix
 
+from .postfixroot import build_for
+
 MASTER_EXE = "/usr/lib/postfix/sbin/master"
 META_DIRECTORY = Path("/etc/postfix")
 SBIN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -56,6 +58,9 @@ class InstanceSettings:
     table (``etc/site_transport``), searched after the operator's managed one:
     the operator rewrites its table on every rollout, so static routing must
     live elsewhere, as in a real deployment.
+
+    ``postfix`` is which Postfix runs the instance: "3.7" (the machine's) or
+    "3.10" (Debian trixie's, in its root: see :mod:`testbed.postfixroot`).
     """
 
     name: str = "pod"
@@ -69,6 +74,7 @@ class InstanceSettings:
     missing_map_types: tuple[str, ...] = ()
     routes: Mapping[str, str] = field(default_factory=dict)
     extra_main_cf: Mapping[str, str] = field(default_factory=dict)
+    postfix: str = "3.7"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -98,6 +104,7 @@ class InstanceLayout:
     def __init__(self, root: Path | str, settings: InstanceSettings | None = None) -> None:
         self.settings = settings or InstanceSettings()
         postfix.check_map_type(self.settings.map_type)
+        self.build = build_for(self.settings.postfix)
         self.root = Path(root).resolve()
         postfix.check_map_path(str(self.root))
         self.etc_dir = self.root / "etc"
@@ -206,6 +213,7 @@ class InstanceLayout:
             "anvil     unix  - - n - 1 anvil",
             "scache    unix  - - n - 1 scache",
             "postlog   unix-dgram n - n - 1 postlogd",
+            "tlsproxy  unix  - - n - 0 tlsproxy",
         ]
         return "\n".join(rows) + "\n"
 
@@ -245,7 +253,7 @@ class InstanceLayout:
         missing = set(self.settings.missing_map_types)
         if self.meta_dir.exists():
             shutil.rmtree(self.meta_dir)
-        shutil.copytree(META_DIRECTORY, self.meta_dir, symlinks=True,
+        shutil.copytree(self.build.host_path(META_DIRECTORY), self.meta_dir, symlinks=True,
                         ignore=shutil.ignore_patterns("main.cf", "master.cf", "sasl"))
         dyn = self.meta_dir / "dynamicmaps.cf"
         kept = [ln for ln in dyn.read_text().splitlines(keepends=True)
@@ -277,11 +285,18 @@ class InstanceLayout:
 
     # -- commands ------------------------------------------------------------
 
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` as it runs "in the pod": with this instance's Postfix (its root for 3.10,
+        where the instance's parent directory is seen at the same path)."""
+        return self.build.command(argv, self.root.parent)
+
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None, check: bool = True,
-            timeout: float = 20.0) -> subprocess.CompletedProcess[bytes]:
-        """Run a Postfix command against this instance (argv only, MAIL_CONFIG set)."""
+            timeout: float = 20.0, host: bool = False) -> subprocess.CompletedProcess[bytes]:
+        """Run a command against this instance (argv only, MAIL_CONFIG set), with its Postfix;
+        ``host``: a test bed tool of the machine (``chattr``), not a pod command."""
         # argv list, no shell: the same commands the operator sends to pods.
-        proc = subprocess.run(list(argv), input=stdin if stdin is not None else b"",  # noqa: S603
+        full = list(argv) if host else self.command(argv)
+        proc = subprocess.run(full, input=stdin if stdin is not None else b"",  # noqa: S603
                               capture_output=True, env=self.env, cwd=self.root,
                               timeout=timeout, check=False)
         if check and proc.returncode != 0:

@@ -94,7 +94,7 @@ class LocalPodRunner:
                 "be closed")
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv,
+                *inst.command(argv),
                 stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 env=inst.env, cwd=inst.root, start_new_session=True)

@@ -16,8 +16,11 @@ from . import postfix
 from .podrunner import PodRef, PodRunner
 from .probe import CLIENT_PARAMS, ClientDefaults
 from .routing import ROUTING_PARAMS, InstanceConfig
+from .versions import LINT_PARAMS
 
-FACT_PARAMS: Final = tuple(dict.fromkeys((*ROUTING_PARAMS, *CLIENT_PARAMS)))
+FACT_PARAMS: Final = tuple(dict.fromkeys((*ROUTING_PARAMS, *CLIENT_PARAMS, *LINT_PARAMS)))
+"""With ``mail_version`` and the deprecated TLS parameters: the agent's report carries
+them, so the version lint runs in agent mode too."""
 
 
 class PostfixCommandError(Exception):

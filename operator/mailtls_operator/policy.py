@@ -242,6 +242,8 @@ def render_value(spec: Mapping[str, Any]) -> str:
         parts.append(f"servername={spec['servername']}")
     if "connectionReuse" in spec:
         parts.append("connection_reuse=" + ("yes" if spec["connectionReuse"] else "no"))
+    if "enableRPK" in spec:  # Postfix 3.9+: versions.py holds it back from older ones
+        parts.append("enable_rpk=" + ("yes" if spec["enableRPK"] else "no"))
     return " ".join(parts)
 
 

@@ -45,6 +45,8 @@ TRUST_ANCHOR_MISSING = "TrustAnchorMissing"
 UNSAFE_ENTRY = "UnsafeEntry"
 """The renderer refused to write the policy's lines (defence in depth, see render.py)."""
 TRUST_ANCHOR_UNCHECKED = "TrustAnchorUnchecked"
+DEPRECATED_PARAMETER = "DeprecatedParameter"
+"""The instance's main.cf sets a TLS parameter Postfix 3.10 deprecates: a note, rolled out."""
 """A note, not a warning: the restart strategy cannot look into pods for the tafile."""
 CHECK_UNAVAILABLE = "CheckUnavailable"
 """A safety check (the tafile check) could not run in the pod: the lines are held back."""
@@ -155,7 +157,7 @@ def _ready(rec: PolicyRecord, views: Sequence[InstanceView], now: datetime) -> C
             f"{v.name}: {v.pods_updated}/{v.pods_total} pods on revision {_short(v.revision)}"
             for v in behind))
     notes = [f"{v.name}: {m}" for v in views for r, m in v.warnings
-             if r == TRUST_ANCHOR_UNCHECKED]
+             if r in (TRUST_ANCHOR_UNCHECKED, DEPRECATED_PARAMETER)]
     return Condition(READY, "True", ROLLED_OUT, "; ".join(
         f"{v.name}: {v.pods_updated}/{v.pods_total} pods verified revision "
         f"{_short(v.revision)}{' ' + v.note if v.note else ''}" for v in views)

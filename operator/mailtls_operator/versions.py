@@ -26,14 +26,20 @@ connection_reuse        3.4     smtp_tls_connection_reuse
 protocols=>=TLSv1.2     3.6     the ">=" range syntax of smtp_tls_protocols
 enable_rpk              3.9     smtp_tls_enable_rpk
 policy_type, ...        3.10    TLSRPT attributes (policy_type, policy_domain,
-                                mx_host_pattern, policy_string, policy_failure)
+                                mx_host_pattern, policy_string, policy_failure,
+                                policy_ttl); 3.10 takes them only together
+                                with policy_type (a policy plugin's answer)
 =====================  =======  ===========================================
+
+Measured against Debian's 3.7.11 and 3.10.13 by
+``tests/postfix/test_version_gates.py``: below its version each attribute is
+logged as ``invalid attribute name`` and the mail deferred.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 Version = tuple[int, ...]
@@ -47,11 +53,24 @@ ATTRIBUTE_MIN: dict[str, Version] = {
     "tafile": (2, 11), "servername": (3, 4), "connection_reuse": (3, 4),
     "enable_rpk": (3, 9), "policy_type": (3, 10), "policy_domain": (3, 10),
     "mx_host_pattern": (3, 10), "policy_string": (3, 10), "policy_failure": (3, 10),
+    "policy_ttl": (3, 10),
 }
 RANGE_SYNTAX_MIN: Version = (3, 6)
 """``protocols=>=TLSv1.2`` (and ``<=``): the range form of Postfix 3.6."""
 
 REASON = "UnsupportedAttribute"
+DEPRECATED_REASON = "DeprecatedParameter"  # status.DEPRECATED_PARAMETER: a note in RolledOut
+
+DEPRECATED_TLS_PARAMS: dict[str, str] = {
+    "smtp_use_tls": "smtp_tls_security_level",
+    "smtp_enforce_tls": "smtp_tls_security_level",
+    "smtp_tls_per_site": "smtp_tls_policy_maps",
+}
+"""smtp(8) TLS parameters Postfix 3.10 warns about ("support for parameter ... will be
+removed; instead, specify ..."; 3.7 does not): set, they still change the client's TLS."""
+
+LINT_PARAMS: tuple[str, ...] = ("mail_version", *DEPRECATED_TLS_PARAMS)
+"""What the version lint reads from an instance (``postconf -x``; in the agent's report)."""
 
 
 def parse_version(text: str) -> Version | None:
@@ -111,4 +130,15 @@ def held_back(policies: Iterable[_Valued], mail_version: str, instance: str
             out[p.ref] = (f"{'; '.join(problems)}, {instance} runs {mail_version}: this "
                           f"policy's lines are held back from {instance} (Postfix would "
                           "defer every message to them)")
+    return out
+
+
+def deprecated_settings(values: Mapping[str, str]) -> list[str]:
+    """One message per deprecated TLS parameter the instance's main.cf turns on."""
+    out = []
+    for name, instead in DEPRECATED_TLS_PARAMS.items():
+        value = values.get(name, "").strip()
+        if value and value.lower() not in ("no", "false", "0"):
+            out.append(f"main.cf sets {name} = {value}: Postfix 3.10 warns that support for "
+                       f"it will be removed; specify {instead} instead")
     return out

@@ -16,6 +16,7 @@ from mailtls_operator.agent.converge import Converger, PodSettings
 from mailtls_operator.agent.loop import Agent, LoopSettings
 from mailtls_operator.agent.runner import ProcessRunner
 from mailtls_operator.configmap import configmap_bodies
+from mailtls_operator.podrunner import ExecResult, PodRef
 from testbed import LocalInstance
 from testbed.apiserver import ApiServer
 
@@ -33,13 +34,27 @@ def agent_pod(name: str, inst: LocalInstance, instance: str = "relay") -> dict[s
                        "conditions": [{"type": "Ready", "status": "True"}]}}
 
 
+class PodProcessRunner(ProcessRunner):
+    """The agent's runner, its commands run with the pod's Postfix (3.10: in its root)."""
+
+    def __init__(self, inst: LocalInstance) -> None:
+        super().__init__(env=inst.env)
+        self.inst = inst
+
+    async def run(self, pod: PodRef, argv: Sequence[str], *, stdin: bytes | None = None,
+                  timeout: float = 60.0) -> ExecResult:
+        if self.inst.settings.postfix == "3.7":  # the machine's: in-process file steps too
+            return await super().run(pod, argv, stdin=stdin, timeout=timeout)
+        return await super().run(pod, self.inst.command(argv), stdin=stdin, timeout=timeout)
+
+
 def make_agent(apiserver: ApiServer, name: str, inst: LocalInstance, **loop: Any) -> Agent:
     settings = PodSettings("mail", name, str(inst.map_path), inst.settings.map_type,
                            timeout=30.0, probe_interval=0)
     opts = {"observe_interval": 0.3, "retry_base": 0.05, "retry_max": 0.2,
             "watch_timeout": 5, **loop}
     return Agent(AgentApi(str(apiserver.url), timeout=2.0),
-                 Converger(ProcessRunner(env=inst.env), settings),
+                 Converger(PodProcessRunner(inst), settings),
                  LoopSettings("relay", inst.configmap_dir, None, **opts))
 
 

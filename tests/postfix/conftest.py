@@ -27,6 +27,7 @@ from testbed import (
     starttls_sink,
     stop_all,
 )
+from testbed.postfixroot import VERSIONS, build_for
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +41,20 @@ def _require_postfix(request: pytest.FixtureRequest) -> None:
 
 
 PodFactory = Callable[..., tuple[PodRef, LocalInstance]]
+
+BOTH_VERSIONS = pytest.mark.parametrize("postfix_version", VERSIONS, indirect=True)
+"""Module or test mark: run against the machine's Postfix 3.7 and trixie's 3.10."""
+
+
+@pytest.fixture
+def postfix_version(request: pytest.FixtureRequest) -> str:
+    """Which Postfix ``make_pod`` starts: "3.7" unless a test is parametrized with
+    :data:`BOTH_VERSIONS`.  Skips (with the way to fix it) where that one cannot run."""
+    version: str = getattr(request, "param", "3.7")
+    reason = postfix_unavailable(version)
+    if reason is not None:
+        pytest.skip(f"Postfix {version} cannot run here: {reason}")
+    return version
 
 
 @pytest.fixture
@@ -55,15 +70,18 @@ def pods_dir() -> Iterator[Path]:
     base.chmod(0o755)
     yield base
     shutil.rmtree(base, ignore_errors=True)
+    build_for("3.10").forget(base)
 
 
 @pytest.fixture
-def make_pod(pods_dir: Path, runner: LocalPodRunner) -> Iterator[PodFactory]:
+def make_pod(pods_dir: Path, runner: LocalPodRunner,
+             postfix_version: str) -> Iterator[PodFactory]:
     """``make_pod(name, tls_policy="", transport="", **settings)``: a started, registered pod."""
     started: list[LocalInstance] = []
 
     def make(name: str, *, tls_policy: str = "", transport: str = "",
              start: bool = True, **settings: Any) -> tuple[PodRef, LocalInstance]:
+        settings.setdefault("postfix", postfix_version)
         inst = LocalInstance(pods_dir / name, InstanceSettings(name=name, **settings))
         inst.create(tls_policy=tls_policy, transport=transport)
         started.append(inst)

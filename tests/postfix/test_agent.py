@@ -26,7 +26,7 @@ from testbed.apiserver import ApiServer
 from tests.integration.helpers import NoPodsRunner
 
 from .agent_helpers import agent_pod, make_agent, running, small_configmap_limits
-from .conftest import PodFactory
+from .conftest import BOTH_VERSIONS, PodFactory
 from .test_through_operator import Kubectl, operator, poll
 
 pytestmark = [pytest.mark.postfix, pytest.mark.integration]
@@ -311,3 +311,31 @@ async def test_the_mailtls_agent_command_runs_the_same_loop(
         proc.terminate()
         _, err = await asyncio.wait_for(proc.communicate(), 10)
     assert b"live and verified" in err
+
+
+@BOTH_VERSIONS
+async def test_the_version_lint_runs_on_what_the_agents_report(
+        make_pod: PodFactory, apiserver: ApiServer, kubectl: Kubectl, run_operator: Any,
+        kube_client: Any, postfix_version: str) -> None:
+    """No exec: the agent's report carries ``mail_version`` (and the deprecated TLS
+    parameters), so enable_rpk is held back from a 3.7 pod and rolled out to a 3.10 one."""
+    [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1,
+                                     extra_main_cf={"smtp_use_tls": "yes"})
+    no_exec = NoPodsRunner()
+    async with running([make_agent(apiserver, name, inst)]), operator(
+            run_operator, kube_client, no_exec, observe_interval=0.3):  # type: ignore[arg-type]
+        await kubectl.apply("fine", destinations=["fine.example"], level="encrypt")
+        await poll(lambda: inst.query("fine.example") == "encrypt")
+        facts = report(apiserver, name).facts.values
+        assert facts["mail_version"].startswith(postfix_version + ".")
+        await kubectl.apply("rpk", destinations=["rpk.example"], level="may", enableRPK=True)
+        if postfix_version == "3.10":
+            await kubectl.until_ready("rpk")
+            await poll(lambda: inst.query("rpk.example") == "may enable_rpk=yes")
+        else:
+            held = await kubectl.until_ready("rpk", reason="UnsupportedAttribute")
+            assert "enable_rpk needs Postfix 3.9" in held["message"]
+            await poll(lambda: inst.query("rpk.example") is None)
+        fine = await kubectl.until_ready("fine")  # rolled out, with the deprecation noted
+        assert "relay: main.cf sets smtp_use_tls = yes: Postfix 3.10 warns" in fine["message"]
+    assert no_exec.calls == [] and exec_requests(apiserver) == 0

@@ -14,7 +14,7 @@ from mailtls_operator.rollout import sample_keys
 from mailtls_operator.routing import InstanceConfig, bypassed_keys
 from testbed import LocalPodRunner
 
-from .conftest import PodFactory
+from .conftest import BOTH_VERSIONS, PodFactory
 
 
 def test_argv_shapes() -> None:
@@ -124,6 +124,7 @@ def test_bypassed_keys_rules() -> None:
 
 
 @pytest.mark.postfix
+@BOTH_VERSIONS
 async def test_queue_id_syntax_matches_real_postfix(
         runner: LocalPodRunner, make_pod: PodFactory) -> None:
     """Both id forms Postfix issues are accepted, and ``postqueue -i`` takes them."""

@@ -16,10 +16,10 @@ from mailtls_operator import postfix
 from mailtls_operator.rollout import PodStatus, apply_to_pod
 from testbed import LocalCA, LocalPodRunner, SmtpSink
 
-from .conftest import PodFactory
+from .conftest import BOTH_VERSIONS, PodFactory
 from .helpers import policy, raw_tables, tables, target
 
-pytestmark = pytest.mark.postfix
+pytestmark = [pytest.mark.postfix, BOTH_VERSIONS]
 
 
 def routes(*sinks: tuple[str, SmtpSink]) -> dict[str, str]:

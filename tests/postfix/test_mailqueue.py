@@ -16,10 +16,10 @@ from mailtls_operator.facts import read_instance_config
 from mailtls_operator.rollout import PodStatus, apply_to_pod
 from testbed import LocalPodRunner, SmtpSink, free_port
 
-from .conftest import PodFactory
+from .conftest import BOTH_VERSIONS, PodFactory
 from .helpers import policy, tables, target
 
-pytestmark = pytest.mark.postfix
+pytestmark = [pytest.mark.postfix, BOTH_VERSIONS]
 
 
 async def test_tls_deferral_is_attributed_to_its_key_and_released(

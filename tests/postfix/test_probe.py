@@ -33,7 +33,7 @@ from testbed import (
     starttls_sink,
 )
 
-from .conftest import PodFactory
+from .conftest import BOTH_VERSIONS, PodFactory
 from .helpers import policy, tables, target
 
 pytestmark = pytest.mark.postfix
@@ -96,6 +96,7 @@ CASES = [
 ]
 
 
+@BOTH_VERSIONS
 async def test_probe_verdicts_agree_with_postfix_delivery(
         runner: LocalPodRunner, make_pod: PodFactory, sinks: Callable[[SmtpSink], SmtpSink],
         ca: LocalCA, tmp_path: Path) -> None:
@@ -138,6 +139,7 @@ async def test_probe_verdicts_agree_with_postfix_delivery(
     assert not problems, "\n".join(problems)
 
 
+@BOTH_VERSIONS
 async def test_probe_policy_through_the_pod(
         runner: LocalPodRunner, make_pod: PodFactory, plain: SmtpSink,
         self_signed: SmtpSink) -> None:

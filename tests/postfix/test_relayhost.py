@@ -18,10 +18,10 @@ from mailtls_operator.rollout import PodTarget, roll_out
 from mailtls_operator.routing import bypassed_keys, table_problems
 from testbed import LocalPodRunner, SmtpSink, plain_sink
 
-from .conftest import PodFactory
+from .conftest import BOTH_VERSIONS, PodFactory
 from .helpers import policy, tables, target
 
-pytestmark = pytest.mark.postfix
+pytestmark = [pytest.mark.postfix, BOTH_VERSIONS]
 
 
 async def test_relayhost_trap_matches_real_postfix(

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from mailtls_operator.versions import held_back, parse_version, unsupported
+from mailtls_operator.facts import InstanceFacts
+from mailtls_operator.versionlint import VersionLint
+from mailtls_operator.versions import DEPRECATED_REASON, held_back, parse_version, unsupported
 from testbed import LocalPodRunner
 from testbed.apiserver import ApiServer
 
@@ -57,3 +59,22 @@ async def test_unsupported_attribute_held_back_from_old_postfix(
         await kubectl.until_ready("fine")
         assert inst.query("fine.example") == "encrypt"
         assert inst.query("sni.example") is None
+
+
+async def test_agent_mode_lints_from_the_reported_facts_without_exec() -> None:
+    runner = LocalPodRunner()  # no pod: any exec would fail
+    reported = InstanceFacts({"mail_version": "3.7.11", "smtp_use_tls": "yes",
+                              "smtp_enforce_tls": "no", "smtp_tls_per_site": ""})
+    rpk = policy("rpk", "encrypt", ["rpk.example"], enableRPK=True)
+    fine = policy("plain", "encrypt", ["b.example"])
+    warnings: dict[str, list[tuple[str, str]]] = {}
+    held = await VersionLint().hold(runner, ("mail", "relay"), None, [rpk, fine], warnings,
+                                    reported)
+    assert set(held) == {"mail/rpk"}
+    assert "enable_rpk needs Postfix 3.9" in held["mail/rpk"]
+    assert runner.calls == []
+    deprecated = [m for r, m in warnings["mail/plain"] if r == DEPRECATED_REASON]
+    assert deprecated == ["main.cf sets smtp_use_tls = yes: Postfix 3.10 warns "
+                          "that support for it will be removed; specify "
+                          "smtp_tls_security_level instead"]
+    assert await VersionLint().hold(runner, ("mail", "relay"), None, [rpk], {}, None) == {}

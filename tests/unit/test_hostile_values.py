@@ -41,8 +41,10 @@ BASE: dict[str, Any] = {
 }
 FINGERPRINT: dict[str, Any] = {
     "destinations": ["example.com"], "level": "fingerprint",
-    "match": [":".join(["3D"] * 32)],
+    "match": [":".join(["3D"] * 32)], "matchKind": "publicKey", "enableRPK": True,
 }
+FINGERPRINT_FIELDS = {"spec.matchKind"}
+"""String fields valid only with level fingerprint: their base value is in FINGERPRINT."""
 HOSTILE = ["\n", "\r", "\r\n", "\t", "\x00", "\x0b", "\x0c", "\x1b", "\x7f", "\x85", "\u2028",
            "\u2029", "\u200b", "\u200e", "\u202e", "\u2066", "\ufeff", "\u00ad", "\u00a0",
            "\u3000", " ", "\U000e0001"]
@@ -72,9 +74,11 @@ def _get(spec: dict[str, Any], field: str) -> tuple[Any, str | int]:
 
 def test_every_string_field_of_the_crd_has_a_valid_base_value() -> None:
     for field in STRING_FIELDS:
-        target, key = _get(copy.deepcopy(BASE), field)
+        base = FINGERPRINT if field in FINGERPRINT_FIELDS else BASE
+        target, key = _get(copy.deepcopy(base), field)
         assert isinstance(target[key], str), field
     assert _run(BASE, "validate")[0] == 0
+    assert _run(FINGERPRINT, "validate")[0] == 0
 
 
 def _run(spec: dict[str, Any], command: str) -> tuple[int, str, str, str]:
@@ -93,7 +97,8 @@ def _run(spec: dict[str, Any], command: str) -> tuple[int, str, str, str]:
 @st.composite
 def hostile_specs(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
     field = draw(st.sampled_from([*STRING_FIELDS, "fingerprint"]))
-    spec = copy.deepcopy(FINGERPRINT if field == "fingerprint" else BASE)
+    spec = copy.deepcopy(FINGERPRINT if field == "fingerprint" or field in FINGERPRINT_FIELDS
+                         else BASE)
     field = "spec.match[0]" if field == "fingerprint" else field
     char = draw(st.sampled_from(HOSTILE))
     where = draw(st.sampled_from(["start", "end", "middle"]))

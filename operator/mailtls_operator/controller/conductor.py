@@ -298,12 +298,11 @@ class Operator:
         if trust.retry:
             self.workers[key].wake_later(self.config.retry_base)
         pod = next((p for p in self.world.pods_of(key) if p.ready), None)  # version lint
-        # the restart and agent strategies never exec (the agent's reports carry no
-        # mail_version yet: the version lint does not run for them)
+        # by exec; restart and agent never exec: the facts agents reported (restart: none)
         exec_ok = pod is not None and self.ctx.strategy_of(key) not in (RESTART, AGENT)
         too_new = await self.versions.hold(self.ctx.runner, key, (
             self.ctx.target(pod).pod, pod.uid) if pod and exec_ok else None, policies,
-            state.warnings)
+            state.warnings, state.facts if self.ctx.strategy_of(key) == AGENT else None)
         policies = [p for p in policies if not trust.held(p.ref) and p.ref not in too_new]
         started = time.perf_counter()
         tables = render(policies, instance=key, now=now, smtputf8=state.smtputf8)

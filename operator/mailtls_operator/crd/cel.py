@@ -97,6 +97,14 @@ TWINS: dict[str, Twin] = {
     "self.level == 'fingerprint' || !has(self.match) || self.match.all(m, !m.contains(':'))":
         lambda s: s["level"] == "fingerprint" or not _has(s, "match")
         or all(":" not in m for m in s["match"]),
+    "!has(self.enableRPK) || self.level in ['may', 'encrypt', 'fingerprint']":
+        lambda s: not _has(s, "enableRPK") or s["level"] in ("may", "encrypt", "fingerprint"),
+    "!has(self.enableRPK) || !self.enableRPK || self.level != 'fingerprint'"
+    " || (has(self.matchKind) && self.matchKind == 'publicKey')":
+        lambda s: not s.get("enableRPK", False) or s["level"] != "fingerprint"
+        or s.get("matchKind") == "publicKey",
+    "!has(self.matchKind) || self.level == 'fingerprint'":
+        lambda s: not _has(s, "matchKind") or s["level"] == "fingerprint",
     "!has(self.tafile) || self.level in ['verify', 'secure']":
         lambda s: not _has(s, "tafile") or s["level"] in ("verify", "secure"),
     "!has(self.route) || self.destinations.all(d, !d.startsWith('.') && !d.startsWith('[')"

@@ -57,7 +57,7 @@ Decisions:
   a public CA would otherwise always look untrusted), global trust anchors,
   the (mandatory) protocols and cipher grade, and the SNI setting.
 - ``exclude`` cannot be probed: ``posttls-finger`` has no option for cipher
-  exclusions.  ``connection_reuse`` does not change the outcome.
+  exclusions.  ``connection_reuse`` and ``enable_rpk`` do not change the outcome.
 - When a handshake fails and the policy restricts ``protocols``, the probe is
   repeated without the restriction; if that handshake succeeds the reason is
   ``ProtocolMismatch``, otherwise ``HandshakeFailed``.

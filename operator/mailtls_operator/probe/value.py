@@ -35,10 +35,11 @@ class TableValue:
     tafile: tuple[str, ...] = ()
     servername: str = ""
     connection_reuse: str = ""
+    enable_rpk: str = ""
 
 
 _ATTRS: Final = frozenset({"match", "ciphers", "protocols", "exclude", "tafile", "servername",
-                           "connection_reuse"})
+                           "connection_reuse", "enable_rpk"})
 
 
 def parse_value(value: str) -> TableValue:
