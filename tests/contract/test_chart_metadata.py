@@ -45,7 +45,8 @@ def test_every_crd_has_an_example_the_offline_gate_accepts(tmp_path: Path) -> No
     done = subprocess.run([sys.executable, "-m", "mailtls_operator.cli", "validate", "-f",
                            str(tmp_path / "examples.yaml")],
                           capture_output=True, text=True, timeout=60, check=False)
-    assert (done.returncode, done.stderr) == (0, "1 MailTLSPolicy object(s) valid\n")
+    assert (done.returncode, done.stderr) == (
+        0, "1 MailTLSPolicy object(s), 1 MailTLSDiscovery object(s) valid\n")
     (discovery,) = [e for e in examples if e["kind"] == "MailTLSDiscovery"]
     assert load_discovery(discovery).domains == ("partner.example",)
 
