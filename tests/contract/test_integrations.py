@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,17 +101,12 @@ def _render(recipe: Recipe) -> list[Obj]:
 
 
 def _post_render(text: str, patch: Path) -> str:
-    """What the doc's post-renderer does: kustomize the render with the patch."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
+    """The render through the docs' own post-renderer script, as Helm would pipe it."""
+    if shutil.which("kubectl") is None:
         pytest.skip("needs kubectl for `kubectl kustomize` (Debian kubectl: make system-deps)")
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "all.yaml").write_text(text)
-        shutil.copy(patch, Path(tmp) / patch.name)
-        (Path(tmp) / "kustomization.yaml").write_text(
-            f"resources: [all.yaml]\npatches:\n  - path: {patch.name}\n")
-        result = subprocess.run([kubectl, "kustomize", tmp], capture_output=True, text=True,
-                                timeout=60, check=False)
+    result = subprocess.run(["sh", str(DOCS / "mailtls-post-render.sh")], input=text,
+                            capture_output=True, text=True, timeout=60, check=False,
+                            env={**os.environ, "MAILTLS_PATCH": str(patch)})
     assert result.returncode == 0, result.stderr
     return result.stdout
 
