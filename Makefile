@@ -63,9 +63,9 @@ test-unit: install ## unit and contract tests only (no Postfix, no API emulation
 	$(BIN)/pytest -q tests/unit tests/contract
 
 lint: install ## ruff, mypy --strict and the import-linter layer contract
-	$(BIN)/ruff check operator testbed tests bench demo tools/dashboard.py
+	$(BIN)/ruff check operator testbed tests bench demo tools/dashboard.py tools/dashboard_png.py
 	$(BIN)/mypy
-	$(BIN)/mypy --strict tools/dashboard.py
+	$(BIN)/mypy --strict tools/dashboard.py tools/dashboard_png.py
 	$(BIN)/lint-imports
 
 bench: system-deps install controlplane ## benchmarks: print figures and ratios, write bench/results/*.json
@@ -78,7 +78,7 @@ dashboard: install ## regenerate the chart's Grafana dashboard JSON from tools/d
 	$(BIN)/python tools/dashboard.py
 
 dashboard-png: system-deps install controlplane ## run the dashboard test against a real Prometheus and redraw docs/dashboard.png from it
-	MAILTLS_DASHBOARD_PNG=docs/dashboard.png $(BIN)/pytest -q -p no:cacheprovider tests/cluster/test_dashboard_prometheus.py
+	MAILTLS_DASHBOARD_PNG=docs/dashboard.png $(BIN)/pytest -q -p no:cacheprovider tests/cluster/operating/test_dashboard_prometheus.py
 
 images: system-deps ## build localhost/mailtls-operator:dev and localhost/mailtls-postfix:dev (podman or docker)
 	@bash images/build.sh images

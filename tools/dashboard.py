@@ -1,7 +1,7 @@
 """The operator's Grafana dashboard, built from code with grafana-foundation-sdk.
 
 Why code and not hand-edited JSON: every query lives once, in :data:`PANELS`, where the
-dashboard test (tests/cluster/test_dashboard_prometheus.py) reads the same expressions
+dashboard test (tests/cluster/operating/test_dashboard_prometheus.py) reads the same expressions
 and runs them against a real Prometheus scraping a running operator, so no panel can
 ask for a metric or label the operator does not export. The generated JSON is committed
 (charts/mailtls-operator/files/dashboards/mailtls-operator.json, loaded by the chart's

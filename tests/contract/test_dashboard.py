@@ -16,9 +16,10 @@ ON = {"grafanaDashboard": {"enabled": True}}
 COMMITTED = ROOT / "charts/mailtls-operator/files/dashboards/mailtls-operator.json"
 
 
-def load_builder() -> ModuleType:
-    """tools/dashboard.py (a script, not a package module) imported by path."""
-    spec = importlib.util.spec_from_file_location("mailtls_dashboard", ROOT / "tools/dashboard.py")
+def load_builder(name: str = "dashboard") -> ModuleType:
+    """tools/<name>.py (a script, not a package module) imported by path."""
+    spec = importlib.util.spec_from_file_location(f"mailtls_tools_{name}",
+                                                  ROOT / f"tools/{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
