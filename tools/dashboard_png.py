@@ -36,7 +36,7 @@ def plot(data: dict[str, Any], out: Path, columns: int = 3) -> None:
         ax.set_title(panel["title"], fontsize=9)
         ax.tick_params(labelsize=7)
         ax.set_xlabel("seconds into the run", fontsize=7)
-        if panel.get("unit"):
+        if panel.get("unit") not in (None, "", "short"):
             ax.set_ylabel(panel["unit"], fontsize=7)
         if panel["series"]:
             ax.legend(fontsize=6, loc="upper left", frameon=False)

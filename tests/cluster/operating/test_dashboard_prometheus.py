@@ -7,12 +7,15 @@ Postfix, its ``mailtls agent`` sidecar a process) with mail deferred because a p
 offers no STARTTLS while its policy says ``encrypt``, an audit-mode policy whose probe
 fails (a closed port), two policies contesting one key, a break-glass exception, a pod of
 instance ``edge`` whose exec rollout fails (this control plane has no kubelet to exec
-in: a real failing pod, so the failure series and pods behind exist), and a
-MailTLSDiscovery whose lookups fail (the operator's nameserver is a closed port).
+in: a real failing pod, so the failure series and pods behind exist), a
+MailTLSDiscovery whose lookups fail (the operator's nameserver is a closed port), and a
+policy whose status writes a ValidatingAdmissionPolicy refuses (the server's own
+admission chain, as a cluster's policy engine would).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import kubernetes.client
 import pytest
 
 from testbed import LocalInstance, SmtpSink
@@ -67,7 +71,10 @@ class Prometheus:
         config = workdir / "prometheus.yml"
         config.write_text(json.dumps({  # JSON is YAML
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "mailtls-operator",
+            # honor_labels as the chart's ServiceMonitor (metrics.serviceMonitor.honorLabels):
+            # the operator's own ``instance`` label (the Postfix instance) is kept, not
+            # renamed exported_instance under the target's host:port
+            "scrape_configs": [{"job_name": "mailtls-operator", "honor_labels": True,
                                 "static_configs": [{"targets": [target]}]}]}))
         self.log = workdir / "prometheus.log"
         assert PROMETHEUS is not None
@@ -175,6 +182,49 @@ def plain() -> Iterator[SmtpSink]:
     sink.stop()
 
 
+REFUSED = "status-refused"
+
+
+@pytest.fixture
+def refused_status(cluster: Cluster) -> Iterator[str]:
+    """Policy ``status-refused``, whose status writes kube-apiserver refuses through a
+    ValidatingAdmissionPolicy bound to the test's namespace (removed at teardown: the
+    control plane is shared by the session). Returns once the server refuses them."""
+    ns = cluster.ns
+    api: Any = kubernetes.client.AdmissionregistrationV1Api(cluster.client)
+    name = f"mailtls-test-refuse-status-{ns}"
+    api.create_validating_admission_policy({
+        "metadata": {"name": name},
+        "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": [
+            {"apiGroups": [GROUP], "apiVersions": ["*"], "operations": ["UPDATE"],
+             "resources": ["mailtlspolicies/status"]}]},
+            "validations": [{"expression": f"object.metadata.name != '{REFUSED}'",
+                             "message": "this policy's status is refused (test)"}]}})
+    api.create_validating_admission_policy_binding({
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"], "matchResources": {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}}})
+    cluster.apply(policy(REFUSED, ns, destinations=["refused.example"], level="encrypt"))
+
+    def refused() -> bool:
+        try:
+            cluster.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, ns, "mailtlspolicies", REFUSED,
+                {"status": {"observedGeneration": 0}})
+        except kubernetes.client.ApiException as exc:
+            return bool(exc.status in (400, 403, 422))
+        return False
+
+    try:
+        until(refused, 30, "the admission policy refuses the status write")
+        yield REFUSED
+    finally:
+        for delete in (api.delete_validating_admission_policy_binding,
+                       api.delete_validating_admission_policy):
+            with contextlib.suppress(kubernetes.client.ApiException):
+                delete(name)
+
+
 def _running(cluster: Cluster, name: str) -> None:
     cluster.core.patch_namespaced_pod_status(name, cluster.ns, {"status": {
         "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
@@ -220,10 +270,10 @@ def _record(prom: Prometheus, panels: Any, start: float, out: Path) -> None:
         for target in spec.targets:
             for s in prom.query_range(target.expr.replace("$__rate_interval", "30s"),
                                       start, end):
-                label = target.legend
+                label = target.legend.replace("{{namespace}}/", "").replace(
+                    "{{namespace}} ", "")
                 for k, v in s["metric"].items():
                     label = label.replace("{{" + k + "}}", v)
-                label = label.replace(f"{s['metric'].get('namespace', '')}/", "")
                 points = [(float(t) - start, float(v)) for t, v in s["values"]]
                 series.append({"label": label.strip(),
                                "t": [p[0] for p in points], "v": [p[1] for p in points]})
@@ -239,7 +289,7 @@ def _record(prom: Prometheus, panels: Any, start: float, out: Path) -> None:
 
 def test_every_panel_of_the_dashboard_has_data_from_a_real_prometheus(
         cluster: Cluster, start_operator: StartOperator, relay_pod: LocalInstance,
-        plain: SmtpSink, tmp_path: Path) -> None:
+        plain: SmtpSink, refused_status: str, tmp_path: Path) -> None:
     if PROMETHEUS is None:
         pytest.skip("no prometheus binary (make system-deps installs Debian's)")
     panels = load_builder().PANELS
@@ -279,11 +329,30 @@ def test_every_panel_of_the_dashboard_has_data_from_a_real_prometheus(
         for (title, expr), found in sorted(seen.items()):
             print(f"{title}: {expr} -> "
                   + ", ".join(f"{s['metric']}={s['value'][1]}" for s in found))
-        deferred = seen[("Deferred mail by policy", next(
-            e for t, e in exprs if t == "Deferred mail by policy"))]
-        assert {s["metric"]["policy"] for s in deferred} == {"plain-partner"}
-        probes = seen[("Probes failing", next(e for t, e in exprs if t == "Probes failing"))]
-        assert {s["metric"]["policy"] for s in probes} == {"audit-closed"}
+        # the series name the policies the scenario made them for (others may join:
+        # enforced policies are probed too, and their made-up domains do not resolve)
+        for title, policy_name in (("Deferred mail by policy", "plain-partner"),
+                                   ("Probes failing", "audit-closed")):
+            expr = next(e for t, e in exprs if t == title)
+            until(lambda e=expr, p=policy_name: p in {  # type: ignore[misc]
+                s["metric"]["policy"] for s in finite(prom.query(e))}, 30,
+                f"{title} names {policy_name}")
+        refused = next(e for t, e in exprs if "status_write_failures" in e)
+        assert {s["metric"]["namespace"] for s in seen[("API writes", refused)]} == {
+            cluster.ns}
+        entries = next(e for t, e in exprs if t == "Table entries per instance")
+        until(lambda: {s["metric"]["instance"] for s in prom.query(entries)} == {
+            "relay", "edge"}, 30, "table entries of both Postfix instances")
+
+        # the partner's policy relaxed: the agent releases the mail, its series goes
+        deferred = next(e for t, e in exprs if t == "Deferred mail by policy")
+        cluster.apply(policy("plain-partner", cluster.ns, destinations=[plain.nexthop],
+                             level="may"))
+        until(lambda: plain.messages, 60, "the deferred mail delivered")
+        until(lambda: not prom.query(deferred), 30, "the deferred series gone")
+        for title, expr in sorted(exprs):  # what each panel shows at the end of the run
+            print(f"{title}: {expr} -> " + ", ".join(
+                f"{s['metric']}={float(s['value'][1]):.3g}" for s in prom.query(expr)))
         _record(prom, panels, start, tmp_path)
     finally:
         prom.stop()
