@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # after use(): the backend is chosen first
 def plot(data: dict[str, Any], out: Path, columns: int = 3) -> None:
     """One small chart per panel in a grid, step lines as Grafana draws gauges."""
     panels = data["panels"]
+    end = max((max(s["t"]) for p in panels for s in p["series"] if s["t"]), default=1.0)
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.6 * rows),
                              squeeze=False)
@@ -34,6 +35,8 @@ def plot(data: dict[str, Any], out: Path, columns: int = 3) -> None:
         for s in panel["series"]:
             ax.step(s["t"], s["v"], where="post", label=s["label"], linewidth=1.4)
         ax.set_title(panel["title"], fontsize=9)
+        ax.set_xlim(0, end)
+        ax.set_ylim(bottom=0)
         ax.tick_params(labelsize=7)
         ax.set_xlabel("seconds into the run", fontsize=7)
         if panel.get("unit") not in (None, "", "short"):
