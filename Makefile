@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 .PHONY: help install system-deps test test-unit test-postfix test-integration lint bench demo \
-        images e2e kind-up deploy clean controlplane
+        images e2e kind-up deploy clean controlplane dashboard dashboard-png
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -63,8 +63,9 @@ test-unit: install ## unit and contract tests only (no Postfix, no API emulation
 	$(BIN)/pytest -q tests/unit tests/contract
 
 lint: install ## ruff, mypy --strict and the import-linter layer contract
-	$(BIN)/ruff check operator testbed tests bench demo
+	$(BIN)/ruff check operator testbed tests bench demo tools/dashboard.py tools/dashboard_png.py
 	$(BIN)/mypy
+	$(BIN)/mypy --strict tools/dashboard.py tools/dashboard_png.py
 	$(BIN)/lint-imports
 
 bench: system-deps install controlplane ## benchmarks: print figures and ratios, write bench/results/*.json
@@ -72,6 +73,12 @@ bench: system-deps install controlplane ## benchmarks: print figures and ratios,
 
 demo: system-deps install controlplane ## the whole job on this machine: API emulation, operator, real Postfix pods, real mail
 	$(BIN)/python -m demo
+
+dashboard: install ## regenerate the chart's Grafana dashboard JSON from tools/dashboard.py
+	$(BIN)/python tools/dashboard.py
+
+dashboard-png: system-deps install controlplane ## run the dashboard test against a real Prometheus and redraw docs/dashboard.png from it
+	MAILTLS_DASHBOARD_PNG=docs/dashboard.png $(BIN)/pytest -q -p no:cacheprovider tests/cluster/operating/test_dashboard_prometheus.py
 
 images: system-deps ## build localhost/mailtls-operator:dev and localhost/mailtls-postfix:dev (podman or docker)
 	@bash images/build.sh images

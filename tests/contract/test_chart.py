@@ -42,6 +42,7 @@ EVERYTHING = {
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     "podDisruptionBudget": {"enabled": True},
     "networkPolicy": {"enabled": True},
+    "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "Mail"}},
     "verbose": True,
     "extraArgs": ["--max-delay=9"],
     "image": {"digest": "sha256:" + "a" * 64},

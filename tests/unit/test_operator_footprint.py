@@ -20,7 +20,9 @@ from mailtls_operator.controller.observing import Observations
 from mailtls_operator.mailqueue import DeferredSummary
 from mailtls_operator.memory import Trimmer
 from mailtls_operator.metrics import Metrics
+from mailtls_operator.observer import PolicyProbes
 from mailtls_operator.policy import load_policy
+from mailtls_operator.probe.results import FAIL, PASS, ProbeOutcome
 from mailtls_operator.render import render
 from mailtls_operator.world import World, shared
 
@@ -112,6 +114,34 @@ def test_deferred_mail_has_a_series_only_while_there_is_some() -> None:
     observations._deferred_metrics(key, tables, {"b.example": held})
     assert series() == {"b": 3.0}
     observations._deferred_metrics(key, tables, {})
+    assert series() == {}
+
+
+def test_failing_probes_have_a_series_only_while_some_fail_the_most_any_instance_saw(
+        ) -> None:
+    metrics = Metrics()
+    observations = Observations(SimpleNamespace(metrics=metrics),  # type: ignore[arg-type]
+                                write_statuses=lambda ns: asyncio.sleep(0),
+                                may_act=lambda: True)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def probed(*results: str) -> PolicyProbes:
+        return PolicyProbes("v", now, [ProbeOutcome(f"d{i}.example", r, "", "", now)
+                                       for i, r in enumerate(results)])
+
+    def series() -> dict[str, float]:
+        return {s.labels["policy"]: s.value for m in metrics.registry.collect()
+                if m.name == "mailtls_probe_failures" for s in m.samples}
+
+    relay, edge = ("mail", "relay"), ("mail", "edge")
+    observations._probe_metrics(relay, {"mail/a": probed(PASS, PASS)})
+    assert series() == {}  # a policy whose probes pass costs no series
+    observations._probe_metrics(relay, {"mail/a": probed(FAIL, PASS), "mail/b": probed(FAIL)})
+    observations._probe_metrics(edge, {"mail/a": probed(FAIL, FAIL)})
+    assert series() == {"a": 2.0, "b": 1.0}
+    observations._probe_metrics(edge, {})
+    assert series() == {"a": 1.0, "b": 1.0}
+    observations._probe_metrics(relay, {"mail/a": probed(PASS, PASS)})
     assert series() == {}
 
 

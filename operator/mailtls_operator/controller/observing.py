@@ -18,7 +18,7 @@ from ..agent.collect import STRATEGY as AGENT
 from ..agent.collect import agent_view
 from ..facts import read_facts
 from ..mailqueue import DeferredSummary
-from ..observer import due_probes, observe_queues, probe_policies
+from ..observer import PolicyProbes, due_probes, observe_queues, probe_policies
 from ..render import Tables
 from ..world import InstanceKey
 from .context import Context, cancel_and_wait
@@ -39,6 +39,7 @@ class Observations:
         self.discovery = discovery  # testing-mode discovered lines are probed too
         self.stopping = False
         self._series: dict[InstanceKey, set[str]] = {}
+        self._probe_failed: dict[InstanceKey, dict[str, int]] = {}
         """Policies with a ``mailtls_deferred_recipients`` series, per instance."""
 
     def soon(self, key: InstanceKey) -> None:
@@ -99,6 +100,7 @@ class Observations:
             state.seen.released = view.released
             state.changed_keys.clear()
             self._deferred_metrics(key, tables, view.deferred)
+            self._probe_metrics(key, state.seen.probes)
             return changed
         ready = [p for p in ctx.world.pods_of(key) if p.ready]
         if not ready or state.facts is None:
@@ -133,6 +135,7 @@ class Observations:
         state.seen.probes.update(probes)
         state.seen.deferred = deferred
         self._deferred_metrics(key, tables, deferred)
+        self._probe_metrics(key, state.seen.probes)
         return changed
 
     def _deferred_metrics(self, key: InstanceKey, tables: Tables,
@@ -152,3 +155,21 @@ class Observations:
         for ref, recipients in counts.items():
             gauge.labels(ns, ref.split("/", 1)[1], inst).set(recipients)
         self._series[key] = set(counts)
+
+    def _probe_metrics(self, key: InstanceKey, probes: Mapping[str, PolicyProbes]) -> None:
+        """``mailtls_probe_failures``: per policy, the destinations whose last probe failed
+        (the most any one instance saw); a series only while some fail, like deferred."""
+        ns = key[0]
+        before = self._probe_failed.get(key, {})
+        now = {ref: n for ref, pp in probes.items()
+               if (n := sum(1 for o in pp.outcomes if o.failed))}
+        self._probe_failed[key] = now
+        gauge = self.ctx.metrics.probe_failures
+        for ref in before.keys() | now.keys():
+            seen = [f[ref] for k, f in self._probe_failed.items() if k[0] == ns and ref in f]
+            policy = ref.split("/", 1)[-1]
+            if seen:
+                gauge.labels(ns, policy).set(max(seen))
+            else:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(ns, policy)
