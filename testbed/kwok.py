@@ -17,8 +17,14 @@ instance by its ``MAIL_CONFIG``.  The command is looked up on kwok's own ``PATH`
 and translates a client's ``v5.channel.k8s.io`` websocket onto it, as with a real one.
 
 The stages are the ones kwok ships (``kustomize/stage/{node,pod}/fast``) and the ``Exec``
-CRD its own (``kustomize/crd/bases``), read from the Go module cache that built the
-binary; kwokctl embeds and applies the same files.
+CRD its own (``kustomize/crd/bases``), read from the module source ``tools/build.sh``
+keeps beside the binary (``kwok-src``); kwokctl embeds and applies the same files.
+
+kwok v0.8.0 is built with two small patches (``tools/kwok/patches``), without which
+exec is not a kubelet's: it never closed the command's stdin when the client closed
+it (so ``postmap -q -`` or ``cat`` waited for ever even over v5), and it reported a
+non-zero exit as an internal error (HTTP 500 ``Status``) instead of
+``NonZeroExitCode`` with the code.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .controlplane import REPO, ControlPlane, ControlPlaneError, _stop
+from .controlplane import ControlPlane, ControlPlaneError, _stop
 from .layout import SBIN_PATH, free_port
 
 #: Nodes with this annotation are kwok's (kwokctl's convention).
@@ -53,39 +59,25 @@ KWOK_API = "/apis/kwok.x-k8s.io/v1alpha1"
 READY_TIMEOUT = 60.0
 
 
-def kwok_version() -> str:
-    """The kwok release pinned in ``tools/kwok/go.mod``."""
-    for line in (REPO / "tools" / "kwok" / "go.mod").read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "sigs.k8s.io/kwok":
-            return parts[1]
-    raise ControlPlaneError("tools/kwok/go.mod does not pin sigs.k8s.io/kwok")
+def module_dir(binaries: Path) -> Path:
+    """kwok's patched module source, which ``tools/build.sh`` keeps beside the binary."""
+    src = binaries / "kwok-src"
+    if not (binaries / "kwok").is_file() or not src.is_dir():
+        raise ControlPlaneError(f"kwok: no kwok and kwok-src in {binaries} (KUBEBUILDER_ASSETS"
+                                " has none: unset it and run `make controlplane`)")
+    return src
 
 
-def module_dir() -> Path:
-    """kwok's module source in the Go module cache (there since ``make controlplane``)."""
-    try:
-        cache = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True,  # noqa: S607
-                               text=True, check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise ControlPlaneError(f"kwok stages: cannot ask go for GOMODCACHE: {exc}") from exc
-    module = Path(cache) / f"sigs.k8s.io/kwok@{kwok_version()}"
-    if not module.is_dir():
-        raise ControlPlaneError(f"kwok: {module} is missing (run `make controlplane`)")
-    return module
-
-
-def stage_documents() -> str:
+def stage_documents(binaries: Path) -> str:
     """kwok's default stages as one multi-document YAML."""
-    module = module_dir()
+    module = module_dir(binaries)
     docs = []
     for name in STAGE_FILES:
         path = module / name
         try:
             docs.append(path.read_text())
         except OSError as exc:
-            raise ControlPlaneError(f"kwok stages: {path}: {exc.strerror}"
-                                    " (run `make controlplane`)") from exc
+            raise ControlPlaneError(f"kwok stages: {path}: {exc.strerror}") from exc
     return "\n---\n".join(docs)
 
 
@@ -117,9 +109,9 @@ class Kwok:
         pki = self.plane.pki
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "kwok.yaml"
-        config.write_text(stage_documents())
+        config.write_text(stage_documents(self.plane.binaries))
         # kwok watches the CRDs it is told to enable but does not install them.
-        self.plane.apply_crds([module_dir() / EXEC_CRD])
+        self.plane.apply_crds([module_dir(self.plane.binaries) / EXEC_CRD])
         self.port = free_port()
         argv = [str(self.binary or self.plane.binaries / "kwok"),
                 f"--kubeconfig={self.plane.kubeconfig}", f"--config={config}",

@@ -52,7 +52,5 @@ def namespace(controlplane: ControlPlane) -> Iterator[str]:
 def kwok(controlplane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kwok]:
     """kwok beside the session's control plane: it serves the kubelet API on loopback
     for the Nodes a test creates with :meth:`Kwok.add_node` (names never repeat)."""
-    import os
-    b = os.environ.get("KWOK_TRY")
-    with Kwok(controlplane, tmp_path_factory.mktemp("kwok"), binary=Path(b) if b else None) as fake:
+    with Kwok(controlplane, tmp_path_factory.mktemp("kwok")) as fake:
         yield fake
