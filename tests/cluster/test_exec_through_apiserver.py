@@ -9,6 +9,7 @@ pod's Postfix instance as ``MAIL_CONFIG``.  Only the container is simulated.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import shutil
@@ -30,7 +31,7 @@ from mailtls_operator.execrunner import (
     KubernetesExecRunner,
 )
 from mailtls_operator.execrunner import runner as runner_module
-from mailtls_operator.podrunner import PodRef, StdinUnsupportedError
+from mailtls_operator.podrunner import PodRef, PodRunnerError, StdinUnsupportedError
 from testbed.controlplane import ControlPlane
 from testbed.instance import LocalInstance, postfix_unavailable
 from testbed.kwok import Kwok
@@ -81,10 +82,10 @@ async def _first_exec(runner: KubernetesExecRunner, pod: PodRef) -> None:
         try:
             await runner.run(pod, ["true"], timeout=10)
             return
-        except Exception:
+        except PodRunnerError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.1)
+            await asyncio.sleep(0.1)
 
 
 def _ws_exec(plane: ControlPlane, pod: PodRef, argv: list[str], protocols: list[str],
