@@ -204,7 +204,19 @@ class ControlPlane:
             # The loopback address cannot be an endpoint of the `kubernetes` Service.
             "--endpoint-reconciler-type=none",
             "--allow-privileged=true", "--profiling=false", "--v=1",
-            *self._audit_flags()]
+            *self._kubelet_flags(), *self._audit_flags()]
+
+    def _kubelet_flags(self) -> list[str]:
+        """How kube-apiserver reaches a node's kubelet (``pods/exec``, logs): by the
+        node's InternalIP (kwok also reports the node name as ``Hostname``, which does not
+        resolve here), verifying the kubelet's certificate against the test bed's CA and
+        presenting the admin certificate as its client certificate.  Harmless without
+        nodes; :mod:`testbed.kwok` serves that endpoint."""
+        assert self.pki is not None
+        return ["--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-certificate-authority={self.pki.ca_file}",
+                f"--kubelet-client-certificate={self.pki.admin_cert}",
+                f"--kubelet-client-key={self.pki.admin_key}"]
 
     def _audit_flags(self) -> list[str]:
         """Every request at level Metadata (who, verb, object, URI with its query, code),

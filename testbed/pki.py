@@ -34,6 +34,10 @@ class ControlPlanePKI:
     admin_key: Path
     sa_signing_key: Path
     sa_public_key: Path
+    #: kwok's kubelet endpoint serves this (loopback names, same CA), so kube-apiserver
+    #: verifies the "kubelet" it proxies ``pods/exec`` to, as a hardened cluster does.
+    kubelet_cert: Path
+    kubelet_key: Path
 
 
 def make_pki(directory: Path, *, service_ip: str) -> ControlPlanePKI:
@@ -50,6 +54,7 @@ def make_pki(directory: Path, *, service_ip: str) -> ControlPlanePKI:
         common_name="kube-apiserver")
     admin = ca.issue_cert("admin.mailtls.invalid", common_name=ADMIN_USER,
                           organization_name=ADMIN_GROUP)
+    kubelet = ca.issue_cert("127.0.0.1", "localhost", common_name="kwok-kubelet")
     pki = ControlPlanePKI(
         ca_file=directory / "ca.pem",
         serving_cert=directory / "apiserver.pem",
@@ -58,18 +63,22 @@ def make_pki(directory: Path, *, service_ip: str) -> ControlPlanePKI:
         admin_key=directory / "admin-key.pem",
         sa_signing_key=directory / "sa-key.pem",
         sa_public_key=directory / "sa-pub.pem",
+        kubelet_cert=directory / "kubelet.pem",
+        kubelet_key=directory / "kubelet-key.pem",
     )
     ca.cert_pem.write_to_path(str(pki.ca_file))
     serving.cert_chain_pems[0].write_to_path(str(pki.serving_cert))
     serving.private_key_pem.write_to_path(str(pki.serving_key))
     admin.cert_chain_pems[0].write_to_path(str(pki.admin_cert))
     admin.private_key_pem.write_to_path(str(pki.admin_key))
+    kubelet.cert_chain_pems[0].write_to_path(str(pki.kubelet_cert))
+    kubelet.private_key_pem.write_to_path(str(pki.kubelet_key))
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pki.sa_signing_key.write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     pki.sa_public_key.write_bytes(key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    for path in (pki.serving_key, pki.admin_key, pki.sa_signing_key):
+    for path in (pki.serving_key, pki.admin_key, pki.sa_signing_key, pki.kubelet_key):
         path.chmod(0o600)
     return pki

@@ -40,7 +40,11 @@ fi
 
 out="${XDG_CACHE_HOME:-$HOME/.cache}/mailtls/controlplane/${k8s}-etcd${etcd#v}-kwok${kwok#v}"
 stamp="$out/.complete"
-if [[ -f "$stamp" ]]; then
+# kwok is built from its module's source with tools/kwok/patches/*.patch applied (see the
+# README there); the patches are part of its key, so changing them rebuilds kwok alone.
+kwok_key=$( (echo "$kwok"; cat "$here"/kwok/patches/*.patch 2>/dev/null) | sha256sum | cut -c1-16)
+kwok_stamp="$out/.kwok-$kwok_key"
+if [[ -f "$stamp" && -f "$kwok_stamp" ]]; then
   echo "$out"
   exit 0
 fi
@@ -68,8 +72,12 @@ export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-buildvcs=false
 mkdir -p "$out"
 log="$out/build.log"
 : > "$log"
-echo "controlplane: building Kubernetes $k8s, etcd $etcd, kwok $kwok with $go into $out" \
-     "(cold: 30-50 min on 2 busy cores; log: $log)" >&2
+if [[ -f "$stamp" ]]; then
+  echo "controlplane: rebuilding kwok $kwok with its patches into $out (log: $log)" >&2
+else
+  echo "controlplane: building Kubernetes $k8s, etcd $etcd, kwok $kwok with $go into $out" \
+       "(cold: 30-50 min on 2 busy cores; log: $log)" >&2
+fi
 
 major=${k8s#v}; major=${major%%.*}
 minor=${k8s#v*.}; minor=${minor%%.*}
@@ -90,8 +98,8 @@ build() {
   # is go.etcd.io/etcd/server/v3) gets its name explicitly.
   local target="$out/.tmp-$dir/"
   [[ ${#pkgs[@]} -eq 1 ]] && target+="${names[0]}"
-  if (cd "$here/$dir" && "$go" build -trimpath -tags "$tags" -ldflags "$flags" \
-        -o "$target" "${pkgs[@]}") >>"$log" 2>&1; then
+  if (cd "$here/$dir" && "$go" build ${MODFILE:+-modfile="$MODFILE"} -trimpath \
+        -tags "$tags" -ldflags "$flags" -o "$target" "${pkgs[@]}") >>"$log" 2>&1; then
     local i
     for i in "${!names[@]}"; do
       local built="$out/.tmp-$dir/${names[$i]}"
@@ -106,6 +114,34 @@ build() {
   fi
 }
 
+# kwok's module source, copied next to the binaries and patched (kwok.py reads its stage
+# and CRD files there too), built through a go.mod copy that replaces the module with it.
+build_kwok() {
+  local src="$out/kwok-src" mod p
+  mod=$(cd "$here/kwok" && "$go" mod download -json sigs.k8s.io/kwok \
+        | awk -F'"' '$2 == "Dir" { print $4 }')
+  [[ -n "$mod" ]] || { echo "controlplane: cannot download sigs.k8s.io/kwok" >&2; return 1; }
+  rm -rf "$src" "$out/.modfile-kwok" "$out"/.kwok-*
+  cp -r "$mod" "$src" && chmod -R u+w "$src"
+  for p in "$here"/kwok/patches/*.patch; do
+    [[ -f "$p" ]] || continue
+    patch -d "$src" -p1 --quiet --forward < "$p" >>"$log" 2>&1 \
+      || { echo "controlplane: kwok patch $(basename "$p") FAILED; see $log" >&2; return 1; }
+  done
+  mkdir -p "$out/.modfile-kwok"
+  cp "$here/kwok/go.mod" "$here/kwok/go.sum" "$out/.modfile-kwok/"
+  echo "replace sigs.k8s.io/kwok => $src" >> "$out/.modfile-kwok/go.mod"
+  MODFILE="$out/.modfile-kwok/go.mod" build kwok "" "-s -w" kwok=sigs.k8s.io/kwok/cmd/kwok \
+    && touch "$kwok_stamp"
+}
+
+if [[ -f "$stamp" ]]; then
+  # Everything else is current: only kwok's patches changed.
+  build_kwok || { tail -20 "$log" >&2; exit 1; }
+  echo "$out"
+  exit 0
+fi
+
 # Two lanes for two cores: the four Kubernetes commands (the long one) beside etcd then
 # kwok; go build parallelises inside each, and the lanes overlap each other's link steps.
 build kubernetes selinux,notest,grpcnotrace "$ldflags" \
@@ -114,7 +150,7 @@ build kubernetes selinux,notest,grpcnotrace "$ldflags" \
   kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler &
 lane_k8s=$!
 { build etcd "" "-s -w" etcd=go.etcd.io/etcd/server/v3 &&
-  build kwok "" "-s -w" kwok=sigs.k8s.io/kwok/cmd/kwok; } &
+  build_kwok; } &
 lane_other=$!
 trap 'kill "$lane_k8s" "$lane_other" 2>/dev/null; exit 130' INT TERM
 # A heartbeat in the foreground (no background sleep left holding a caller's pipe open).

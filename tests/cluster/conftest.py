@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from testbed.controlplane import ControlPlane, ControlPlaneError, binaries_dir
+from testbed.kwok import Kwok
 
 _names = itertools.count()
 
@@ -45,3 +46,11 @@ def namespace(controlplane: ControlPlane) -> Iterator[str]:
         "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}})
     yield name
     controlplane.request("DELETE", f"/api/v1/namespaces/{name}")
+
+
+@pytest.fixture(scope="session")
+def kwok(controlplane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kwok]:
+    """kwok beside the session's control plane: it serves the kubelet API on loopback
+    for the Nodes a test creates with :meth:`Kwok.add_node` (names never repeat)."""
+    with Kwok(controlplane, tmp_path_factory.mktemp("kwok")) as fake:
+        yield fake
