@@ -241,3 +241,35 @@ def test_postfix_37_has_no_tlsrpt(postfix_version: str) -> None:
                           capture_output=True, timeout=20, check=False)
     assert b"unknown parameter" in proc.stderr
     assert proc.stdout == b""
+
+
+@pytest.mark.parametrize("skip_reused", ["yes", "no"])
+def test_a_reused_tls_connection_is_reported_once_whatever_skip_reused_handshakes_says(
+        tlsrpt_world: World, skip_reused: str) -> None:
+    """Two messages over one cached TLS connection (``smtp_tls_connection_reuse``, through
+    tlsproxy): one handshake, one datagram -- also with
+    ``smtp_tlsrpt_skip_reused_handshakes = no``, which is about resumed TLS *sessions*,
+    not reused connections.  Reports count handshakes, not messages."""
+    expected = 1
+    base, dns, sinks = tlsrpt_world
+    port = sinks["self-signed"].port
+    domain = f"reuse-{skip_reused}.test"
+    dns.mail_domain(domain, tlsrpt=record(domain))
+    inst = instance(base, f"reuse-{skip_reused}", dns, {domain: f"smtp:{domain}:{port}"},
+                    {f"{domain}:{port}": "encrypt"},
+                    smtp_connection_cache_on_demand="yes",
+                    smtp_connection_cache_destinations=domain,
+                    smtp_tls_connection_reuse="yes",
+                    smtp_tlsrpt_skip_reused_handshakes=skip_reused)
+    trap = DatagramTrap(inst.queue_dir / SOCKET_NAME)
+    try:
+        inst.start()
+        first = send_all(inst, [domain])[domain]
+        second = send_all(inst, [domain])[domain]
+        raw = trap.collect(count=expected + 1, timeout=1.0)
+    finally:
+        trap.close()
+        assert not stop_all([inst])
+    assert (first.status, second.status) == ("sent", "sent")
+    assert "conn_use=2" in second.line, second.line  # the second message did reuse it
+    assert len(raw) == expected
