@@ -13,7 +13,8 @@ design of issue 26 stands on tested behaviour, not on the README:
   ``smtp_tls_security_level`` is empty/none, whatever the policy table says;
 - the failure codes: no STARTTLS under ``encrypt`` 201, a self-signed
   certificate under ``secure`` 205 (validation-failure, reason
-  ``self-signed_certificate``; not 203), a name mismatch under ``secure`` 202;
+  ``self-signed_certificate``; not 203), a name mismatch under ``secure`` 202,
+  an expired certificate under ``secure`` 204;
   success under ``may``/``encrypt``/``secure`` carries no failure details;
 - (the real collector: test_tlsrpt_collector.py).
 """
@@ -63,6 +64,7 @@ CASES: dict[str, tuple[str, str, bool]] = {
     "may.test": ("self-signed", "may", True),
     "encrypt.test": ("self-signed", "encrypt", True),
     "secure.test": ("ca-signed", "secure match=sink.mailtls.test", True),
+    "expired.test": ("expired", "secure match=sink.mailtls.test", True),
     "mayplain.test": ("plain", "may", True),
     "silent.test": ("self-signed", "encrypt", False),
     "silentfail.test": ("plain", "encrypt", False),
@@ -127,7 +129,7 @@ def _failure(run: Run, domain: str) -> dict[str, Any]:
 
 def test_a_datagram_and_a_log_line_only_for_domains_that_publish_tlsrpt(run: Run) -> None:
     reported = {"nostarttls.test", "selfsigned.test", "mismatch.test", "may.test",
-                "encrypt.test", "secure.test", "mx.bracket.test"}
+                "encrypt.test", "secure.test", "expired.test", "mx.bracket.test"}
     assert set(run.by_domain) == reported
     assert len(run.raw) == len(reported)  # exactly one per session attempt
     assert set(run.log_lines) == reported
@@ -183,6 +185,16 @@ def test_name_mismatch_under_secure_is_certificate_host_mismatch(run: Run) -> No
     m = run.log_lines["mismatch.test"]
     assert (m["status"], m["type"]) == ("failure", "certificate_host_mismatch")
     assert run.deliveries["mismatch.test"].dsn == "4.7.5"
+
+
+def test_an_expired_certificate_under_secure_is_certificate_expired(run: Run) -> None:
+    """Issued by the trusted CA for the right name, but ended yesterday."""
+    detail = _failure(run, "expired.test")
+    assert detail["c"] == 204
+    assert "f" not in detail
+    m = run.log_lines["expired.test"]
+    assert (m["status"], m["type"]) == ("failure", "certificate_expired")
+    assert run.deliveries["expired.test"].dsn == "4.7.5"
 
 
 @pytest.mark.parametrize("domain", ["may.test", "encrypt.test", "secure.test"])

@@ -51,7 +51,8 @@ def tlsrpt_world() -> Iterator[World]:
     ca = LocalCA(base / "ca")
     sinks = {"plain": plain_sink(),
              "self-signed": starttls_sink(base / "certs", name="self-signed"),
-             "ca-signed": starttls_sink(base / "certs", name="ca-signed", ca=ca)}
+             "ca-signed": starttls_sink(base / "certs", name="ca-signed", ca=ca),
+             "expired": starttls_sink(base / "certs", name="expired", ca=ca, expired=True)}
     for sink in sinks.values():
         sink.start()
     (base / "ca.path").write_text(str(ca.pem_path))
