@@ -285,3 +285,23 @@ def test_a_reused_tls_connection_is_reported_once_whatever_skip_reused_handshake
     assert (first.status, second.status) == ("sent", "sent")
     assert "conn_use=2" in second.line, second.line  # the second message did reuse it
     assert len(raw) == expected
+
+
+def test_mail_goes_out_when_nothing_listens_on_the_socket(tlsrpt_world: World) -> None:
+    """A collector that is down loses events, not mail."""
+    base, dns, sinks = tlsrpt_world
+    port = sinks["self-signed"].port
+    dns.mail_domain("deaf.test", tlsrpt=record("deaf.test"))
+    inst = instance(base, "deaf", dns, {"deaf.test": f"smtp:deaf.test:{port}"},
+                    {f"deaf.test:{port}": "encrypt"})
+    try:
+        inst.start()
+        delivery = send_all(inst, ["deaf.test"])["deaf.test"]
+        log = inst.maillog()
+    finally:
+        assert not stop_all([inst])
+    assert delivery.status == "sent"
+    # the event is logged as usual, then the send fails with a warning; mail is unaffected
+    assert "TLSRPT: status=success, domain=deaf.test" in log
+    assert ("warning: Could not report TLS handshake result to tlsrpt library: "
+            "No such file or directory (errno 2)") in log
