@@ -73,14 +73,17 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _leaf_builder(hostname: str, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
+def _leaf_builder(hostname: str, key: ec.EllipticCurvePrivateKey,
+                  expired: bool = False) -> x509.CertificateBuilder:
     now = dt.datetime.now(dt.UTC)
+    start, end = ((now - dt.timedelta(days=3), now - dt.timedelta(days=1)) if expired
+                  else (now - dt.timedelta(minutes=5), now + _VALIDITY))
     return (x509.CertificateBuilder()
             .subject_name(_name(hostname))
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + _VALIDITY)
+            .not_valid_before(start)
+            .not_valid_after(end)
             .add_extension(_san(hostname), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
@@ -134,11 +137,12 @@ class LocalCA:
         self.pem_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(self, hostname: str, directory: Path | None = None,
-              stem: str | None = None) -> CertFiles:
-        """A server certificate for ``hostname`` signed by this CA."""
+              stem: str | None = None, *, expired: bool = False) -> CertFiles:
+        """A server certificate for ``hostname`` signed by this CA (``expired``: it ended
+        yesterday)."""
         key = ec.generate_private_key(ec.SECP256R1())
         aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key())
-        cert = (_leaf_builder(hostname, key)
+        cert = (_leaf_builder(hostname, key, expired)
                 .issuer_name(self.cert.subject)
                 .add_extension(aki, critical=False)
                 .sign(self._key, hashes.SHA256()))
@@ -247,8 +251,10 @@ def server_context(files: CertFiles) -> ssl.SSLContext:
 
 
 def starttls_sink(directory: Path, *, name: str = "starttls",
-                  hostname: str = "sink.mailtls.test", ca: LocalCA | None = None) -> SmtpSink:
-    """A sink offering STARTTLS: self-signed, or issued by ``ca`` when given."""
-    files = (ca.issue(hostname, directory, stem=name) if ca is not None
+                  hostname: str = "sink.mailtls.test", ca: LocalCA | None = None,
+                  expired: bool = False) -> SmtpSink:
+    """A sink offering STARTTLS: self-signed, or issued by ``ca`` when given (``expired``:
+    a certificate from ``ca`` that ended yesterday)."""
+    files = (ca.issue(hostname, directory, stem=name, expired=expired) if ca is not None
              else self_signed_cert(directory, hostname, stem=name))
     return SmtpSink(name=name, tls_context=server_context(files), hostname=hostname)
