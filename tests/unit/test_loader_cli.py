@@ -163,13 +163,18 @@ def test_our_group_with_a_version_or_kind_the_crds_do_not_serve_is_refused(
     refused(mailtls("validate", "-f", str(path)), needle)
 
 
-def test_other_groups_are_skipped_and_discovery_objects_accepted(tmp_path: Path) -> None:
+def test_other_groups_are_skipped_and_discovery_objects_judged(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n---\n"
         "apiVersion: mailtls.io/v1alpha1\nkind: MailTLSDiscovery\nmetadata: {name: d}\n"
         "spec: {domains: [a.example]}\n---\n" + POLICY.format(name="p"))
     run = mailtls("validate", "-f", str(tmp_path))
-    assert run.status == 0 and run.stderr == "1 MailTLSPolicy object(s) valid\n", run
+    assert run.status == 0, run
+    assert run.stderr == "1 MailTLSPolicy object(s), 1 MailTLSDiscovery object(s) valid\n"
+    (tmp_path / "a.yaml").write_text(  # the server refuses an empty domain list: so do we
+        "apiVersion: mailtls.io/v1alpha1\nkind: MailTLSDiscovery\nmetadata: {name: d}\n"
+        "spec: {domains: []}\n")
+    refused(mailtls("validate", "-f", str(tmp_path)), "spec.domains")
 
 
 def test_an_alias_bomb_is_refused_in_bounded_time_and_memory(tmp_path: Path) -> None:

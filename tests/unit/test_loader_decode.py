@@ -23,9 +23,13 @@ from mailtls_operator.safetext import unsafe_character
 # them unquoted): kubectl's YAML 1.1 does the same, so they are left out of the texts.
 CHARS = st.characters(codec="utf-8",
                       exclude_characters="\x85\u2028\u2029")
-KEYS = st.text(CHARS, min_size=1, max_size=12)
+# PyYAML's emitter writes the strings y/Y/n/N unquoted, but they are booleans to kubectl's
+# go-yaml and so to the loader (test_single_letter_booleans_are_read_as_kubectl_reads_them).
+GO_YAML_BOOLS = frozenset("yYnN")
+KEYS = st.text(CHARS, min_size=1, max_size=12).filter(lambda t: t not in GO_YAML_BOOLS)
 SCALARS = (st.none() | st.booleans() | st.integers(-(2**63), 2**63)
-           | st.floats(allow_nan=False, allow_infinity=False) | st.text(CHARS, max_size=20))
+           | st.floats(allow_nan=False, allow_infinity=False)
+           | st.text(CHARS, max_size=20).filter(lambda t: t not in GO_YAML_BOOLS))
 JSON_VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(KEYS, inner, max_size=4), max_leaves=30)
 
@@ -37,6 +41,12 @@ def test_any_json_value_written_as_yaml_or_json_decodes_to_itself(value: Any,
     doc = {"root": value}
     text = json.dumps(doc) if as_json else yaml.safe_dump(doc, allow_unicode=True)
     assert decode(text.encode()) == [doc]
+
+
+def test_single_letter_booleans_are_read_as_kubectl_reads_them() -> None:
+    text = "a: [y, Y, n, N, 'y', \"n\", yes, off]\nY: 1\n"
+    assert decode(text.encode()) == [{"a": [True, True, False, False, "y", "n", True, False],
+                                      "true": 1}]
 
 
 def _nested(keys: list[str], dup: str, flow: bool) -> str:
