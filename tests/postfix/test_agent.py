@@ -326,6 +326,8 @@ async def test_the_version_lint_runs_on_what_the_agents_report(
             run_operator, kube_client, no_exec, observe_interval=0.3):  # type: ignore[arg-type]
         await kubectl.apply("fine", destinations=["fine.example"], level="encrypt")
         await poll(lambda: inst.query("fine.example") == "encrypt")
+        # the table can land before the report that carries the facts: wait for those
+        await poll(lambda: report(apiserver, name).facts is not None)
         facts = report(apiserver, name).facts.values
         assert facts["mail_version"].startswith(postfix_version + ".")
         await kubectl.apply("rpk", destinations=["rpk.example"], level="may", enableRPK=True)
