@@ -56,8 +56,13 @@ system-deps: ## install Debian packages the tests and demo need (postfix, lua, p
 controlplane: ## build etcd + kube-apiserver + kubectl (+ kwok, controller-manager, scheduler) from Go modules, cached; prints the directory
 	@bash tools/build.sh
 
+# Two processes: the real control plane (tests/cluster, its etcd and kube-apiserver up for
+# that whole session) is stopped before the in-process tiers run; both always run.
 test: system-deps install controlplane ## install everything needed, then run the whole suite but e2e
-	$(BIN)/pytest -q -p no:cacheprovider
+	@status=0; \
+	$(BIN)/pytest -q -p no:cacheprovider tests/cluster || status=1; \
+	$(BIN)/pytest -q -p no:cacheprovider --ignore=tests/cluster || status=1; \
+	exit $$status
 
 test-unit: install ## unit and contract tests only (no Postfix, no API emulation)
 	$(BIN)/pytest -q tests/unit tests/contract
