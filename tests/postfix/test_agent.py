@@ -327,7 +327,8 @@ async def test_the_version_lint_runs_on_what_the_agents_report(
         await kubectl.apply("fine", destinations=["fine.example"], level="encrypt")
         await poll(lambda: inst.query("fine.example") == "encrypt")
         # the table can land before the report that carries the facts: wait for those
-        await poll(lambda: report(apiserver, name).facts is not None)
+        await poll(lambda: (got := report(apiserver, name)) is not None
+                   and got.facts is not None)
         facts = report(apiserver, name).facts.values
         assert facts["mail_version"].startswith(postfix_version + ".")
         await kubectl.apply("rpk", destinations=["rpk.example"], level="may", enableRPK=True)
@@ -338,6 +339,7 @@ async def test_the_version_lint_runs_on_what_the_agents_report(
             held = await kubectl.until_ready("rpk", reason="UnsupportedAttribute")
             assert "enable_rpk needs Postfix 3.9" in held["message"]
             await poll(lambda: inst.query("rpk.example") is None)
-        fine = await kubectl.until_ready("fine")  # rolled out, with the deprecation noted
-        assert "relay: main.cf sets smtp_use_tls = yes: Postfix 3.10 warns" in fine["message"]
+        await kubectl.until_ready("fine")  # rolled out, with the deprecation noted once the
+        note = "relay: main.cf sets smtp_use_tls = yes: Postfix 3.10 warns"  # facts are read
+        await poll(lambda: note in ((kubectl.ready("fine") or {}).get("message") or ""))
     assert no_exec.calls == [] and exec_requests(apiserver) == 0
