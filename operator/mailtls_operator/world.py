@@ -135,6 +135,8 @@ class World:
         self.policies: dict[str, dict[str, PolicyRecord]] = {}  # ns -> name -> record
         self.pods: dict[tuple[str, str], PodRecord] = {}
         self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
+        # annotations we wrote to a pod whose watch echo has not arrived yet: (uid, values)
+        self._written: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}
         self.validations = 0
         # reference counts, so instance discovery is O(1) per event, not O(policies)
         self._named: Counter[InstanceKey] = Counter()
@@ -240,10 +242,11 @@ class World:
         old = self.pods.get((ns, name))
         if not instance:
             return self.delete_pod(ns, name)
-        rec = PodRecord(namespace=ns, name=name, instance=str(instance),
-                        uid=str(meta.get("uid", "")), ready=pod_is_ready(obj),
-                        annotations={str(k): str(v) for k, v in
-                                     (meta.get("annotations") or {}).items()},
+        uid = str(meta.get("uid", ""))
+        annotations = {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()}
+        rec = PodRecord(namespace=ns, name=name, instance=str(instance), uid=uid,
+                        ready=pod_is_ready(obj),
+                        annotations=self._with_written((ns, name), uid, annotations),
                         owners=list(meta.get("ownerReferences") or []))
         self.pods[(ns, name)] = rec
         self._count_pod(old, -1)
@@ -253,7 +256,35 @@ class World:
         keys = {rec.key} | ({old.key} if old else set())
         return keys if changed else set()
 
+    def wrote_pod_annotations(self, namespace: str, name: str,
+                              annotations: dict[str, str]) -> None:
+        """Record annotations just written to a pod, before their watch echo arrives.
+
+        A watch event sent before the write (a readiness change, our own earlier patch)
+        can arrive after it; taken as it is, it would put the pod back on its old
+        revision and start a second, needless rollout.  Until an event shows the written
+        values (or the pod is replaced), they are laid over what events say."""
+        rec = self.pods.get((namespace, name))
+        if rec is None:
+            return
+        rec.annotations.update(annotations)
+        uid, pending = self._written.get((namespace, name), (rec.uid, {}))
+        self._written[(namespace, name)] = (rec.uid, {**pending, **annotations}) \
+            if uid == rec.uid else (rec.uid, dict(annotations))
+
+    def _with_written(self, key: tuple[str, str], uid: str,
+                      annotations: dict[str, str]) -> dict[str, str]:
+        written = self._written.get(key)
+        if written is None:
+            return annotations
+        wrote_uid, values = written
+        if wrote_uid != uid or all(annotations.get(k) == v for k, v in values.items()):
+            del self._written[key]  # a new pod, or the echo of our write: events rule again
+            return annotations
+        return {**annotations, **values}
+
     def delete_pod(self, namespace: str, name: str) -> set[InstanceKey]:
+        self._written.pop((namespace, name), None)
         old = self.pods.pop((namespace, name), None)
         self._count_pod(old, -1)
         return {old.key} if old else set()

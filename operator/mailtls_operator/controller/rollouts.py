@@ -88,9 +88,8 @@ class PodRollouts:
         async def done(target: rollout.PodTarget) -> None:
             await self.ctx.kube.annotate_pod(ns, target.pod.name,
                                              {ANN_APPLIED: tables.revision})
-            rec = self.ctx.world.pods.get((ns, target.pod.name))
-            if rec is not None:
-                rec.annotations[ANN_APPLIED] = tables.revision
+            self.ctx.world.wrote_pod_annotations(ns, target.pod.name,
+                                                 {ANN_APPLIED: tables.revision})
             log.info("%s/%s: pod %s verified on revision %s", ns, inst, target.pod.name,
                      tables.short_revision)
 
