@@ -24,18 +24,19 @@ from .run import add_run_parser
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    policies, status = load_offline(args)
-    if status == 0:
-        found = getattr(args, "discoveries", 0)
+    loaded = load_offline(args)
+    if loaded.status == 0:
+        found = loaded.discoveries
         also = f", {found} MailTLSDiscovery object(s)" if found else ""
-        print(f"{len(policies)} MailTLSPolicy object(s){also} valid", file=sys.stderr)
-    return status
+        print(f"{len(loaded.policies)} MailTLSPolicy object(s){also} valid", file=sys.stderr)
+    return loaded.status
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    policies, status = load_offline(args)
-    if status:
-        return status
+    loaded = load_offline(args)
+    if loaded.status:
+        return loaded.status
+    policies = loaded.policies
     namespace, _, name = args.instance.rpartition("/") if args.instance else ("", "", "")
     if name:
         policies = [p for p in policies

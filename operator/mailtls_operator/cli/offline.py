@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from ..crd import KIND
@@ -53,7 +54,17 @@ def load_all(sources: list[Source], now: datetime, max_exception: timedelta
     return policies, errors, seen
 
 
-def load_offline(args: argparse.Namespace) -> tuple[list[Policy], int]:
+@dataclass(frozen=True)
+class Offline:
+    """What ``-f`` held: the valid policies, the exit status (0 or :data:`EXIT_INVALID`)
+    and how many valid MailTLSDiscovery objects were judged beside them."""
+
+    policies: list[Policy] = field(default_factory=list)
+    status: int = 0
+    discoveries: int = 0
+
+
+def load_offline(args: argparse.Namespace) -> Offline:
     """The valid MailTLSPolicy objects of ``-f``, and 0 or :data:`EXIT_INVALID`.
 
     MailTLSDiscovery objects in the files are judged too (the cluster would refuse an
@@ -63,15 +74,15 @@ def load_offline(args: argparse.Namespace) -> tuple[list[Policy], int]:
         loaded = read_objects(args.file)
     except SourceError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return [], EXIT_INVALID
+        return Offline(status=EXIT_INVALID)
     sources = [Source(item.path, item.obj) for item in loaded if item.kind == KIND]
     policies, errors, files = load_all(sources, now, timedelta(days=args.max_exception_days))
-    args.discoveries = 0
+    discoveries = 0
     for item in loaded:
         if item.kind == DISCOVERY_KIND:
             try:
                 load_discovery(item.obj)
-                args.discoveries += 1
+                discoveries += 1
             except DiscoveryInvalid as exc:
                 errors.append(f"{item.path}: {exc}")
     # The renderer's own last gate, run here too so `validate` refuses what `render` would.
@@ -84,7 +95,7 @@ def load_offline(args: argparse.Namespace) -> tuple[list[Policy], int]:
         if folding:
             print(capped(f"warning: {files[policy.ref]}: {policy.ref}: {folding}"),
                   file=sys.stderr)
-    return policies, EXIT_INVALID if errors else 0
+    return Offline(policies, EXIT_INVALID if errors else 0, discoveries)
 
 
 def _timestamp(text: str) -> datetime:

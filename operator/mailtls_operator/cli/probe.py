@@ -165,9 +165,10 @@ async def _main(args: argparse.Namespace, policies: list[Policy], config_dir: st
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    policies, status = load_offline(args)  # the same loading and refusal as `validate`
-    if status:
-        return status
+    loaded = load_offline(args)  # the same loading and refusal as `validate`
+    if loaded.status:
+        return loaded.status
+    policies = loaded.policies
     if shutil.which(probe.PROGRAM, path=SBIN_PATH) is None:
         print(f"error: {probe.PROGRAM} not found (install Postfix)", file=sys.stderr)
         return EXIT_UNAVAILABLE
