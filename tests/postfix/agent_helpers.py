@@ -1,4 +1,10 @@
-"""Agents for local Postfix pods, run in the test's loop against the API emulation."""
+"""Agents for local Postfix pods, run in the test's loop against the real kube-apiserver.
+
+Each agent holds a token of its pod (TokenRequest bound to the Pod, as the kubelet
+projects it) of a ServiceAccount that may do what the agent does and nothing more
+(``mailtls_operator.agent.api.API_CALLS``, in the test's namespace).  The chart's exact
+Role and admission policy are proven in tests/cluster/test_agent_admission_real.py.
+"""
 
 from __future__ import annotations
 
@@ -9,29 +15,22 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import kubernetes.client
 import pytest
 
-from mailtls_operator.agent.api import AgentApi
+from mailtls_operator.agent.api import API_CALLS, AgentApi
 from mailtls_operator.agent.converge import Converger, PodSettings
 from mailtls_operator.agent.loop import Agent, LoopSettings
+from mailtls_operator.agent.report import ANN_REPORT, AgentReport, parse_report
 from mailtls_operator.agent.runner import ProcessRunner
 from mailtls_operator.configmap import configmap_bodies
 from mailtls_operator.podrunner import ExecResult, PodRef
+from mailtls_operator.render import Tables
 from testbed import LocalInstance
-from testbed.apiserver import ApiServer
 
+from .operating import INSTANCE, Kubectl
 
-def agent_pod(name: str, inst: LocalInstance, instance: str = "relay") -> dict[str, Any]:
-    """A pod of the agent strategy, as the chart's example sets it."""
-    return {"metadata": {"name": name, "namespace": "mail",
-                         "labels": {"mailtls.io/instance": instance},
-                         "annotations": {"mailtls.io/strategy": "agent",
-                                         "mailtls.io/map-path": str(inst.map_path),
-                                         "mailtls.io/map-type": inst.settings.map_type}},
-            "spec": {"containers": [{"name": "postfix", "image": "postfix"},
-                                    {"name": "agent", "image": "mailtls"}]},
-            "status": {"phase": "Running",
-                       "conditions": [{"type": "Ready", "status": "True"}]}}
+AGENT_SA = "mailtls-agent"
 
 
 class PodProcessRunner(ProcessRunner):
@@ -48,14 +47,40 @@ class PodProcessRunner(ProcessRunner):
         return await super().run(pod, self.inst.command(argv), stdin=stdin, timeout=timeout)
 
 
-def make_agent(apiserver: ApiServer, name: str, inst: LocalInstance, **loop: Any) -> Agent:
-    settings = PodSettings("mail", name, str(inst.map_path), inst.settings.map_type,
+def grant_agents(kubectl: Kubectl) -> str:
+    """The agents' ServiceAccount in the test's namespace, with a Role of exactly the
+    agent's calls; returns its user name as the audit log shows it."""
+    ns = kubectl.ns
+    rules = [{"apiGroups": [group], "resources": [resource], "verbs": [verb]}
+             for verb, group, resource in sorted(API_CALLS)]
+    kubectl.core.create_namespaced_service_account(ns, {"metadata": {"name": AGENT_SA}})
+    rbac: Any = kubernetes.client.RbacAuthorizationV1Api(kubectl.client)
+    rbac.create_namespaced_role(ns, {"metadata": {"name": AGENT_SA}, "rules": rules})
+    rbac.create_namespaced_role_binding(ns, {
+        "metadata": {"name": AGENT_SA},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": AGENT_SA},
+        "subjects": [{"kind": "ServiceAccount", "name": AGENT_SA, "namespace": ns}]})
+    return f"system:serviceaccount:{ns}:{AGENT_SA}"
+
+
+def pod_token(kubectl: Kubectl, pod: str) -> str:
+    """A token of the agents' ServiceAccount bound to ``pod``."""
+    return kubectl.plane.service_account_token(kubectl.ns, AGENT_SA, pod=pod)
+
+
+def make_agent(kubectl: Kubectl, name: str, inst: LocalInstance, *, url: str | None = None,
+               **loop: Any) -> Agent:
+    """The agent of pod ``name`` with its pod-bound token, talking to the API server (or
+    to ``url``, a proxy in front of it)."""
+    settings = PodSettings(kubectl.ns, name, str(inst.map_path), inst.settings.map_type,
                            timeout=30.0, probe_interval=0)
     opts = {"observe_interval": 0.3, "retry_base": 0.05, "retry_max": 0.2,
             "watch_timeout": 5, **loop}
-    return Agent(AgentApi(str(apiserver.url), timeout=2.0),
-                 Converger(PodProcessRunner(inst), settings),
-                 LoopSettings("relay", inst.configmap_dir, None, **opts))
+    token = pod_token(kubectl, name)
+    api = AgentApi(url or kubectl.plane.url, token=lambda: token,
+                   ca_file=str(kubectl.plane.ca_file), timeout=2.0)
+    return Agent(api, Converger(PodProcessRunner(inst), settings),
+                 LoopSettings(INSTANCE, inst.configmap_dir, None, **opts))
 
 
 @asynccontextmanager
@@ -71,6 +96,19 @@ async def running(agents: Sequence[Agent]) -> AsyncIterator[Sequence[Agent]]:
                 await task
         for a in agents:
             await a.api.close()
+
+
+def report(kubectl: Kubectl, pod: str) -> AgentReport | None:
+    """What the pod's agent last reported in its annotation, if anything."""
+    text = ((kubectl.pod(pod) or {}).get("metadata", {}).get("annotations") or {}).get(
+        ANN_REPORT)
+    return parse_report(text) if text else None
+
+
+def publish(kubectl: Kubectl, tables: Tables) -> None:
+    """The ConfigMaps of ``tables`` for instance relay, as the operator writes them."""
+    for body in configmap_bodies(kubectl.ns, INSTANCE, tables):
+        kubectl.put_configmap(body)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes.client
 import pytest
 
 from mailtls_operator.podrunner import PodRef
@@ -27,7 +28,10 @@ from testbed import (
     starttls_sink,
     stop_all,
 )
+from testbed.controlplane import ControlPlane
 from testbed.postfixroot import VERSIONS, build_for
+
+from .operating import Kubectl
 
 
 @pytest.fixture(autouse=True)
@@ -76,18 +80,19 @@ def pods_dir() -> Iterator[Path]:
 @pytest.fixture
 def make_pod(pods_dir: Path, runner: LocalPodRunner,
              postfix_version: str) -> Iterator[PodFactory]:
-    """``make_pod(name, tls_policy="", transport="", **settings)``: a started, registered pod."""
+    """``make_pod(name, tls_policy="", transport="", namespace="mail", **settings)``: a
+    started instance, registered with the runner as pod ``namespace/name``."""
     started: list[LocalInstance] = []
 
-    def make(name: str, *, tls_policy: str = "", transport: str = "",
-             start: bool = True, **settings: Any) -> tuple[PodRef, LocalInstance]:
+    def make(name: str, *, tls_policy: str = "", transport: str = "", start: bool = True,
+             namespace: str = "mail", **settings: Any) -> tuple[PodRef, LocalInstance]:
         settings.setdefault("postfix", postfix_version)
         inst = LocalInstance(pods_dir / name, InstanceSettings(name=name, **settings))
         inst.create(tls_policy=tls_policy, transport=transport)
         started.append(inst)
         if start:
             inst.start()
-        pod = PodRef("mail", name)
+        pod = PodRef(namespace, name)
         runner.add(pod, inst)
         return pod, inst
 
@@ -142,6 +147,9 @@ def ca_signed(sinks: Callable[[SmtpSink], SmtpSink], tmp_path: Path, ca: LocalCA
     return sinks(starttls_sink(tmp_path / "certs", name="ca-signed", ca=ca))
 
 
-# The API server emulation and the operator runner, for tests that drive real Postfix pods
-# through the whole operator (controller + rollout + local runner).
-from tests.integration.conftest import apiserver, kube_client, run_operator  # noqa: E402, F401
+@pytest.fixture
+def kubectl(admin_client: kubernetes.client.ApiClient, crds_applied: ControlPlane,
+            namespace: str, kwok_node: str) -> Kubectl:
+    """kubectl in the test's own namespace on the session's real control plane (the
+    project's CRDs applied, pods bound to the session's kwok node)."""
+    return Kubectl(crds_applied, admin_client, namespace, kwok_node)

@@ -1,9 +1,11 @@
-"""The agent strategy end to end: the API emulation, real local Postfix pods, real mail.
+"""The agent strategy end to end: the real kube-apiserver, real local Postfix pods, real mail.
 
-The operator gets a PodRunner that fails on any call and the emulation's request log
-must show no exec: every table change, probe, lint fact and release of stuck mail goes
-through the agents (DESIGN.md §11), which run the same argv as the exec strategy against
-the pod's own Postfix (here: the local instance, through the agent's ProcessRunner).
+The operator gets a PodRunner that fails on any call and the server's audit log must show
+no exec: every table change, probe, lint fact and release of stuck mail goes through the
+agents (DESIGN.md §11), which run the same argv as the exec strategy against the pod's
+own Postfix (here: the local instance, through the agent's ProcessRunner), and talk to
+the API server with their pods' own tokens.  API outages are made by a proxy in front of
+the server (:mod:`testbed.faultproxy`) that only the agent talks to.
 """
 
 from __future__ import annotations
@@ -11,62 +13,79 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mailtls_operator.agent.desired import AGENT_DATA
-from mailtls_operator.agent.report import ANN_REPORT, parse_report
 from mailtls_operator.configmap import configmap_bodies
+from mailtls_operator.podrunner import ExecResult, PodRef
 from mailtls_operator.policy import load_policy
 from mailtls_operator.render import REVISION_KEY, Tables, render
 from testbed import LocalInstance, SmtpSink
-from testbed.apiserver import ApiServer
-from tests.integration.helpers import NoPodsRunner
+from testbed.audit import AuditLog
+from testbed.controlplane import ControlPlane
+from testbed.faultproxy import FaultProxy
 
-from .agent_helpers import agent_pod, make_agent, running, small_configmap_limits
+from .agent_helpers import (
+    AGENT_SA,
+    grant_agents,
+    make_agent,
+    pod_token,
+    publish,
+    report,
+    running,
+    small_configmap_limits,
+)
 from .conftest import BOTH_VERSIONS, PodFactory
-from .test_through_operator import Kubectl, operator, poll
+from .operating import INSTANCE, Kubectl, operator, poll, seed_pods
 
-pytestmark = [pytest.mark.postfix, pytest.mark.integration]
+pytestmark = [pytest.mark.postfix, pytest.mark.cluster]
+
+
+class NoPodsRunner:
+    """The agent strategy needs no exec: any pod command is a bug in the operator."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[PodRef, Any]] = []
+
+    async def run(self, pod: PodRef, argv: Any, *, stdin: bytes | None = None,
+                  timeout: float = 60.0) -> ExecResult:
+        self.calls.append((pod, argv))
+        raise AssertionError(f"unexpected pod command {argv} in {pod}")
 
 
 @pytest.fixture
-def kubectl(apiserver: ApiServer, kube_client: Any) -> Kubectl:
-    return Kubectl(apiserver, kube_client)
+def agent_user(kubectl: Kubectl) -> str:
+    """The agents' ServiceAccount and Role in the test's namespace; its audit user name."""
+    return grant_agents(kubectl)
 
 
-def seed_agent_pods(make_pod: PodFactory, apiserver: ApiServer, count: int,
-                    **settings: Any) -> list[tuple[str, LocalInstance]]:
-    pods = []
-    for i in range(count):
-        pod, inst = make_pod(f"relay-{i}", **settings)
-        apiserver.seed("v1/pods", agent_pod(pod.name, inst))
-        pods.append((pod.name, inst))
-    return pods
+@pytest.fixture
+def proxy(controlplane: ControlPlane) -> Iterator[FaultProxy]:
+    """A proxy in front of the API server that can fail, hang and cut streams."""
+    with FaultProxy(controlplane) as p:
+        yield p
 
 
-def exec_requests(apiserver: ApiServer) -> int:
-    return sum(apiserver.request_count(None, "pods", subresource=sub)
-               for sub in ("exec", "attach", "portforward"))
-
-
-def report(apiserver: ApiServer, pod: str) -> Any:
-    obj = apiserver.get_object("v1/pods", "mail", pod) or {}
-    text = (obj.get("metadata", {}).get("annotations") or {}).get(ANN_REPORT)
-    return parse_report(text) if text else None
+async def seed_agent_pods(make_pod: PodFactory, kubectl: Kubectl, count: int,
+                          **settings: Any) -> list[tuple[str, LocalInstance]]:
+    pods = await seed_pods(make_pod, kubectl, count, agent=AGENT_SA, **settings)
+    return [(pod.name, inst) for pod, inst in pods]
 
 
 async def test_a_change_is_live_in_every_pod_without_exec_and_stuck_mail_is_released(
-        make_pod: PodFactory, plain: SmtpSink, apiserver: ApiServer, kubectl: Kubectl,
-        run_operator: Any, kube_client: Any) -> None:
+        make_pod: PodFactory, plain: SmtpSink, kubectl: Kubectl, agent_user: str,
+        audit: AuditLog) -> None:
     routes = {"plain.example": f"smtp:{plain.nexthop}"}
-    pods = seed_agent_pods(make_pod, apiserver, 3, routes=routes)
+    pods = await seed_agent_pods(make_pod, kubectl, 3, routes=routes)
     no_exec = NoPodsRunner()
-    agents = [make_agent(apiserver, name, inst) for name, inst in pods]
+    agents = [make_agent(kubectl, name, inst) for name, inst in pods]
     masters = [inst.master_pid() for _, inst in pods]
-    async with running(agents), operator(run_operator, kube_client, no_exec,  # type: ignore[arg-type]
+    async with running(agents), operator(kubectl, no_exec,  # type: ignore[arg-type]
                                          observe_interval=0.3):
         await kubectl.apply("plain-partner", destinations=[plain.nexthop], level="encrypt")
         ready = await kubectl.until_ready("plain-partner", timeout=30)
@@ -75,7 +94,7 @@ async def test_a_change_is_live_in_every_pod_without_exec_and_stuck_mail_is_rele
         for name, inst in pods:
             assert inst.query(plain.nexthop) == "encrypt"
             assert inst.query(REVISION_KEY) == f"secure match=rev-{revision[:16]}"
-            obj = apiserver.get_object("v1/pods", "mail", name) or {}
+            obj = kubectl.pod(name) or {}
             assert obj["metadata"]["annotations"]["mailtls.io/applied-revision"] == revision
 
         relay0 = pods[0][1]
@@ -86,7 +105,7 @@ async def test_a_change_is_live_in_every_pod_without_exec_and_stuck_mail_is_rele
         def stuck() -> dict[str, Any] | None:
             d = kubectl.status("plain-partner").get("deferred") or {}
             return d if d.get("recipients") else None
-        seen = await apiserver.wait_until(stuck, 15)
+        seen = await poll(stuck, 15)
         assert seen["keys"][0]["key"] == plain.nexthop
 
         await kubectl.apply("plain-partner", destinations=[plain.nexthop], level="may")
@@ -94,22 +113,22 @@ async def test_a_change_is_live_in_every_pod_without_exec_and_stuck_mail_is_rele
         assert list(plain.messages[0].rcpt_tos) == ["user@plain.example"]
         await kubectl.until_ready("plain-partner", timeout=20)
         assert all(inst.query(plain.nexthop) == "may" for _, inst in pods)
-        assert report(apiserver, "relay-0").released >= 1
+        released = report(kubectl, "relay-0")
+        assert released is not None and released.released >= 1
     assert no_exec.calls == []
-    assert exec_requests(apiserver) == 0
+    assert kubectl.exec_requests(audit) == 0
     assert [inst.master_pid() for _, inst in pods] == masters  # Postfix never restarted
-    # the agents patched only their own pods' mailtls.io annotations
-    assert apiserver.request_count("patch", "pods") >= 3
+    # the agents, with their pods' tokens, patched their pods' mailtls.io annotations
+    assert kubectl.count(audit, "patch", "pods", user=agent_user) >= 3
 
 
 async def test_probes_and_lint_come_from_the_agents(
         make_pod: PodFactory, plain: SmtpSink, self_signed: SmtpSink, ca_signed: SmtpSink,
-        ca: Any, apiserver: ApiServer, kubectl: Kubectl, run_operator: Any,
-        kube_client: Any) -> None:
-    [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1)
+        ca: Any, kubectl: Kubectl, agent_user: str, audit: AuditLog) -> None:
+    [(name, inst)] = await seed_agent_pods(make_pod, kubectl, 1)
     no_exec = NoPodsRunner()
-    async with running([make_agent(apiserver, name, inst)]), operator(
-            run_operator, kube_client, no_exec, observe_interval=0.3):  # type: ignore[arg-type]
+    async with running([make_agent(kubectl, name, inst)]), operator(
+            kubectl, no_exec, observe_interval=0.3):  # type: ignore[arg-type]
         await kubectl.apply("plain", destinations=[plain.nexthop], level="encrypt",
                             mode="audit")
         await kubectl.apply("ca", destinations=[ca_signed.nexthop], level="secure",
@@ -136,177 +155,179 @@ async def test_probes_and_lint_come_from_the_agents(
         assert "/nonexistent/partner-ca.pem" in held["message"]
         await poll(lambda: inst.query("dane.example") == "dane")
         await poll(lambda: inst.query("partner.example") is None)
-        cm = apiserver.get_object("v1/configmaps", "mail", "relay-mailtls") or {}
+        cm = kubectl.configmap() or {}
         assert plain.nexthop in cm["data"][AGENT_DATA]  # audit: probed, never in the table
         assert plain.nexthop not in cm["data"]["tls_policy"]
-    assert no_exec.calls == [] and exec_requests(apiserver) == 0
+    assert no_exec.calls == [] and kubectl.exec_requests(audit) == 0
 
 
 async def test_a_pod_whose_agent_fails_makes_the_rollout_fail_and_recovers(
-        make_pod: PodFactory, apiserver: ApiServer, kubectl: Kubectl, run_operator: Any,
-        kube_client: Any) -> None:
-    pods = seed_agent_pods(make_pod, apiserver, 2)
-    async with running([make_agent(apiserver, n, i) for n, i in pods]), operator(
-            run_operator, kube_client, NoPodsRunner(), retry_base=0.3):  # type: ignore[arg-type]
+        make_pod: PodFactory, kubectl: Kubectl, agent_user: str, audit: AuditLog) -> None:
+    pods = await seed_agent_pods(make_pod, kubectl, 2)
+    async with running([make_agent(kubectl, n, i) for n, i in pods]), operator(
+            kubectl, NoPodsRunner(), retry_base=0.3):  # type: ignore[arg-type]
         await kubectl.apply("p", destinations=["a.example"], level="may")
         await kubectl.until_ready("p", timeout=20)
         pods[0][1].lock_map_dir()  # relay-0 cannot write its table directory
         try:
             await kubectl.apply("p", destinations=["a.example"], level="encrypt")
             failed = await kubectl.until_ready("p", reason="RolloutFailed", timeout=20)
-            assert "mail/relay-0: agent:" in failed["message"]
+            assert f"{kubectl.ns}/relay-0: agent:" in failed["message"]
             assert pods[0][1].query("a.example") == "may"  # the last good table serves
             await poll(lambda: pods[1][1].query("a.example") == "encrypt")
         finally:
             pods[0][1].unlock_map_dir()
         await kubectl.until_ready("p", timeout=20)  # the agent retried by itself
         assert pods[0][1].query("a.example") == "encrypt"
-    assert exec_requests(apiserver) == 0
+    assert kubectl.exec_requests(audit) == 0
 
 
-# -- without the operator: ConfigMaps written straight into the emulation ---------------
+# -- without the operator: ConfigMaps written straight into the API server --------------
 
 
-def tables_for(*specs: tuple[str, str]) -> Tables:
+def tables_for(namespace: str, *specs: tuple[str, str]) -> Tables:
     now = datetime.now(UTC)
     policies = [load_policy({"apiVersion": "mailtls.io/v1alpha1", "kind": "MailTLSPolicy",
-                             "metadata": {"name": f"p{i}", "namespace": "mail",
+                             "metadata": {"name": f"p{i}", "namespace": namespace,
                                           "creationTimestamp": "2026-01-01T00:00:00Z"},
                              "spec": {"destinations": [dest], "level": level}}, now=now)
                 for i, (dest, level) in enumerate(specs)]
-    return render(policies, instance=("mail", "relay"), now=now)
+    return render(policies, instance=(namespace, INSTANCE), now=now)
 
 
-def publish(apiserver: ApiServer, tables: Tables) -> None:
-    for body in configmap_bodies("mail", "relay", tables):
-        apiserver.seed("v1/configmaps", body)
+def applied(kubectl: Kubectl, pod: str, tables: Tables) -> bool:
+    r = report(kubectl, pod)
+    return r is not None and r.applied == tables.revision and not r.api_error
 
 
 @pytest.mark.parametrize("outage", ["errors", "silence"])
 async def test_an_api_outage_keeps_the_table_and_the_agent_catches_up(
-        make_pod: PodFactory, apiserver: ApiServer, outage: str) -> None:
-    [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1)
-    first = tables_for(("a.example", "encrypt"))
-    publish(apiserver, first)
-    agent = make_agent(apiserver, name, inst)
+        make_pod: PodFactory, kubectl: Kubectl, agent_user: str, proxy: FaultProxy,
+        outage: str) -> None:
+    [(name, inst)] = await seed_agent_pods(make_pod, kubectl, 1)
+    first = tables_for(kubectl.ns, ("a.example", "encrypt"))
+    publish(kubectl, first)
+    agent = make_agent(kubectl, name, inst, url=proxy.url)
     async with running([agent]):
         await poll(lambda: inst.query("a.example") == "encrypt")
-        await apiserver.wait_until(lambda: (r := report(apiserver, name)) is not None
-                                   and r.applied == first.revision, 10)
+        await poll(lambda: applied(kubectl, name, first), 10)
         if outage == "errors":
-            apiserver.inject_fault(status=503, times=None)
+            proxy.fail(503)
         else:  # the API stops answering at all: every request hangs past the agent's timeout
-            apiserver.inject_fault(status=None, delay=60, times=None)
-        apiserver.expire_watches("v1/configmaps")
+            proxy.hang()
+        assert proxy.cut() >= 1  # the agent's watch breaks off
         await poll(lambda: not agent.api_ok)
-        second = tables_for(("a.example", "may"))
-        publish(apiserver, second)  # written while the agent cannot read it
+        second = tables_for(kubectl.ns, ("a.example", "may"))
+        publish(kubectl, second)  # written while the agent cannot read it
         await asyncio.sleep(0.5)
         assert inst.query("a.example") == "encrypt"  # the last good table keeps serving
         assert inst.query(REVISION_KEY) == first.revision_value()
-        apiserver.clear_faults()
+        proxy.clear()
         await poll(lambda: inst.query("a.example") == "may", timeout=10)
-        await apiserver.wait_until(lambda: (r := report(apiserver, name)) is not None
-                                   and r.applied == second.revision and not r.api_error, 10)
+        await poll(lambda: applied(kubectl, name, second), 10)
 
 
 async def test_a_pod_starting_during_an_outage_loads_the_mounted_configmap(
-        make_pod: PodFactory, apiserver: ApiServer) -> None:
-    [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1)
-    tables = tables_for(("b.example", "encrypt"))
+        make_pod: PodFactory, kubectl: Kubectl, agent_user: str, proxy: FaultProxy) -> None:
+    [(name, inst)] = await seed_agent_pods(make_pod, kubectl, 1)
+    tables = tables_for(kubectl.ns, ("b.example", "encrypt"))
+    publish(kubectl, tables)
     inst.publish_configmap(tables.tls_policy, tables.transport or None)  # the kubelet's copy
-    apiserver.inject_fault(status=503, times=None)
-    agent = make_agent(apiserver, name, inst)
+    proxy.fail(503)
+    agent = make_agent(kubectl, name, inst, url=proxy.url)
     async with running([agent]):
         await poll(lambda: inst.query("b.example") == "encrypt", timeout=10)
         assert agent.converger.report.source == "volume"
         assert agent.converger.report.api_error
-        apiserver.clear_faults()
-        await apiserver.wait_until(lambda: (r := report(apiserver, name)) is not None
-                                   and r.applied == tables.revision, 10)
+        proxy.clear()
+        await poll(lambda: applied(kubectl, name, tables), 10)
 
 
 async def test_a_malformed_configmap_keeps_the_last_good_table_and_is_reported(
-        make_pod: PodFactory, apiserver: ApiServer) -> None:
-    [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1)
-    good = tables_for(("c.example", "encrypt"))
-    publish(apiserver, good)
-    async with running([make_agent(apiserver, name, inst)]):
+        make_pod: PodFactory, kubectl: Kubectl, agent_user: str) -> None:
+    [(name, inst)] = await seed_agent_pods(make_pod, kubectl, 1)
+    good = tables_for(kubectl.ns, ("c.example", "encrypt"))
+    publish(kubectl, good)
+    async with running([make_agent(kubectl, name, inst)]):
         await poll(lambda: inst.query("c.example") == "encrypt")
-        bad = configmap_bodies("mail", "relay", tables_for(("c.example", "may")))[0]
+        bad = configmap_bodies(kubectl.ns, INSTANCE,
+                               tables_for(kubectl.ns, ("c.example", "may")))[0]
         bad["data"]["tls_policy"] = bad["data"]["tls_policy"].replace(" may", " none")
-        apiserver.seed("v1/configmaps", bad)  # edited by hand: its sha256 no longer matches
+        kubectl.put_configmap(bad)  # edited by hand: its sha256 no longer matches
 
         def refused() -> Any:
-            r = report(apiserver, name)
+            r = report(kubectl, name)
             return r if r is not None and "sha256" in r.error else None
-        seen = await apiserver.wait_until(refused, 10)
+        seen = await poll(refused, 10)
         assert seen.applied == good.revision
         assert inst.query("c.example") == "encrypt"
 
 
-def many(count: int, level: str) -> Tables:
-    return tables_for(*((f"d{i}.example", level) for i in range(count)))
+def many(namespace: str, count: int, level: str) -> Tables:
+    return tables_for(namespace, *((f"d{i}.example", level) for i in range(count)))
 
 
 async def test_a_split_table_is_read_part_by_part_and_a_missing_part_keeps_the_old_one(
-        make_pod: PodFactory, apiserver: ApiServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1)
+        make_pod: PodFactory, kubectl: Kubectl, agent_user: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    [(name, inst)] = await seed_agent_pods(make_pod, kubectl, 1)
     with small_configmap_limits(monkeypatch):
-        first = configmap_bodies("mail", "relay", many(300, "encrypt"))
-        second = configmap_bodies("mail", "relay", many(300, "may"))
+        first = configmap_bodies(kubectl.ns, INSTANCE, many(kubectl.ns, 300, "encrypt"))
+        second = configmap_bodies(kubectl.ns, INSTANCE, many(kubectl.ns, 300, "may"))
     assert len(first) > 2 and len(second) == len(first)
     for body in first:
-        apiserver.seed("v1/configmaps", body)
-    async with running([make_agent(apiserver, name, inst)]):
+        kubectl.put_configmap(body)
+    async with running([make_agent(kubectl, name, inst)]):
         await poll(lambda: inst.query("d299.example") == "encrypt")
-        apiserver.seed("v1/configmaps", second[0])  # the new manifest before its parts
+        kubectl.put_configmap(second[0])  # the new manifest before its parts
 
         def refused() -> Any:
-            r = report(apiserver, name)
+            r = report(kubectl, name)
             return r if r is not None and r.error else None
-        seen = await apiserver.wait_until(refused, 10)
+        seen = await poll(refused, 10)
         assert "revisions" in seen.error or "sha256" in seen.error
         assert inst.query("d0.example") == "encrypt"  # never a mix of two revisions
         for body in second[1:]:  # the parts arrive; the next event of the primary takes them
-            apiserver.seed("v1/configmaps", body)
-        apiserver.seed("v1/configmaps", {**second[0], "metadata": {
+            kubectl.put_configmap(body)
+        kubectl.put_configmap({**second[0], "metadata": {
             **second[0]["metadata"], "labels": {**second[0]["metadata"]["labels"],
                                                 "touched": "1"}}})
         await poll(lambda: inst.query("d0.example") == "may")
 
 
 async def test_a_table_edited_in_the_pod_is_installed_again(
-        make_pod: PodFactory, apiserver: ApiServer) -> None:
-    [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1)
-    good = tables_for(("e.example", "encrypt"))
-    publish(apiserver, good)
-    async with running([make_agent(apiserver, name, inst)]):
+        make_pod: PodFactory, kubectl: Kubectl, agent_user: str) -> None:
+    [(name, inst)] = await seed_agent_pods(make_pod, kubectl, 1)
+    good = tables_for(kubectl.ns, ("e.example", "encrypt"))
+    publish(kubectl, good)
+    async with running([make_agent(kubectl, name, inst)]):
         await poll(lambda: inst.query("e.example") == "encrypt")
-        old = tables_for(("e.example", "none"))
+        old = tables_for(kubectl.ns, ("e.example", "none"))
         inst.install_table(inst.map_path, old.tls_policy)  # restored from an old backup
         assert inst.query("e.example") == "none"
         await poll(lambda: inst.query("e.example") == "encrypt", timeout=10)
 
 
 async def test_the_mailtls_agent_command_runs_the_same_loop(
-        make_pod: PodFactory, apiserver: ApiServer) -> None:
-    """The CLI as the sidecar runs it (flags, POD_NAME/POD_NAMESPACE from the environment)."""
-    [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1)
-    tables = tables_for(("f.example", "encrypt"))
-    publish(apiserver, tables)
-    env = {**os.environ, **inst.env, "POD_NAME": name, "POD_NAMESPACE": "mail",
+        make_pod: PodFactory, kubectl: Kubectl, agent_user: str, tmp_path: Path) -> None:
+    """The CLI as the sidecar runs it (flags, POD_NAME/POD_NAMESPACE from the environment),
+    with a kubeconfig holding its pod's token."""
+    [(name, inst)] = await seed_agent_pods(make_pod, kubectl, 1)
+    tables = tables_for(kubectl.ns, ("f.example", "encrypt"))
+    publish(kubectl, tables)
+    kubeconfig = kubectl.plane.kubeconfig_for_token(pod_token(kubectl, name),
+                                                    tmp_path / "agent.kubeconfig")
+    env = {**os.environ, **inst.env, "POD_NAME": name, "POD_NAMESPACE": kubectl.ns,
            "PATH": f"{inst.env['PATH']}:{os.environ.get('PATH', '')}"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailtls_operator.cli", "agent", "--instance", "relay",
-        "--api-url", str(apiserver.url), "--map-path", str(inst.map_path),
+        sys.executable, "-m", "mailtls_operator.cli", "agent", "--instance", INSTANCE,
+        "--kubeconfig", str(kubeconfig), "--map-path", str(inst.map_path),
         "--map-type", inst.settings.map_type, "--configmap-dir", str(inst.configmap_dir),
         "--observe-interval", "0", env=env, stdin=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE)
     try:
         await poll(lambda: inst.query("f.example") == "encrypt", timeout=20)
-        await apiserver.wait_until(lambda: (r := report(apiserver, name)) is not None
-                                   and r.applied == tables.revision, 10)
+        await poll(lambda: applied(kubectl, name, tables), 10)
     finally:
         proc.terminate()
         _, err = await asyncio.wait_for(proc.communicate(), 10)
@@ -315,21 +336,21 @@ async def test_the_mailtls_agent_command_runs_the_same_loop(
 
 @BOTH_VERSIONS
 async def test_the_version_lint_runs_on_what_the_agents_report(
-        make_pod: PodFactory, apiserver: ApiServer, kubectl: Kubectl, run_operator: Any,
-        kube_client: Any, postfix_version: str) -> None:
+        make_pod: PodFactory, kubectl: Kubectl, agent_user: str, audit: AuditLog,
+        postfix_version: str) -> None:
     """No exec: the agent's report carries ``mail_version`` (and the deprecated TLS
     parameters), so enable_rpk is held back from a 3.7 pod and rolled out to a 3.10 one."""
-    [(name, inst)] = seed_agent_pods(make_pod, apiserver, 1,
-                                     extra_main_cf={"smtp_use_tls": "yes"})
+    [(name, inst)] = await seed_agent_pods(make_pod, kubectl, 1,
+                                           extra_main_cf={"smtp_use_tls": "yes"})
     no_exec = NoPodsRunner()
-    async with running([make_agent(apiserver, name, inst)]), operator(
-            run_operator, kube_client, no_exec, observe_interval=0.3):  # type: ignore[arg-type]
+    async with running([make_agent(kubectl, name, inst)]), operator(
+            kubectl, no_exec, observe_interval=0.3):  # type: ignore[arg-type]
         await kubectl.apply("fine", destinations=["fine.example"], level="encrypt")
         await poll(lambda: inst.query("fine.example") == "encrypt")
         # the table can land before the report that carries the facts: wait for those
-        await poll(lambda: (got := report(apiserver, name)) is not None
-                   and got.facts is not None)
-        facts = report(apiserver, name).facts.values
+        got = await poll(lambda: (r := report(kubectl, name)) is not None
+                         and r.facts is not None and r)
+        facts = got.facts.values
         assert facts["mail_version"].startswith(postfix_version + ".")
         await kubectl.apply("rpk", destinations=["rpk.example"], level="may", enableRPK=True)
         if postfix_version == "3.10":
@@ -342,4 +363,4 @@ async def test_the_version_lint_runs_on_what_the_agents_report(
         await kubectl.until_ready("fine")  # rolled out, with the deprecation noted once the
         note = "relay: main.cf sets smtp_use_tls = yes: Postfix 3.10 warns"  # facts are read
         await poll(lambda: note in ((kubectl.ready("fine") or {}).get("message") or ""))
-    assert no_exec.calls == [] and exec_requests(apiserver) == 0
+    assert no_exec.calls == [] and kubectl.exec_requests(audit) == 0

@@ -4,20 +4,15 @@ name", the mail deferred) and therefore held back from 3.7 instances by the oper
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from mailtls_operator import probe
 from mailtls_operator.rollout import apply_to_pod
 from testbed import LocalPodRunner, SmtpSink
-from testbed.apiserver import ApiServer
 
 from .conftest import BOTH_VERSIONS, PodFactory
 from .helpers import policy, tables, target
-from .test_through_operator import Kubectl, kubectl, operator, seed_pods
-
-__all__ = ["kubectl"]  # the fixture, re-used
+from .operating import Kubectl, operator, seed_pods
 
 pytestmark = [pytest.mark.postfix, BOTH_VERSIONS]
 
@@ -49,12 +44,12 @@ async def test_enable_rpk_is_delivered_by_310_and_deferred_by_37(
         assert plain.messages == [] and self_signed.messages == []
 
 
-@pytest.mark.integration
+@pytest.mark.cluster
 async def test_the_operator_holds_enable_rpk_back_from_37_only(
-        make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
-        run_operator: Any, kube_client: Any, postfix_version: str) -> None:
-    [(_, inst)] = seed_pods(make_pod, apiserver, 1)
-    async with operator(run_operator, kube_client, runner):
+        make_pod: PodFactory, runner: LocalPodRunner, kubectl: Kubectl,
+        postfix_version: str) -> None:
+    [(_, inst)] = await seed_pods(make_pod, kubectl, 1)
+    async with operator(kubectl, runner):
         await kubectl.apply("rpk", destinations=["rpk.example"], level="encrypt",
                             enableRPK=True)
         await kubectl.apply("fine", destinations=["fine.example"], level="encrypt")

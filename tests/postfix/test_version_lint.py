@@ -9,21 +9,16 @@ answer its own), so ``servername`` (Postfix 3.4) must be held back with
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from mailtls_operator.facts import InstanceFacts
 from mailtls_operator.versionlint import VersionLint
 from mailtls_operator.versions import DEPRECATED_REASON, held_back, parse_version, unsupported
 from testbed import LocalPodRunner
-from testbed.apiserver import ApiServer
 
 from .conftest import PodFactory
 from .helpers import policy
-from .test_through_operator import Kubectl, kubectl, operator, seed_pods
-
-__all__ = ["kubectl"]  # the fixture, re-used
+from .operating import Kubectl, operator, seed_pods
 
 
 def test_attribute_minimum_versions() -> None:
@@ -44,12 +39,11 @@ def test_attribute_minimum_versions() -> None:
 
 
 @pytest.mark.postfix
-@pytest.mark.integration
+@pytest.mark.cluster
 async def test_unsupported_attribute_held_back_from_old_postfix(
-        make_pod: PodFactory, runner: LocalPodRunner, apiserver: ApiServer, kubectl: Kubectl,
-        run_operator: Any, kube_client: Any) -> None:
-    [(_, inst)] = seed_pods(make_pod, apiserver, 1, extra_main_cf={"mail_version": "3.3.0"})
-    async with operator(run_operator, kube_client, runner):
+        make_pod: PodFactory, runner: LocalPodRunner, kubectl: Kubectl) -> None:
+    [(_, inst)] = await seed_pods(make_pod, kubectl, 1, extra_main_cf={"mail_version": "3.3.0"})
+    async with operator(kubectl, runner):
         await kubectl.apply("sni", destinations=["sni.example"], level="encrypt",
                             servername="hostname")
         await kubectl.apply("fine", destinations=["fine.example"], level="encrypt")

@@ -19,7 +19,6 @@ import pytest
 
 from testbed.controlplane import ControlPlane
 
-from .audit import AuditLog
 from .helpers import Cluster, OperatorProcess
 
 REPO = Path(__file__).resolve().parents[3]
@@ -31,30 +30,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Generator[None, A
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
-
-
-@pytest.fixture(scope="session")
-def crds_applied(controlplane: ControlPlane) -> ControlPlane:
-    """The project's CRDs, applied once (idempotent if the session fixture did it)."""
-    controlplane.apply_crds(sorted((REPO / "crds").glob("*.yaml")))
-    return controlplane
-
-
-@pytest.fixture(scope="session")
-def admin_client(crds_applied: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:
-    with crds_applied.api_client() as client:
-        yield client
-
-
-@pytest.fixture
-def audit(crds_applied: ControlPlane, admin_client: kubernetes.client.ApiClient) -> AuditLog:
-    """The server's audit log, read from the start of the test on."""
-    path = getattr(crds_applied, "audit_log", None)
-    if path is None:
-        pytest.skip("this control plane writes no audit log")
-    log = AuditLog(path, admin_client)
-    log.mark()
-    return log
 
 
 @pytest.fixture

@@ -1,11 +1,13 @@
-"""Fixtures for tests against a real control plane: etcd and kube-apiserver built from
-the pinned Go modules (``make controlplane``), one per test session, and a fresh
-namespace per test.
+"""The real control plane, shared by every tier that uses it (tests/cluster, tests/postfix):
+etcd and kube-apiserver built from the pinned Go modules (``make controlplane``), kwok
+beside them, the project's CRDs, an admin client and the audit log; one of each per test
+session, and a fresh namespace per test.
 
 A session shares one server because starting it costs seconds; tests stay independent
-by working in their own namespace.  Where the binaries cannot be built here (no Go),
-the tests are skipped with build.sh's one-line reason, which ``make test`` has already
-shown loudly before pytest starts.
+by working in their own namespace.  Fixtures are created on first use only: a session
+that never asks for them starts nothing.  Where the binaries cannot be built here (no
+Go), the tests that need them are skipped with build.sh's one-line reason, which
+``make test`` has already shown loudly before pytest starts.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
+import kubernetes.client
 import pytest
 
+from testbed.audit import AuditLog
 from testbed.controlplane import ControlPlane, ControlPlaneError, binaries_dir
 from testbed.kwok import Kwok
 
+REPO = Path(__file__).resolve().parents[1]
 _names = itertools.count()
 
 
@@ -54,3 +59,37 @@ def kwok(controlplane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -
     for the Nodes a test creates with :meth:`Kwok.add_node` (names never repeat)."""
     with Kwok(controlplane, tmp_path_factory.mktemp("kwok")) as fake:
         yield fake
+
+
+@pytest.fixture(scope="session")
+def kwok_node(kwok: Kwok) -> str:
+    """One kwok Node for the session: pods bound to it (``spec.nodeName``) become Running
+    and Ready, and are deleted, as a kubelet would do it."""
+    name = "kwok-shared"
+    kwok.add_node(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def crds_applied(controlplane: ControlPlane) -> ControlPlane:
+    """The project's CRDs, applied once (idempotent if the session fixture did it)."""
+    controlplane.apply_crds(sorted((REPO / "crds").glob("*.yaml")))
+    return controlplane
+
+
+@pytest.fixture(scope="session")
+def admin_client(crds_applied: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:
+    """The official client as the admin (``system:masters``), the CRDs installed."""
+    with crds_applied.api_client() as client:
+        yield client
+
+
+@pytest.fixture
+def audit(crds_applied: ControlPlane, admin_client: kubernetes.client.ApiClient) -> AuditLog:
+    """The server's audit log, read from the start of the test on."""
+    path = getattr(crds_applied, "audit_log", None)
+    if path is None:
+        pytest.skip("this control plane writes no audit log")
+    log = AuditLog(path, admin_client)
+    log.mark()
+    return log
