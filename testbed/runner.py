@@ -100,12 +100,14 @@ class LocalPodRunner:
                 env=inst.env, cwd=inst.root, start_new_session=True)
         except OSError as exc:  # what the exec API says for a missing binary
             return ExecResult(126, b"", f"exec: {argv[0]}: {exc.strerror}\n".encode())
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        try:  # not asyncio.wait_for, which can lose a cancellation: mailtls_operator.aio
+            async with asyncio.timeout(timeout):
+                out, err = await proc.communicate(stdin)
         except TimeoutError:
             _kill_group(proc.pid)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), 5.0)
+                async with asyncio.timeout(5.0):
+                    await proc.wait()
             raise PodRunnerError(
                 f"exec into {pod}: {argv[0]} did not finish within {timeout:g}s") from None
         except asyncio.CancelledError:

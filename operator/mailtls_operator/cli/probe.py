@@ -96,13 +96,15 @@ class HostRunner:
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         except OSError as exc:
             return ExecResult(127, b"", f"{argv[0]}: {exc.strerror}\n".encode())
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        try:  # not asyncio.wait_for: see mailtls_operator.aio (a lost cancellation)
+            async with asyncio.timeout(timeout):
+                out, err = await proc.communicate(stdin)
         except (TimeoutError, asyncio.CancelledError) as exc:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), 5.0)
+                async with asyncio.timeout(5.0):
+                    await proc.wait()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise PodRunnerError(f"{argv[0]} did not finish within {timeout:g}s") from None

@@ -82,8 +82,9 @@ class KubernetesExecRunner:
         # If we stop waiting (timeout, cancellation) the outcome is still
         # retrieved, so asyncio does not log "exception was never retrieved".
         worker.add_done_callback(consume)
-        try:
-            result = await asyncio.wait_for(asyncio.shield(worker), timeout + self._grace)
+        try:  # not asyncio.wait_for: see mailtls_operator.aio (a lost cancellation)
+            async with asyncio.timeout(timeout + self._grace):
+                result = await asyncio.shield(worker)
         except TimeoutError:
             attempt.abort()
             await asyncio.wait({worker}, timeout=self._grace)

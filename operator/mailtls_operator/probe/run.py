@@ -55,8 +55,9 @@ async def _run(runner: PodRunner, pod: PodRef, argv: Sequence[str],
     """Run one posttls-finger; a transport failure becomes a Fail result."""
     started = time.monotonic()
     deadline = timeouts.deadline
-    try:
-        return await asyncio.wait_for(runner.run(pod, argv, timeout=deadline), deadline + 10.0)
+    try:  # not asyncio.wait_for: see mailtls_operator.aio (a lost cancellation)
+        async with asyncio.timeout(deadline + 10.0):
+            return await runner.run(pod, argv, timeout=deadline)
     except TimeoutError:
         return ProbeResult(FAIL, TIMEOUT, f"posttls-finger did not finish within {deadline:g}s")
     except PodRunnerError as exc:
