@@ -236,7 +236,7 @@ def make_operator(kubectl: Kubectl, runner: PodRunner, **cfg: Any) -> Operator:
 
 
 @asynccontextmanager
-async def running(kubectl: Kubectl, op: Operator, *,
+async def started(kubectl: Kubectl, op: Operator, *,
                   settle: bool = True) -> AsyncIterator[Operator]:
     """``op`` under Kopf until the block ends.  The block starts with the operator
     watching and, with ``settle``, idle: done with what it found at start (pods without
@@ -251,6 +251,6 @@ async def running(kubectl: Kubectl, op: Operator, *,
 @asynccontextmanager
 async def operator(kubectl: Kubectl, runner: PodRunner, *, settle: bool = True,
                    **cfg: Any) -> AsyncIterator[Operator]:
-    """:func:`make_operator` then :func:`running`."""
-    async with running(kubectl, make_operator(kubectl, runner, **cfg), settle=settle) as op:
+    """:func:`make_operator` then :func:`started`."""
+    async with started(kubectl, make_operator(kubectl, runner, **cfg), settle=settle) as op:
         yield op

@@ -85,8 +85,7 @@ async def test_a_change_is_live_in_every_pod_without_exec_and_stuck_mail_is_rele
     no_exec = NoPodsRunner()
     agents = [make_agent(kubectl, name, inst) for name, inst in pods]
     masters = [inst.master_pid() for _, inst in pods]
-    async with running(agents), operator(kubectl, no_exec,  # type: ignore[arg-type]
-                                         observe_interval=0.3):
+    async with running(agents), operator(kubectl, no_exec, observe_interval=0.3):
         await kubectl.apply("plain-partner", destinations=[plain.nexthop], level="encrypt")
         ready = await kubectl.until_ready("plain-partner", timeout=30)
         assert "relay: 3/3 pods verified" in ready["message"]
@@ -128,7 +127,7 @@ async def test_probes_and_lint_come_from_the_agents(
     [(name, inst)] = await seed_agent_pods(make_pod, kubectl, 1)
     no_exec = NoPodsRunner()
     async with running([make_agent(kubectl, name, inst)]), operator(
-            kubectl, no_exec, observe_interval=0.3):  # type: ignore[arg-type]
+            kubectl, no_exec, observe_interval=0.3):
         await kubectl.apply("plain", destinations=[plain.nexthop], level="encrypt",
                             mode="audit")
         await kubectl.apply("ca", destinations=[ca_signed.nexthop], level="secure",
@@ -165,7 +164,7 @@ async def test_a_pod_whose_agent_fails_makes_the_rollout_fail_and_recovers(
         make_pod: PodFactory, kubectl: Kubectl, agent_user: str, audit: AuditLog) -> None:
     pods = await seed_agent_pods(make_pod, kubectl, 2)
     async with running([make_agent(kubectl, n, i) for n, i in pods]), operator(
-            kubectl, NoPodsRunner(), retry_base=0.3):  # type: ignore[arg-type]
+            kubectl, NoPodsRunner(), retry_base=0.3):
         await kubectl.apply("p", destinations=["a.example"], level="may")
         await kubectl.until_ready("p", timeout=20)
         pods[0][1].lock_map_dir()  # relay-0 cannot write its table directory
@@ -344,7 +343,7 @@ async def test_the_version_lint_runs_on_what_the_agents_report(
                                            extra_main_cf={"smtp_use_tls": "yes"})
     no_exec = NoPodsRunner()
     async with running([make_agent(kubectl, name, inst)]), operator(
-            kubectl, no_exec, observe_interval=0.3):  # type: ignore[arg-type]
+            kubectl, no_exec, observe_interval=0.3):
         await kubectl.apply("fine", destinations=["fine.example"], level="encrypt")
         await poll(lambda: inst.query("fine.example") == "encrypt")
         # the table can land before the report that carries the facts: wait for those

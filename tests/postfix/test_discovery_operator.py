@@ -21,7 +21,7 @@ from testbed.audit import AuditLog
 from testbed.stsworld import StsWorld
 
 from .conftest import PodFactory
-from .operating import Kubectl, make_operator, poll, running, seed_pods
+from .operating import Kubectl, make_operator, poll, seed_pods, started
 
 pytestmark = [pytest.mark.postfix, pytest.mark.cluster]
 
@@ -46,7 +46,7 @@ async def operator(kubectl: Kubectl, runner: LocalPodRunner,
     op = make_operator(kubectl, runner)
     op.discovery.discoverer = Discoverer(Dns(("127.0.0.1", world.dns_port), timeout=2.0),
                                          ssl_context(world.ca_file), https_port=world.https_port)
-    async with running(kubectl, op):
+    async with started(kubectl, op):
         yield op
 
 

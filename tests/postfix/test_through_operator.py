@@ -243,7 +243,7 @@ async def test_an_operator_killed_mid_rollout_is_finished_by_the_next_one(
     old = kubectl.status("p")["instances"][0]["revision"]
     gated = GatedRunner(runner, "relay-1")
     try:
-        async with operator(kubectl, gated):  # type: ignore[arg-type]
+        async with operator(kubectl, gated):
             await kubectl.apply("p", destinations=["a.example"], level="encrypt")
             assert await asyncio.to_thread(gated.reached.wait, 15)
             assert pods[0][1].query("a.example") == "encrypt"
@@ -269,7 +269,7 @@ async def test_a_pod_deleted_mid_rollout_ends_in_a_truthful_status(
     # applied before the start: the operator's first rollout is this policy's (no empty
     # table first), and it stops at relay-1 before the operator could ever be idle
     await kubectl.apply("p", destinations=["a.example"], level="encrypt")
-    async with operator(kubectl, gated, settle=False):  # type: ignore[arg-type]
+    async with operator(kubectl, gated, settle=False):
         assert await asyncio.to_thread(gated.reached.wait, 15)
         await asyncio.to_thread(kubectl.delete_pod, "relay-1")  # kwok finishes the deletion
         runner.remove(pods[1][0])

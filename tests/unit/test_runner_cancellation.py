@@ -72,7 +72,7 @@ def gated_subprocesses(monkeypatch: pytest.MonkeyPatch, gate: Gate) -> None:
             out = await communicate(data)
             await gate.hold()
             return out
-        proc.communicate = held  # type: ignore[method-assign]
+        proc.communicate = held  # type: ignore[method-assign,assignment]
         return proc
     monkeypatch.setattr(asyncio, "create_subprocess_exec", gated_spawn)
 
@@ -121,5 +121,5 @@ async def test_an_exec_cancelled_as_it_finishes_ends_cancelled(turns: int) -> No
     async def work(*_: Any) -> ExecResult:  # the exec's worker, its answer just in
         await gate.hold()
         return ExecResult(0, b"", b"")
-    runner._work = work  # type: ignore[method-assign]
+    runner._work = work  # type: ignore[method-assign,assignment]
     await gate.finish_and_cancel(runner.run(POD, ["true"], timeout=30), turns)
