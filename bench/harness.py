@@ -283,6 +283,7 @@ class OperatorThread:
         def _login(**_: Any) -> kopf.ConnectionInfo:
             return login
 
+        self.kopf_settings = self.settings()
         self.thread = threading.Thread(target=self._run, name="kopf-operator", daemon=True)
 
     @staticmethod
@@ -301,7 +302,7 @@ class OperatorThread:
     def _run(self) -> None:
         try:
             asyncio.run(kopf.operator(
-                registry=self.registry, settings=self.settings(), standalone=True,
+                registry=self.registry, settings=self.kopf_settings, standalone=True,
                 clusterwide=False, namespaces=[self.namespace],
                 memo=kopf.Memo(operator=self.operator), stop_flag=self.stop_flag,
                 ready_flag=self.ready_flag, **operator_options()))
@@ -316,6 +317,8 @@ class OperatorThread:
         self.thread.join(timeout)
         if self.thread.is_alive():
             raise RuntimeError(f"the operator did not stop within {timeout} s")
+        # Kopf's executor for sync handlers (the login) outlives the operator otherwise.
+        self.kopf_settings.execution.executor.shutdown(wait=True)
 
 
 # ------------------------------------------------------------------------ the scene
@@ -468,6 +471,7 @@ async def operating(config: Config, pods: Pods | None = None, *,
     and the real operator running on it (watching) before the block starts."""
     plane = cluster()
     ns = await asyncio.to_thread(fresh_namespace)
+    config = dataclasses.replace(config, namespaces=[ns])  # as `mailtls run -n NS`
     identity = await asyncio.to_thread(plane.identity, ns, OPERATOR_SA)
     user, op_client = plane.api_client(pool=64), plane.api_client(identity, pool=64)
     inner: PodRunner = KubernetesExecRunner(op_client) if pods else NoPods()
