@@ -360,6 +360,9 @@ def main() -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: everything the demo started is stopped.", file=sys.stderr)
         return 130
+    except SystemExit:
+        print("\nterminated: everything the demo started is stopped.", file=sys.stderr)
+        raise
     finally:
         signal.alarm(0)
         shutil.rmtree(base, ignore_errors=True)
