@@ -8,7 +8,8 @@ what else the test runs (agents, sinks); nothing here shares a loop with it.
 
 The block starts once Kopf watches every resource it has handlers for in the given
 namespaces, as kube-apiserver's audit log shows (a watch is logged when its response
-starts), so the operator is fully up, not merely past its startup handlers.  The
+starts; the admin's watches in those namespaces are Kopf's: the operator's own calls
+never watch), so the operator is fully up, not merely past its startup handlers.  The
 operator is namespaced: namespaces never finalize on this server (no controller), so a
 cluster-wide one would see every earlier test's objects.
 """
@@ -27,13 +28,11 @@ import kopf
 
 from mailtls_operator.controller import operator_options
 
-from .audit import AuditLog
+from .auditlog import AuditTail
 from .controlplane import ControlPlane
+from .pki import ADMIN_USER
 
 LOGIN_HANDLER_ID: Final = "testbed-controlplane-login"
-KOPF_AGENT: Final = "kopf/"
-"""How Kopf's requests start their ``User-Agent`` (the operator's own calls go through
-the official client, whose agent differs)."""
 
 
 def fast_settings() -> kopf.OperatorSettings:
@@ -87,10 +86,10 @@ class RunningOperator:
     errors: list[BaseException] = dataclasses.field(default_factory=list)
 
 
-def _watching(log: AuditLog, namespaces: Collection[str], plurals: set[str]) -> bool:
+def _watching(log: AuditTail, namespaces: Collection[str], plurals: set[str]) -> bool:
     """Kopf has opened a watch on every resource of ``plurals`` in every namespace."""
-    seen = {(r.namespace, r.resource) for r in log.select(
-        "watch", where=lambda r: r.user_agent.startswith(KOPF_AGENT))}
+    log.poll()
+    seen = {(r.namespace, r.resource) for r in log.select("watch", user=ADMIN_USER)}
     return all((ns, plural) in seen for ns in namespaces for plural in plurals)
 
 
@@ -111,10 +110,9 @@ async def run_operator(plane: ControlPlane, registry: kopf.OperatorRegistry, *,
     plurals = watched_plurals(registry)
     stop_flag, ready_flag = threading.Event(), threading.Event()
     errors: list[BaseException] = []
-    client = plane.api_client()  # for the audit log's barrier
-    audit = AuditLog(plane.audit_log, client) if plane.audit_log is not None else None
-    if audit is not None:
-        await asyncio.to_thread(audit.mark)
+    audit = None
+    if plane.audit_log is not None:
+        audit = AuditTail(plane.audit_log, lambda path: plane.request("GET", path))
 
     def target() -> None:
         try:
@@ -151,7 +149,6 @@ async def run_operator(plane: ControlPlane, registry: kopf.OperatorRegistry, *,
         stop_flag.set()
         await asyncio.to_thread(thread.join, stop_timeout)
         _set_login(registry, None)
-        client.close()
         if thread.is_alive():
             raise RuntimeError(f"the operator did not stop within {stop_timeout} s")
     if errors:

@@ -1,7 +1,7 @@
 """The real control plane, shared by every tier that uses it (tests/cluster, tests/postfix):
 etcd and kube-apiserver built from the pinned Go modules (``make controlplane``), kwok
-beside them, the project's CRDs, an admin client and the audit log; one of each per test
-session, and a fresh namespace per test.
+beside them, the project's CRDs and an admin client; one of each per test session, and a
+fresh namespace per test.
 
 A session shares one server because starting it costs seconds; tests stay independent
 by working in their own namespace.  Fixtures are created on first use only: a session
@@ -19,7 +19,6 @@ from pathlib import Path
 import kubernetes.client
 import pytest
 
-from testbed.audit import AuditLog
 from testbed.controlplane import ControlPlane, ControlPlaneError, binaries_dir
 from testbed.kwok import Kwok
 
@@ -82,14 +81,3 @@ def admin_client(crds_applied: ControlPlane) -> Iterator[kubernetes.client.ApiCl
     """The official client as the admin (``system:masters``), the CRDs installed."""
     with crds_applied.api_client() as client:
         yield client
-
-
-@pytest.fixture
-def audit(crds_applied: ControlPlane, admin_client: kubernetes.client.ApiClient) -> AuditLog:
-    """The server's audit log, read from the start of the test on."""
-    path = getattr(crds_applied, "audit_log", None)
-    if path is None:
-        pytest.skip("this control plane writes no audit log")
-    log = AuditLog(path, admin_client)
-    log.mark()
-    return log

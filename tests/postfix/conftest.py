@@ -28,6 +28,7 @@ from testbed import (
     starttls_sink,
     stop_all,
 )
+from testbed.auditlog import AuditTail
 from testbed.controlplane import ControlPlane
 from testbed.postfixroot import VERSIONS, build_for
 
@@ -153,3 +154,15 @@ def kubectl(admin_client: kubernetes.client.ApiClient, crds_applied: ControlPlan
     """kubectl in the test's own namespace on the session's real control plane (the
     project's CRDs applied, pods bound to the session's kwok node)."""
     return Kubectl(crds_applied, admin_client, namespace, kwok_node)
+
+
+@pytest.fixture
+def audit(crds_applied: ControlPlane) -> AuditTail:
+    """kube-apiserver's audit log from the test's start on (``barrier()`` before counting:
+    :meth:`Kubectl.count` does)."""
+    plane = crds_applied
+    if plane.audit_log is None:
+        pytest.skip("this control plane writes no audit log")
+    tail = AuditTail(plane.audit_log, lambda path: plane.request("GET", path))
+    tail.barrier()
+    return tail

@@ -28,7 +28,7 @@ from mailtls_operator.crd import GROUP, PLURAL, VERSION
 from mailtls_operator.kube import Kube
 from mailtls_operator.podrunner import PodRef, PodRunner
 from testbed import LocalInstance, wait_until
-from testbed.audit import AuditLog
+from testbed.auditlog import AuditTail, Request
 from testbed.controlplane import ControlPlane
 from testbed.kopfthread import run_operator
 
@@ -206,13 +206,18 @@ class Kubectl:
 
     # -- the audit log -----------------------------------------------------------------
 
-    def count(self, audit: AuditLog, verbs: str | Iterable[str] | None, resource: str,
+    def count(self, audit: AuditTail, verbs: str | Iterable[str] | None, resource: str,
               **kwargs: Any) -> int:
-        """Requests in this namespace since the audit mark, once the log has them all."""
-        audit.barrier()
-        return audit.count(verbs, resource, where=lambda r: r.namespace == self.ns, **kwargs)
+        """Requests in this namespace (since the tail's start, or ``since=``), once the
+        log has all those answered so far."""
+        return len(self.requests(audit, verbs, resource, **kwargs))
 
-    def exec_requests(self, audit: AuditLog) -> int:
+    def requests(self, audit: AuditTail, verbs: str | Iterable[str] | None, resource: str,
+                 **kwargs: Any) -> list[Request]:
+        audit.barrier()
+        return [r for r in audit.select(verbs, resource, **kwargs) if r.namespace == self.ns]
+
+    def exec_requests(self, audit: AuditTail) -> int:
         """exec, attach and port-forward requests into this namespace's pods."""
         return sum(self.count(audit, None, "pods", subresource=sub)
                    for sub in EXEC_SUBRESOURCES)

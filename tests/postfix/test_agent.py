@@ -26,7 +26,7 @@ from mailtls_operator.podrunner import ExecResult, PodRef
 from mailtls_operator.policy import load_policy
 from mailtls_operator.render import REVISION_KEY, Tables, render
 from testbed import LocalInstance, SmtpSink
-from testbed.audit import AuditLog
+from testbed.auditlog import AuditTail
 from testbed.controlplane import ControlPlane
 from testbed.faultproxy import FaultProxy
 
@@ -79,7 +79,7 @@ async def seed_agent_pods(make_pod: PodFactory, kubectl: Kubectl, count: int,
 
 async def test_a_change_is_live_in_every_pod_without_exec_and_stuck_mail_is_released(
         make_pod: PodFactory, plain: SmtpSink, kubectl: Kubectl, agent_user: str,
-        audit: AuditLog) -> None:
+        audit: AuditTail) -> None:
     routes = {"plain.example": f"smtp:{plain.nexthop}"}
     pods = await seed_agent_pods(make_pod, kubectl, 3, routes=routes)
     no_exec = NoPodsRunner()
@@ -123,7 +123,7 @@ async def test_a_change_is_live_in_every_pod_without_exec_and_stuck_mail_is_rele
 
 async def test_probes_and_lint_come_from_the_agents(
         make_pod: PodFactory, plain: SmtpSink, self_signed: SmtpSink, ca_signed: SmtpSink,
-        ca: Any, kubectl: Kubectl, agent_user: str, audit: AuditLog) -> None:
+        ca: Any, kubectl: Kubectl, agent_user: str, audit: AuditTail) -> None:
     [(name, inst)] = await seed_agent_pods(make_pod, kubectl, 1)
     no_exec = NoPodsRunner()
     async with running([make_agent(kubectl, name, inst)]), operator(
@@ -161,7 +161,7 @@ async def test_probes_and_lint_come_from_the_agents(
 
 
 async def test_a_pod_whose_agent_fails_makes_the_rollout_fail_and_recovers(
-        make_pod: PodFactory, kubectl: Kubectl, agent_user: str, audit: AuditLog) -> None:
+        make_pod: PodFactory, kubectl: Kubectl, agent_user: str, audit: AuditTail) -> None:
     pods = await seed_agent_pods(make_pod, kubectl, 2)
     async with running([make_agent(kubectl, n, i) for n, i in pods]), operator(
             kubectl, NoPodsRunner(), retry_base=0.3):
@@ -335,7 +335,7 @@ async def test_the_mailtls_agent_command_runs_the_same_loop(
 
 @BOTH_VERSIONS
 async def test_the_version_lint_runs_on_what_the_agents_report(
-        make_pod: PodFactory, kubectl: Kubectl, agent_user: str, audit: AuditLog,
+        make_pod: PodFactory, kubectl: Kubectl, agent_user: str, audit: AuditTail,
         postfix_version: str) -> None:
     """No exec: the agent's report carries ``mail_version`` (and the deprecated TLS
     parameters), so enable_rpk is held back from a 3.7 pod and rolled out to a 3.10 one."""

@@ -17,7 +17,7 @@ from mailtls_operator.discovery.dns import Dns
 from mailtls_operator.discovery.engine import Discoverer
 from mailtls_operator.discovery.fetch import ssl_context
 from testbed import LocalPodRunner
-from testbed.audit import AuditLog
+from testbed.auditlog import AuditTail
 from testbed.stsworld import StsWorld
 
 from .conftest import PodFactory
@@ -56,7 +56,7 @@ def discovery(name: str, *domains: str) -> dict[str, Any]:
 
 
 async def test_discovered_lines_status_precedence_and_change_event(
-        make_pod: PodFactory, runner: LocalPodRunner, kubectl: Kubectl, audit: AuditLog,
+        make_pod: PodFactory, runner: LocalPodRunner, kubectl: Kubectl, audit: AuditTail,
         world: StsWorld) -> None:
     [(_, inst)] = await seed_pods(make_pod, kubectl, 1)
     async with operator(kubectl, runner, world) as op:
@@ -114,7 +114,7 @@ async def test_discovered_lines_status_precedence_and_change_event(
         assert metric == 1.0
         assert inst.query("signed.example") == "encrypt"  # the static policy stays
     # the calls the chart grants for this kind (tests/integration/test_rbac.py names them)
-    for verb, sub in (("list", None), ("watch", None), ("patch", "status")):
+    for verb, sub in (("list", ""), ("watch", ""), ("patch", "status")):
         assert kubectl.count(audit, verb, PLURAL, subresource=sub) > 0, verb
 
 

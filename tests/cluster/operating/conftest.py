@@ -19,9 +19,9 @@ import pytest
 
 from testbed.controlplane import ControlPlane
 
+from .audit import AuditLog
 from .helpers import Cluster, OperatorProcess
 
-REPO = Path(__file__).resolve().parents[3]
 FAST = ("--debounce", "0.15", "--max-delay", "1.5")
 
 
@@ -30,6 +30,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Generator[None, A
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture
+def audit(crds_applied: ControlPlane, admin_client: kubernetes.client.ApiClient) -> AuditLog:
+    """The server's audit log, read from the start of the test on."""
+    path = getattr(crds_applied, "audit_log", None)
+    if path is None:
+        pytest.skip("this control plane writes no audit log")
+    log = AuditLog(path, admin_client)
+    log.mark()
+    return log
 
 
 @pytest.fixture
