@@ -121,7 +121,8 @@ class FaultProxy:
         self._resumed.set()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+        # handlers still running at stop (held by hang()) are cancelled below: no grace
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=serving)
         await site.start()
