@@ -21,6 +21,7 @@ from testbed.controlplane import ControlPlane
 
 from .audit import AuditLog
 from .helpers import Cluster, OperatorProcess
+from .webhook import FaultWebhook, fault_webhook
 
 REPO = Path(__file__).resolve().parents[3]
 FAST = ("--debounce", "0.15", "--max-delay", "1.5")
@@ -94,6 +95,15 @@ def operator_identity(crds_applied: ControlPlane, cluster: Cluster,
     """The operator's own ServiceAccount, so the audit log tells its requests apart."""
     return admin_service_account(crds_applied, cluster, "mailtls-operator",
                                  tmp_path / "operator.kubeconfig")
+
+
+@pytest.fixture
+def faults(admin_client: kubernetes.client.ApiClient, namespace: str,
+           operator_identity: Identity) -> Iterator[FaultWebhook]:
+    """An admission webhook that refuses the operator's writes in the test's namespace as
+    the test injects (``faults.inject(Fault(...))``); everyone else's pass."""
+    with fault_webhook(admin_client, namespace, operator_identity.user) as hook:
+        yield hook
 
 
 StartOperator = Callable[..., OperatorProcess]
