@@ -152,6 +152,7 @@ class Cluster:
         self.ns = namespace
         self.custom: Any = kubernetes.client.CustomObjectsApi(client)
         self.core: Any = kubernetes.client.CoreV1Api(client)
+        self.apps: Any = kubernetes.client.AppsV1Api(client)
         self.coordination: Any = kubernetes.client.CoordinationV1Api(client)
         self.rbac: Any = kubernetes.client.RbacAuthorizationV1Api(client)
 
@@ -194,6 +195,11 @@ class Cluster:
 
     def create_pod(self, body: dict[str, Any]) -> None:
         self.core.create_namespaced_pod(self.ns, cast(Any, body))
+
+    def mark_ready(self, pod: str) -> None:
+        """What a kubelet would report: the pod Running and Ready (none runs here)."""
+        self.core.patch_namespaced_pod_status(pod, self.ns, {"status": {
+            "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
 
     def create_configmap(self, body: dict[str, Any]) -> None:
         self.core.create_namespaced_config_map(self.ns, cast(Any, body))
