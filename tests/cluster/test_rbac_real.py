@@ -266,3 +266,42 @@ def test_what_the_operator_must_not_do_is_refused_403_by_the_server(
                     "&container=postfix&stdout=true")
         record(f"{install.scope}/exec operator: exec into a pod (granted)", answer)
         assert answer.status != 403, answer.line()
+
+
+def test_an_exec_refused_by_rbac_is_never_read_as_tafile_present(
+        controlplane: ControlPlane, namespace: str, tmp_path: Path) -> None:
+    """A chart installed for the restart strategy (no ``pods/exec``) meets a pod annotated
+    ``exec``: the server answers the tafile check 403, and the operator holds the policy
+    that names the file back instead of taking the refusal for a file present.  (Its
+    Ready says RolloutFailed, not CheckUnavailable: the rollout's own exec is refused by
+    the same 403, and that condition leads.)"""
+    controlplane.apply_crds(sorted((ROOT / "crds").glob("*.yaml")))
+    with installed(controlplane, namespace, "namespaced", "restart") as install:
+        cp, ns = install.cp, install.watched
+        cp.request("POST", f"/api/v1/namespaces/{ns}/pods",
+                   pod(ns, "relay-0", instance="relay",
+                       annotations={"mailtls.io/strategy": "exec"},
+                       owner={"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs",
+                              "uid": "0b1e5c3a-0000-4000-8000-000000000001"}))
+        cp.kubectl("patch", "pod", "relay-0", "-n", ns, "--subresource=status", "--type=merge",
+                   "-p", '{"status": {"phase": "Running", "conditions": '
+                         '[{"type": "Ready", "status": "True"}]}}')
+        policies = f"/apis/mailtls.io/v1alpha1/namespaces/{ns}/mailtlspolicies"
+        with running_operator(install, tmp_path) as op:
+            anchored = policy(ns, "anchored", ["a.example"], "secure", [])
+            anchored["spec"].update(match=["nexthop"], tafile=["/etc/postfix/tls/ca.pem"])
+            cp.request("POST", policies, anchored)
+            cp.request("POST", policies, policy(ns, "plain", ["b.example"], "encrypt", []))
+            until(lambda: _table(cp, ns, "relay") == {"b.example encrypt"}, 30,
+                  "the table without the held-back policy")
+            status = until(lambda: (s := cp.request("GET", f"{policies}/anchored").get(
+                "status")) and s.get("observedGeneration") == 1 and s, 30,
+                "the anchored policy's status")
+            until(lambda: "cannot check tafile /etc/postfix/tls/ca.pem" in op.text(), 30,
+                  "the refused check in the log")
+            log = op.text()
+    assert status["entries"] == []  # held back: not one line of it in the table
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and "403" in ready["message"], ready
+    checks = [line for line in log.splitlines() if "cannot check tafile" in line]
+    assert all(REFUSED.search(line) for line in checks), checks

@@ -137,4 +137,5 @@ def start_operator(operator_identity: Identity, namespace: str, tmp_path: Path,
     for p, code in zip(started, codes, strict=True):
         assert p.tracebacks_ok or "Traceback" not in p.running_log, \
             f"{p.log} has a traceback:\n{p.tail(80)}"
-        assert code in (0, -9, None), f"{p.log} exited with {code}:\n{p.tail(40)}"
+        assert code in (0, -9, None) or p.exit_expected, \
+            f"{p.log} exited with {code}:\n{p.tail(40)}"

@@ -72,6 +72,8 @@ class OperatorProcess:
         self.env = env or {}
         #: a test that breaks the connection expects tracebacks of connection errors
         self.tracebacks_ok = False
+        #: a test that makes it exit with an error checks the code itself
+        self.exit_expected = False
         #: the log up to the SIGTERM of :meth:`stop` (Kopf 1.x may log a traceback of an
         #: async generator while it shuts down, which is not the operator's doing)
         self.running_log = ""
