@@ -18,10 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes.client
 import pytest
 
 from mailtls_operator.render import REVISION_KEY
 from testbed.controlplane import ControlPlane
+from tests.cluster.operating.audit import AuditLog
 from tests.cluster.rbac_kit import (
     MERGE,
     Answer,
@@ -31,6 +33,7 @@ from tests.cluster.rbac_kit import (
     statefulset,
 )
 from tests.cluster.rbac_setup import Install, installed, running_operator, until
+from tests.contract.kit import operator_grants
 
 pytestmark = pytest.mark.cluster
 
@@ -42,6 +45,20 @@ CRD_PATH = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD}"
 DRY = "?dryRun=All"  # a refusal that would wrongly succeed changes nothing
 #: A refusal in the operator's log: the status code as a word, or the reason.
 REFUSED = re.compile(r"\b403\b|forbidden", re.IGNORECASE)
+#: Granted, and used by a code path this scenario does not reach, each for a reason.
+NOT_REACHED = {
+    ("", "pods/exec", "create"): "exec needs a kubelet: the exec runner goes through the "
+                                 "server in test_exec_through_apiserver.py (kwok)",
+    ("", "pods/exec", "get"): "the websocket upgrade of an exec is a GET (likewise)",
+    ("", "pods", "patch"): "the applied-revision annotation after an exec rollout: the pod "
+                           "here has the restart strategy",
+    ("apps", "deployments", "get"): "restart strategy with a Deployment owner (a StatefulSet "
+                                    "here)",
+    ("apps", "deployments", "patch"): "restart strategy with a Deployment owner",
+    ("apps", "replicasets", "get"): "a Deployment pod's owner is its ReplicaSet",
+    ("mailtls.io", "mailtlsdiscoveries/status", "patch"): "no MailTLSDiscovery here: its "
+        "status is written in tests/postfix/test_discovery_operator.py",
+}
 
 
 def record(case: str, answer: Answer | str) -> None:
@@ -95,6 +112,10 @@ def test_operator_does_its_whole_job_with_only_the_charts_rights(
     cp, ns = install.cp, install.watched
     policies = f"/apis/mailtls.io/v1alpha1/namespaces/{ns}/mailtlspolicies"
     _seed_instance(cp, ns)
+    with cp.api_client() as admin:
+        audit = AuditLog(cp.audit_log, admin) if cp.audit_log else None
+        if audit:
+            audit.mark()
     with running_operator(install, tmp_path) as op:
         cp.request("POST", policies, policy(ns, "p", ["a.example"], "encrypt", []))
         cp.request("POST", policies, policy(ns, "named", ["b.example"], "may", ["lonely"]))
@@ -133,6 +154,16 @@ def test_operator_does_its_whole_job_with_only_the_charts_rights(
     assert refused == [], "the server refused the operator:\n" + "\n".join(refused)
     record(f"{install.scope}/{install.strategy} operator run",
            f"{len(log.splitlines())} log lines, no 403; {len(events)} Events")
+    if audit is not None:  # and every right the chart grants is one the operator used
+        with cp.api_client() as admin:
+            audit.core = kubernetes.client.CoreV1Api(admin)
+            audit.barrier()
+        used = {(r.group, r.resource + (f"/{r.subresource}" if r.subresource else ""), r.verb)
+                for r in audit.select(user=install.user, subresource="*") if r.resource}
+        grants = {g[1:4] for g in operator_grants(install.objects, install.service_account,
+                                                  install.release_ns)}
+        assert used - grants == set(), "calls the chart does not grant"
+        assert grants - used - set(NOT_REACHED) == set(), "grants no code path here used"
 
 
 def _needs(install: Install) -> list[tuple[str, str, str, str, str]]:
