@@ -37,7 +37,7 @@ import ssl
 import subprocess
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -87,9 +87,12 @@ class Kwok:
     ``workdir``."""
 
     def __init__(self, plane: ControlPlane, workdir: Path, *,
-                 binary: Path | None = None) -> None:
+                 binary: Path | None = None, path: Sequence[Path] = ()) -> None:
         self.plane = plane
         self.binary = binary
+        #: directories put first on kwok's PATH, where a mapped exec looks its command up
+        #: (e.g. shims that run it in a container instead)
+        self.path = list(path)
         self.workdir = workdir
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -125,7 +128,7 @@ class Kwok:
                 "--node-lease-duration-seconds=0",
                 "--enable-crds=Exec"]
         env = dict(os.environ)
-        env["PATH"] = f"{SBIN_PATH}:{env.get('PATH', '')}"
+        env["PATH"] = ":".join([*map(str, self.path), SBIN_PATH, env.get("PATH", "")])
         env["HOME"] = str(self.workdir)  # never ~/.kwok
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,  # noqa: S603
@@ -174,12 +177,14 @@ class Kwok:
     def run_pod(self, namespace: str, name: str, node: str, *, container: str = "postfix",
                 image: str = "registry.invalid/postfix:test",
                 labels: Mapping[str, str] | None = None,
+                annotations: Mapping[str, str] | None = None,
                 timeout: float = 30.0) -> dict[str, Any]:
         """Create a pod bound to ``node`` (no scheduler) and return it once Running and
         Ready (kwok's pod stage; nothing runs the image)."""
         self.plane.request("POST", f"/api/v1/namespaces/{namespace}/pods", {
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "labels": dict(labels or {})},
+            "metadata": {"name": name, "labels": dict(labels or {}),
+                         "annotations": dict(annotations or {})},
             "spec": {"nodeName": node, "containers": [{"name": container, "image": image}]}})
         return self._wait(f"/api/v1/namespaces/{namespace}/pods/{name}",
                           lambda pod: pod["status"].get("phase") == "Running" and _ready(pod),
