@@ -15,20 +15,18 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 
-import kubernetes.client
 import pytest
 
 from testbed.controlplane import ControlPlane
 from testbed.kwok import Kwok
 from tests.cluster.conftest import controlplane, namespace  # noqa: F401 (fixtures)
-from tests.cluster.operating.audit import AuditLog
+from tests.cluster.operating.conftest import admin_client, audit, crds_applied  # noqa: F401
 from tests.cluster.rbac_setup import Install, installed
 from tests.images.kwokexec import write_shims
 from tests.images.pods import (
     BUILD,
     OPERATOR_IMAGE,
     POSTFIX_IMAGE,
-    ROOT,
     podman_env,
     remove_leftovers,
 )
@@ -69,11 +67,10 @@ def images() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def cluster_with_crds(images: None, controlplane: ControlPlane) -> ControlPlane:  # noqa: F811
-    """The session's control plane with the project's CRDs (after the images, so that a
-    machine without podman never starts it)."""
-    controlplane.apply_crds(sorted((ROOT / "crds").glob("*.yaml")))
-    return controlplane
+def cluster_with_crds(images: None, crds_applied: ControlPlane) -> ControlPlane:  # noqa: F811
+    """The session's control plane with the project's CRDs, started after the images are
+    built (a machine without podman never starts it)."""
+    return crds_applied
 
 
 @pytest.fixture
@@ -92,20 +89,3 @@ def kwok_podman(cluster_with_crds: ControlPlane,
     shims = write_shims(tmp_path_factory.mktemp("shims"))
     with Kwok(cluster_with_crds, tmp_path_factory.mktemp("kwok"), path=[shims]) as fake:
         yield fake
-
-
-@pytest.fixture
-def admin_client(cluster_with_crds: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:
-    with cluster_with_crds.api_client() as client:
-        yield client
-
-
-@pytest.fixture
-def audit(cluster_with_crds: ControlPlane,
-          admin_client: kubernetes.client.ApiClient) -> AuditLog:
-    """The server's audit log from the start of the test on."""
-    assert cluster_with_crds.audit_log is not None
-    log = AuditLog(cluster_with_crds.audit_log, admin_client)
-    log.mark()
-    return log
-

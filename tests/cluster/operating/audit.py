@@ -33,7 +33,6 @@ class Request:
 
     audit_id: str
     verb: str
-    group: str  # "" for the core group
     resource: str | None
     subresource: str | None
     namespace: str | None
@@ -65,7 +64,7 @@ def _request(event: dict[str, Any]) -> Request:
     ref = event.get("objectRef") or {}
     status = event.get("responseStatus") or {}
     return Request(audit_id=event["auditID"], verb=event.get("verb", ""),
-                   group=ref.get("apiGroup") or "", resource=ref.get("resource"), subresource=ref.get("subresource"),
+                   resource=ref.get("resource"), subresource=ref.get("subresource"),
                    namespace=ref.get("namespace"), name=ref.get("name"),
                    user=(event.get("user") or {}).get("username", ""),
                    user_agent=event.get("userAgent", ""), uri=event.get("requestURI", ""),

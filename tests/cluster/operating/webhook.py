@@ -117,7 +117,7 @@ class FaultWebhook:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
         response, delay = self.server.hook.review(body["request"])
         if delay:
@@ -133,7 +133,7 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass  # the API server stopped waiting
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
