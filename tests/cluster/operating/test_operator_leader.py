@@ -12,26 +12,32 @@ import pytest
 
 from .audit import WRITE_VERBS, AuditLog
 from .conftest import Identity, StartOperator
-from .helpers import Cluster, policy, until
+from .helpers import Cluster, OperatorProcess, policy, until
 
 pytestmark = pytest.mark.cluster
 
 LEASE_SECONDS, RENEW_EVERY = 15.0, 5.0  # mailtls run's defaults (mailtls_operator.leader)
 
 
+def _leader_and_standby(cluster: Cluster,
+                        start_operator: StartOperator) -> tuple[OperatorProcess, OperatorProcess]:
+    """replica-a leading (its table written), replica-b started after it and standing by."""
+    elect = ("--leader-elect", "--lease-namespace", cluster.ns)
+    a = start_operator(*elect, name="replica-a", env={"POD_NAME": "replica-a"})
+    a.wait_log(r"leading as replica-a", 30)
+    b = start_operator(*elect, name="replica-b", env={"POD_NAME": "replica-b"})
+    cluster.apply(policy("p", cluster.ns, destinations=["a.example"], level="may"))
+    until(lambda: cluster.table() == ["a.example may"], what="the leader's table")
+    assert cluster.lease()["spec"]["holderIdentity"] == "replica-a"
+    assert "leading as" not in b.text()
+    return a, b
+
+
 def test_the_standby_takes_over_a_killed_leader_within_the_lease_and_no_revision_twice(
         cluster: Cluster, start_operator: StartOperator, audit: AuditLog,
         operator_identity: Identity) -> None:
     ns = cluster.ns
-    elect = ("--leader-elect", "--lease-namespace", ns)
-    a = start_operator(*elect, name="replica-a", env={"POD_NAME": "replica-a"})
-    a.wait_log(r"leading as replica-a", 30)
-    b = start_operator(*elect, name="replica-b", env={"POD_NAME": "replica-b"})
-    cluster.apply(policy("p", ns, destinations=["a.example"], level="may"))
-    until(lambda: cluster.table() == ["a.example may"], what="the leader's table")
-    assert cluster.lease()["spec"]["holderIdentity"] == "replica-a"
-    assert "leading as" not in b.text()
-
+    a, b = _leader_and_standby(cluster, start_operator)
     a.kill()  # SIGKILL: the Lease is not released, it must run out
     killed = time.monotonic()
     cluster.apply(policy("p", ns, destinations=["a.example"], level="encrypt"))
@@ -58,13 +64,7 @@ def test_the_standby_takes_over_a_killed_leader_within_the_lease_and_no_revision
 def test_a_leader_stopped_cleanly_releases_the_lease_and_the_standby_takes_it_at_once(
         cluster: Cluster, start_operator: StartOperator) -> None:
     ns = cluster.ns
-    elect = ("--leader-elect", "--lease-namespace", ns)
-    a = start_operator(*elect, name="replica-a", env={"POD_NAME": "replica-a"})
-    a.wait_log(r"leading as replica-a", 30)
-    b = start_operator(*elect, name="replica-b", env={"POD_NAME": "replica-b"})
-    cluster.apply(policy("p", ns, destinations=["a.example"], level="may"))
-    until(lambda: cluster.table() == ["a.example may"], what="the leader's table")
-    assert "leading as" not in b.text()
+    a, b = _leader_and_standby(cluster, start_operator)
     assert a.stop() == 0  # SIGTERM: the Lease is handed over before the process ends
     stopped = time.monotonic()
     b.wait_log(r"leading as replica-b", LEASE_SECONDS)

@@ -11,6 +11,8 @@ operator starts the listing over, as kubectl's pager does."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import kubernetes.client
 import pytest
 
@@ -28,6 +30,19 @@ def _seed(cluster: Cluster, n: int) -> None:
                               level="encrypt") for i in range(n))
 
 
+async def _list_across(cluster: Cluster, admin_client: kubernetes.client.ApiClient,
+                       between: Callable[[], object]) -> list[str]:
+    """The names ``Kube.list_policies`` yields, with ``between()`` run after the first
+    page: history moves on (an unrelated write) and is compacted, and whatever else."""
+    names: list[str] = []
+    async for obj in Kube(admin_client).list_policies(cluster.ns):
+        names.append(obj["metadata"]["name"])
+        if len(names) == PAGE:
+            cluster.create_configmap({"metadata": {"name": "later"}})
+            between()
+    return names
+
+
 def _pages(audit: AuditLog, ns: str) -> list[tuple[bool, int | None]]:
     """(with a continue token, the server's code) of each policy list in ``ns``."""
     audit.barrier()
@@ -41,13 +56,7 @@ async def test_a_listing_across_an_etcd_compaction_completes_with_every_object_o
     ns, n = cluster.ns, PAGE + 10  # two pages
     _seed(cluster, n)
     audit.mark()
-    names: list[str] = []
-    async for obj in Kube(admin_client).list_policies(ns):
-        names.append(obj["metadata"]["name"])
-        if len(names) == PAGE:
-            # history moves on and is compacted: the continue token's revision is gone
-            cluster.create_configmap({"metadata": {"name": "later"}})
-            controlplane.compact_etcd()
+    names = await _list_across(cluster, admin_client, controlplane.compact_etcd)
     assert len(names) == len(set(names)) == n
     assert _pages(audit, ns) == [(False, 200), (True, 200)]  # the cache kept the token good
 
@@ -58,13 +67,12 @@ async def test_an_expired_continue_token_gets_410_and_the_listing_starts_over(
     ns, n = cluster.ns, 2 * PAGE + 1  # three pages
     _seed(cluster, n)
     audit.mark()
-    names: list[str] = []
-    async for obj in Kube(admin_client).list_policies(ns):
-        names.append(obj["metadata"]["name"])
-        if len(names) == PAGE:
-            cluster.create_configmap({"metadata": {"name": "later"}})
-            controlplane.compact_etcd()
-            controlplane.restart_apiserver()  # its watch cache starts after the compaction
+
+    def compact_and_restart() -> None:  # the watch cache starts after the compaction
+        controlplane.compact_etcd()
+        controlplane.restart_apiserver()
+
+    names = await _list_across(cluster, admin_client, compact_and_restart)
     assert len(set(names)) == n
     assert len(names) == PAGE + n  # the first page again, then everything
     assert _pages(audit, ns) == [(False, 200), (True, 410),
