@@ -113,6 +113,16 @@ def test_what_the_server_accepts_but_the_operator_refuses_is_reported_in_status(
     mine = audit.select(WRITE_VERBS, PLURAL, subresource="*", user=operator_identity.user)
     assert mine and all(r.subresource == "status" and r.verb == "patch" for r in mine), mine
 
+    # a good policy changed into one the operator refuses: its last good generation stays
+    cluster.apply(policy("partner", ns, destinations=["a.example"], level="may",
+                         exception={"startsAt": _z(now - timedelta(hours=1)),
+                                    "expiresAt": _z(now + timedelta(days=20)),
+                                    "reason": "INC-10 partner certificate expired"}))
+    ready = until(lambda: (c := cluster.condition("partner", "Ready"))
+                  and c["reason"] == "Invalid" and c, what="partner's generation 2 refused")
+    assert "generation 2 refused; the last good generation 1 stays" in ready["message"], ready
+    assert cluster.table() == ["a.example encrypt"]
+
 
 def test_an_exception_expires_by_itself_when_the_wall_clock_passes_it(
         cluster: Cluster, start_operator: StartOperator) -> None:
