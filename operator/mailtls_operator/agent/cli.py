@@ -73,6 +73,20 @@ def add_agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="longest wait between attempts to reach the API (default: %(default)g)")
     p.add_argument("--watch-timeout", type=int, default=300, metavar="SECONDS",
                    help="server-side length of one watch request (default: %(default)s)")
+    p.add_argument("--tlsrpt-socket", default="auto", metavar="auto|off|PATH",
+                   help="receive Postfix's TLSRPT datagrams (Postfix >= 3.10, "
+                        "smtp_tlsrpt_enable = yes) and report TLS session outcomes per "
+                        "policy key: 'auto' binds where main.cf says "
+                        "($queue_directory/$smtp_tlsrpt_socket_name, on a volume both "
+                        "containers share), 'off' collects nothing (default: %(default)s)")
+    p.add_argument("--outcomes-window", type=float, default=3600.0, metavar="SECONDS",
+                   help="rolling window of the reported session counts (default: %(default)g)")
+    p.add_argument("--outcomes-interval", type=float, default=15.0, metavar="SECONDS",
+                   help="look at the counts this often and report them when they changed "
+                        "(default: %(default)g)")
+    p.add_argument("--tlsrpt-rate", type=int, default=500, metavar="N",
+                   help="read at most N datagrams a second; a flood beyond waits in, then is "
+                        "dropped by, the socket buffer (default: %(default)s)")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="log level (default: %(default)s)")
@@ -84,6 +98,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from .converge import Converger, PodSettings
     from .loop import Agent, LoopSettings
     from .runner import ProcessRunner
+    from .tlsrpt import OutcomeCollector
 
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -95,6 +110,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except postfix.InvalidArgument as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.outcomes_window <= 0 or args.outcomes_interval <= 0 or args.tlsrpt_rate < 1:
+        print("error: --outcomes-window and --outcomes-interval must be positive, "
+              "--tlsrpt-rate at least 1", file=sys.stderr)
+        return 2
     if args.api_url:
         api = AgentApi(args.api_url, timeout=args.api_timeout)
     elif args.kubeconfig:
@@ -104,7 +123,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     agent = Agent(api, Converger(ProcessRunner(args.postfix_config), settings),
                   LoopSettings(args.instance, args.configmap_dir, args.parts_dir,
                                args.observe_interval, retry_max=args.retry_max,
-                               watch_timeout=args.watch_timeout))
+                               watch_timeout=args.watch_timeout,
+                               tlsrpt_socket=args.tlsrpt_socket,
+                               outcomes_interval=args.outcomes_interval),
+                  OutcomeCollector(window=args.outcomes_window, rate=args.tlsrpt_rate))
 
     async def main() -> None:
         try:

@@ -8,14 +8,25 @@ import asyncio
 import json
 import logging
 from collections.abc import Coroutine
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from .. import mailqueue
+from ..agent.collect import STRATEGY as AGENT
 from ..crd import GROUP, KIND, VERSION
 from ..kube import NotFound
+from ..outcome_status import (
+    PolicyOutcome,
+    observed,
+    outcome_status,
+    policy_outcome,
+    tls_failures_condition,
+    tlsrpt_lint,
+)
 from ..status import (
     PENDING,
+    TLSRPT_OFF,
     Condition,
     InstanceView,
     event_type,
@@ -79,11 +90,15 @@ class Statuses:
             if rec.policy is not None and \
                     state.rendered.get(rec.ref) != rec.policy.generation:
                 updated = 0  # this generation is not in the tables yet
+            warnings = state.warnings.get(rec.ref, [])
+            if state.facts is not None and self.ctx.strategy_of(key) == AGENT and (
+                    lint := tlsrpt_lint(state.facts.values, state.seen.collector_error)):
+                warnings = [*warnings, (TLSRPT_OFF, lint)]
             views.append(InstanceView(
                 name=key[1], revision=revision, pods_total=len(pods), pods_updated=updated,
                 failure=state.failure if updated < len(pods) else None,
                 losses=t.losses.get(rec.ref, []), lines=t.contributors.get(rec.ref, []),
-                warnings=state.warnings.get(rec.ref, []), note=state.note))
+                warnings=warnings, note=state.note))
         return views
 
     async def write_statuses(self, namespace: str) -> None:
@@ -150,10 +165,13 @@ class Statuses:
         await self.writer.stop()
 
     def _observed(self, rec: PolicyRecord) -> tuple[list[Condition], dict[str, Any]]:
-        """Verified, status.probes and status.deferred of a policy, over its instances."""
+        """Verified, TLSFailures, status.probes, status.deferred and status.outcomes of a
+        policy, over its instances."""
         probes = []
         deferred: dict[str, Any] = {}
+        outcomes: list[PolicyOutcome] = []
         keys = rec.policy.keys if rec.policy is not None else ()
+        audit = rec.policy is not None and rec.policy.mode == "audit"
         for key in self.ctx.world.instances_targeted_by(rec):
             state = self.ctx.states.get(key)
             if state is None:
@@ -162,16 +180,34 @@ class Statuses:
                 probes.append((key[1], state.seen.probes[rec.ref].outcomes))
             if any(k in state.seen.deferred for k in keys):
                 deferred[key[1]] = state.seen.deferred
+            if state.seen.outcomes and state.tables is not None:
+                # an enforced policy: the keys whose line is its own (a key lost to a
+                # conflict governs under the winner); an audit policy: its keys
+                owners = state.tables.owners
+                mine = keys if audit else [k for k in keys if owners.get(k) == rec.ref]
+                found = policy_outcome(key[1], state.seen.outcome_window, mine,
+                                       state.seen.outcomes)
+                if found is not None:
+                    outcomes.append(found)
         fields: dict[str, Any] = {}
         conditions = []
         verified = verified_condition(probes)
         if verified is not None:
+            if audit and outcomes:  # the audit verdict: probed, and observed
+                verified = replace(verified, message=f"{verified.message}; "
+                                                     f"{observed(outcomes)}")
             conditions.append(verified)
             fields["probes"] = probe_status(probes)
+        if not audit and (failing := tls_failures_condition(outcomes)) is not None:
+            conditions.append(failing)
         if keys:
             merged = mailqueue.merge_deferred(*deferred.values())
             fields["deferred"] = mailqueue.summarise_for_policy(
                 keys, merged, by_instance=deferred or None)
+        if outcomes:
+            fields["outcomes"] = outcome_status(outcomes)
+        elif rec.status.get("outcomes") is not None:
+            fields["outcomes"] = None  # the window emptied: the merge patch removes them
         return conditions, fields
 
     async def _write_status(self, rec: PolicyRecord, status: dict[str, Any]) -> None:
