@@ -20,6 +20,7 @@ import contextlib
 import errno
 import os
 import random
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -28,9 +29,13 @@ from typing import Any, Self
 from dnslib import MX, TXT, A
 from dnslib.server import DNSLogger, DNSServer
 
+from .instance import LocalInstance
 from .stsworld import Zone, _ZoneResolver
 
-__all__ = ["DatagramTrap", "Port53Dns", "write_resolv_conf"]
+__all__ = ["DatagramTrap", "Port53Dns", "postfix_wrappers", "write_resolv_conf"]
+
+POSTFIX_TOOLS = ("postconf", "postmap", "postqueue", "postfix", "posttls-finger", "postsuper")
+"""The Postfix commands an agent runs in its pod."""
 
 
 class _AskedResolver(_ZoneResolver):
@@ -102,6 +107,23 @@ class Port53Dns:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def postfix_wrappers(inst: LocalInstance, directory: Path) -> Path | None:
+    """A directory for ``mailtls agent --postfix-path``: one wrapper per Postfix tool that
+    runs it inside the instance's 3.10 root (:mod:`.postfixroot`), so an agent run as a
+    process of this machine uses its pod's Postfix as in a container; None for 3.7 (the
+    machine's own).  ``directory`` must lie outside the instance's base directory, which
+    the root sees at the same path: a wrapper found inside the root would call itself."""
+    if inst.settings.postfix == "3.7":
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    for tool in POSTFIX_TOOLS:
+        wrapper = directory / tool
+        wrapper.write_text("#!/bin/sh\nexec " + shlex.join(inst.command([f"/usr/sbin/{tool}"]))
+                           + ' "$@"\n')
+        wrapper.chmod(0o755)
+    return directory
 
 
 def write_resolv_conf(queue_dir: Path, nameserver: str) -> None:

@@ -51,6 +51,9 @@ def add_agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="run 'postfix reload' after every swap, even for indexed tables")
     p.add_argument("--postfix-config", default=env("MAIL_CONFIG"), metavar="DIR",
                    help="Postfix configuration directory (MAIL_CONFIG; default: Postfix's own)")
+    p.add_argument("--postfix-path", default=None, metavar="DIR[:DIR...]",
+                   help="look for the Postfix tools here before /usr/sbin:/usr/bin:/sbin:/bin "
+                        "(an image that installs them elsewhere, such as /usr/local/sbin)")
     p.add_argument("--configmap-dir", type=Path, default=Path("/etc/mailtls"),
                    help="where the ConfigMap is mounted: the fallback (default: %(default)s)")
     p.add_argument("--parts-dir", type=Path, default=Path("/etc/mailtls-parts"),
@@ -94,6 +97,7 @@ def add_agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    from ..cli.probe import SBIN_PATH
     from .api import AgentApi
     from .converge import Converger, PodSettings
     from .loop import Agent, LoopSettings
@@ -120,7 +124,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         api = AgentApi.from_kubeconfig(args.kubeconfig, timeout=args.api_timeout)
     else:
         api = AgentApi.in_cluster(timeout=args.api_timeout)
-    agent = Agent(api, Converger(ProcessRunner(args.postfix_config), settings),
+    env = None if not args.postfix_path else {
+        "PATH": f"{args.postfix_path}:{SBIN_PATH}", "LANG": "C.UTF-8"}
+    agent = Agent(api, Converger(ProcessRunner(args.postfix_config, env), settings),
                   LoopSettings(args.instance, args.configmap_dir, args.parts_dir,
                                args.observe_interval, retry_max=args.retry_max,
                                watch_timeout=args.watch_timeout,

@@ -92,6 +92,8 @@ class Agent:
         self.converger = converger
         self.settings = settings
         self.collector = collector if settings.tlsrpt_socket != OFF else None
+        self._routed: tuple[object, str] | None = None
+        """(facts, revision) the collector was last pointed at."""
         self.namespace = converger.settings.namespace
         self._report_wake = asyncio.Event()
         self._observe_wake = asyncio.Event()
@@ -253,15 +255,19 @@ class Agent:
                 if wanted is not None and (self._behind() or await self.converger.drifted()):
                     await self.converger.install(wanted, self.converger.report.source)
                 await self.converger.observe()
-                await self._collect_where_postfix_sends()
             self._report_wake.set()
 
     async def _collect_where_postfix_sends(self) -> None:
-        """Point the TLSRPT collector at the socket and the routing of the live revision."""
+        """Point the TLSRPT collector at the socket and the routing of the live revision,
+        after each observation (the site's transport tables may have changed) and each
+        new revision."""
         collector, facts, live = self.collector, self.converger.report.facts, \
             self.converger.live
-        if collector is None or facts is None or live is None:
-            return
+        if collector is None or facts is None or live is None or (
+                self._routed is not None and self._routed[0] is facts
+                and self._routed[1] == live.revision):
+            return  # the same observation (each one reads the facts anew) and revision
+        self._routed = (facts, live.revision)
         if self.settings.tlsrpt_socket == AUTO:
             collector.listen(*socket_path(facts.values))
         else:
@@ -282,12 +288,15 @@ class Agent:
             config=facts.routing, transport={**site, **live.transport_entries}))
 
     async def _outcomes(self) -> None:
-        """Every ``outcomes_interval``: the counts into the report (sent if they changed)."""
+        """Every ``outcomes_interval``: follow the facts and the live revision (the
+        observer reads them), then the counts into the report (sent if they changed): no
+        lock, so probes in flight never hold the collector back."""
         assert self.collector is not None
         while True:
-            await asyncio.sleep(self.settings.outcomes_interval)
+            await self._collect_where_postfix_sends()
             self.converger.report.outcomes = self.collector.report()
             self._report_wake.set()
+            await asyncio.sleep(self.settings.outcomes_interval)
 
     def _delay(self, failures: int) -> float:
         return min(self.settings.retry_max,
