@@ -229,8 +229,8 @@ def test_the_operator_refuses_a_document_that_is_not_one(change: dict[str, Any])
 
 def test_detail_text_from_a_pod_is_made_one_bounded_line() -> None:
     doc = to_doc(_outcome_report({"k": KeyOutcomes({"certificate-expired": 1})}))
-    doc["keys"][0]["lastFailure"] = {"result": "certificate-expired",
-                                     "detail": "a\nb\x1b" + "c" * 5000, "at": "2026-06-01T12:00:00Z"}
+    doc["keys"][0]["lastFailure"] = {"result": "certificate-expired", "at": "2026-06-01T12:00:00Z",
+                                     "detail": "a\nb\x1b" + "c" * 5000}
     lf = from_doc(doc).keys["k"].last_failure
     assert lf is not None and "\n" not in lf.detail and len(lf.detail) <= 300
 
