@@ -223,7 +223,10 @@ def test_each_policy_gets_its_outcomes_and_only_an_enforced_one_a_tls_failures_c
 def test_the_counter_has_series_only_for_policies_whose_lines_governed_traffic() -> None:
     ctx, state = _world()
     assert state.tables is not None
-    observations = Observations(ctx, lambda ns: None, lambda: True)  # type: ignore[arg-type]
+    async def write_statuses(namespace: str) -> None:
+        return None
+
+    observations = Observations(ctx, write_statuses, lambda: True)  # type: ignore[arg-type]
     report = OutcomeReport(T0, 3600, {
         "e.example": KeyOutcomes({}, {"certificate-expired": 2, SUCCESS: 1}),
         "a.example": KeyOutcomes({}, {SUCCESS: 4}), UNMATCHED: KeyOutcomes({}, {SUCCESS: 7})})
