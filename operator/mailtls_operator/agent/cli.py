@@ -90,6 +90,10 @@ def add_agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--tlsrpt-rate", type=int, default=500, metavar="N",
                    help="read at most N datagrams a second; a flood beyond waits in, then is "
                         "dropped by, the socket buffer (default: %(default)s)")
+    p.add_argument("--tlsrpt-forward", default=None, metavar="PATH",
+                   help="also pass every datagram that parsed on to this unix datagram socket "
+                        "(tlsrpt-collectd's, for RFC 8460 reports by tlsrpt-reportd; "
+                        "docs/tlsrpt.md); off by default")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="log level (default: %(default)s)")
@@ -132,7 +136,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
                                watch_timeout=args.watch_timeout,
                                tlsrpt_socket=args.tlsrpt_socket,
                                outcomes_interval=args.outcomes_interval),
-                  OutcomeCollector(window=args.outcomes_window, rate=args.tlsrpt_rate))
+                  OutcomeCollector(window=args.outcomes_window, rate=args.tlsrpt_rate,
+                                   forward=args.tlsrpt_forward))
 
     async def main() -> None:
         try:

@@ -20,6 +20,12 @@ whatever arrives:
   counted (``throttled``);
 - a refusal is counted and logged at most once a minute; the tally holds counts per
   key, never records.
+
+Optionally (``--tlsrpt-forward``) every datagram that parsed is passed on, byte for
+byte and without waiting, to another collector's socket -- ``tlsrpt-collectd``, whose
+database ``tlsrpt-reportd`` sends RFC 8460 reports from (docs/tlsrpt.md): only one
+process can bind Postfix's socket, and what reaches collectd this way is only what our
+total parser accepted (one wrong-shaped datagram stops collectd, measured).
 """
 
 from __future__ import annotations
@@ -161,8 +167,12 @@ class OutcomeCollector:
     """The tally of one pod's TLS sessions and the receiver that feeds it."""
 
     def __init__(self, *, window: float = 3600.0, rate: int = 500,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 forward: str | None = None) -> None:
         self.clock = clock
+        self.forward = forward
+        self.forwarded = self.forward_failed = 0
+        self._out: socket.socket | None = None
         self.tally = Tally(window)
         self.attributor = Attributor(Routes())
         self.since = clock()
@@ -182,12 +192,27 @@ class OutcomeCollector:
         if isinstance(parsed, Refusal):
             self._refuse(parsed.reason)
             return
+        if self.forward is not None and data is not None:
+            self._pass_on(data)
         session = session_of(parsed)
         found = self.attributor.attribute(session.domain)
         now = self.clock()
         self.tally.record(found.key or UNMATCHED, session, now)
         if found.audit is not None:
             self.tally.record(found.audit, session, now)
+
+    def _pass_on(self, data: bytes) -> None:
+        """To the other collector, never waiting: if it is down or behind, it loses the
+        datagram (as it would from libtlsrpt), the count does not."""
+        assert self.forward is not None
+        if self._out is None:
+            self._out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._out.setblocking(False)
+        try:
+            self._out.sendto(data, self.forward)
+            self.forwarded += 1
+        except OSError:
+            self.forward_failed += 1
 
     def _refuse(self, why: str) -> None:
         self.refused += 1
@@ -222,6 +247,9 @@ class OutcomeCollector:
         if self.receiver is not None:
             self.receiver.close()
             self.receiver = None
+        if self._out is not None:
+            self._out.close()
+            self._out = None
 
     def route(self, routes: Routes) -> None:
         if routes != self.attributor.routes:
