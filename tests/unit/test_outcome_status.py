@@ -14,6 +14,7 @@ import pytest
 from mailtls_operator.controller.observing import Observations
 from mailtls_operator.controller.state import InstanceState
 from mailtls_operator.controller.statuses import Statuses
+from mailtls_operator.facts import InstanceFacts
 from mailtls_operator.metrics import Metrics
 from mailtls_operator.outcome_status import (
     SessionTotals,
@@ -32,7 +33,13 @@ from mailtls_operator.outcomes import (
     OutcomeReport,
 )
 from mailtls_operator.render import render
-from mailtls_operator.status import TLS_FAILURE_REASONS, WARNING_REASONS, event_type
+from mailtls_operator.status import (
+    TLS_FAILURE_REASONS,
+    TLSRPT_OFF,
+    WARNING_REASONS,
+    event_type,
+    policy_status,
+)
 from mailtls_operator.world import World
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -178,6 +185,12 @@ class _Ctx:
         self.world = World(clock=lambda: T0)
         self.states: dict[tuple[str, str], InstanceState] = {}
 
+    def strategy(self, pods: object) -> str:
+        return "agent"
+
+    def strategy_of(self, key: object) -> str:
+        return "agent"
+
 
 def _world() -> tuple[_Ctx, InstanceState]:
     ctx = _Ctx()
@@ -245,3 +258,26 @@ def test_the_counter_has_series_only_for_policies_whose_lines_governed_traffic()
     ctx.world.delete_policy("mail", "enforced")
     observations._session_metrics(("mail", "relay"), state.tables, [("pod-uid", grown)])
     assert series() == {}
+
+
+def test_an_agent_instance_that_could_report_but_does_not_is_noted_in_ready() -> None:
+    ctx, state = _world()
+    assert state.tables is not None
+    ctx.world.upsert_pod({"metadata": {
+        "name": "relay-0", "namespace": "mail", "uid": "pod-uid",
+        "labels": {"mailtls.io/instance": "relay"},
+        "annotations": {"mailtls.io/applied-revision": state.tables.revision}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    state.rendered = {r.ref: r.policy.generation for r in ctx.world.records("mail")
+                      if r.policy is not None}
+    state.facts = InstanceFacts({**FACTS, "smtp_tlsrpt_enable": "no"})
+    statuses = _statuses(ctx)
+    rec = next(r for r in ctx.world.records("mail") if r.name == "enforced")
+    [view] = statuses.views_for(rec)
+    assert [r for r, _ in view.warnings] == [TLSRPT_OFF]
+    ready = policy_status(rec, [view], T0)["conditions"][0]
+    assert (ready["status"], ready["reason"]) == ("True", "RolledOut")
+    assert "relay: Postfix 3.10.13 here can report its TLS sessions (TLSRPT), but " \
+           "smtp_tlsrpt_enable = no" in ready["message"]
+    state.facts = InstanceFacts(FACTS)
+    assert statuses.views_for(rec)[0].warnings == []
