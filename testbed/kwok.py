@@ -174,12 +174,14 @@ class Kwok:
     def run_pod(self, namespace: str, name: str, node: str, *, container: str = "postfix",
                 image: str = "registry.invalid/postfix:test",
                 labels: Mapping[str, str] | None = None,
+                annotations: Mapping[str, str] | None = None,
                 timeout: float = 30.0) -> dict[str, Any]:
         """Create a pod bound to ``node`` (no scheduler) and return it once Running and
         Ready (kwok's pod stage; nothing runs the image)."""
         self.plane.request("POST", f"/api/v1/namespaces/{namespace}/pods", {
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "labels": dict(labels or {})},
+            "metadata": {"name": name, "labels": dict(labels or {}),
+                         "annotations": dict(annotations or {})},
             "spec": {"nodeName": node, "containers": [{"name": container, "image": image}]}})
         return self._wait(f"/api/v1/namespaces/{namespace}/pods/{name}",
                           lambda pod: pod["status"].get("phase") == "Running" and _ready(pod),

@@ -5,6 +5,7 @@ one Event."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import Coroutine
@@ -56,6 +57,10 @@ class Statuses:
             on_failure=lambda rec: ctx.metrics.status_write_failures.labels(
                 rec.namespace).inc())
         self._io = asyncio.Semaphore(16)
+        self._wrote: dict[str, tuple[str, bytes, list[dict[str, Any]]]] = {}
+        """ref -> (uid, digest, conditions) of the last status written whose watch echo
+        has not arrived: a stale event must not make it look unwritten (another patch)
+        or its conditions look new (another Event)."""
         self._excepted: dict[str, set[str]] = {}
         """namespace -> policies with exception series (to remove them when they end)."""
         self._background: set[asyncio.Task[None]] = set()
@@ -115,12 +120,15 @@ class Statuses:
                                    extra_fields)
             ready = status["conditions"][0]["reason"]
             counts[ready] = counts.get(ready, 0) + 1
-            if status != {k: rec.status.get(k) for k in status}:
+            if status == {k: rec.status.get(k) for k in status}:
+                self._wrote.pop(rec.ref, None)  # stored (the echo of our write arrived)
+                self.writer.forget(rec.ref)
+            elif self._written(rec) == (rec.uid, status_digest(status)):
+                self.writer.forget(rec.ref)  # written; its echo has not arrived yet
+            else:
                 self.writer.offer(rec.ref, rec, status,
                                   delay=self.ctx.config.pending_grace if ready == PENDING
                                   else 0.0)
-            else:
-                self.writer.forget(rec.ref)  # already stored: nothing to write
         for reason, n in counts.items():
             metrics.policies.labels(namespace, reason).set(n)
         self._gauge_exceptions(namespace, now)
@@ -145,6 +153,19 @@ class Statuses:
     def forget(self, ref: str) -> None:
         """The policy is gone: drop any status still waiting to be written."""
         self.writer.forget(ref)
+        self._wrote.pop(ref, None)
+
+    def _written(self, rec: PolicyRecord) -> tuple[str, bytes] | None:
+        wrote = self._wrote.get(rec.ref)
+        return (wrote[0], wrote[1]) if wrote is not None else None
+
+    def _stored_conditions(self, rec: PolicyRecord) -> list[dict[str, Any]]:
+        """The conditions as last written by us (while the echo is pending), else as the
+        record says."""
+        wrote = self._wrote.get(rec.ref)
+        if wrote is not None and wrote[0] == rec.uid:
+            return wrote[2]
+        return list(rec.status.get("conditions") or [])
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in the background, kept alive until it ends, cancelled at stop."""
@@ -213,13 +234,14 @@ class Statuses:
     async def _write_status(self, rec: PolicyRecord, status: dict[str, Any]) -> None:
         """One status patch (the status writer calls it; a failure raises to it), then an
         Event when a condition changed to something a person should act on."""
-        changed = transitions(rec.status.get("conditions") or [], status["conditions"])
+        changed = transitions(self._stored_conditions(rec), status["conditions"])
         async with self._io:
             try:
                 await self.ctx.kube.patch_policy_status(rec.namespace, rec.name, status)
             except NotFound:
                 return  # deleted meanwhile
         rec.status = shared({**rec.status, **status})
+        self._wrote[rec.ref] = (rec.uid, status_digest(status), list(status["conditions"]))
         warnings = [c for c in changed if event_type(c) == "Warning"]
         if warnings:  # one Event per change, led by its weightiest condition
             await self._event(rec, "Warning", warnings[0]["reason"], "; ".join(
@@ -232,6 +254,12 @@ class Statuses:
                  "name": rec.name, "uid": rec.uid}, kind, reason, message)
         except Exception as exc:  # events are best effort; never block status
             log.debug("event for %s not posted: %s", rec.ref, exc)
+
+
+def status_digest(status: dict[str, Any]) -> bytes:
+    """A status's identity, so the last one written is remembered in 16 bytes."""
+    return hashlib.blake2b(json.dumps(status, sort_keys=True, default=str).encode(),
+                           digest_size=16).digest()
 
 
 def one_line(exc: BaseException) -> str:
