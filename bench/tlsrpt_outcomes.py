@@ -4,8 +4,9 @@ memory per 1,000 sessions.
 ``python -m bench tlsrpt_outcomes``.  One real Postfix 3.10 instance reporting TLSRPT
 (:mod:`testbed.tlsrptworld`: port-53 DNS, a CA-signed loopback sink), its pod an object of
 the real kube-apiserver (:mod:`testbed.controlplane`), a real ``mailtls agent`` process
-with a pod-bound token and ``mailtls run`` as a subprocess, both as in
-``tests/cluster/operating/test_tlsrpt_outcomes.py``.  Two phases:
+with a pod-bound token on its in-cluster path (as ``agent_rollout`` runs it) and ``mailtls
+run`` as a subprocess, as in ``tests/cluster/operating/test_tlsrpt_outcomes.py``.  Two
+phases:
 
 1. **latency**: one message at a time to a ``secure`` policy's destination; the clock
    starts when Postfix's ``TLSRPT: status=success`` log line appears (the maillog polled
@@ -36,6 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bench.agent_rollout import _POD_MOUNTS as POD_MOUNTS  # the in-cluster contract
 from bench.common import Result, Summary, cpu_seconds, proc_status, stats, table
 from testbed import (
     LocalCA,
@@ -138,20 +140,27 @@ class _World:
         self.core.patch_namespaced_pod_status("relay-0", NS, {"status": {
             "phase": "Running", "podIP": "127.0.0.1",
             "conditions": [{"type": "Ready", "status": "True"}]}})
-        configs = self.base / "kubeconfigs"
-        agent_cfg = plane.kubeconfig_for_token(
-            plane.service_account_token(NS, "mailtls-agent", pod="relay-0"),
-            configs / "agent")
         op_cfg = plane.kubeconfig_for_token(
-            plane.service_account_token(NS, "mailtls-operator"), configs / "operator")
+            plane.service_account_token(NS, "mailtls-operator"),
+            self.base / "kubeconfigs" / "operator")
+        # the agent as in a pod: its pod-bound token and the CA at the kubelet's path (in a
+        # mount namespace of its own), KUBERNETES_SERVICE_HOST/PORT: the production path
+        sa_dir = self.base / "serviceaccount"
+        sa_dir.mkdir()
+        (sa_dir / "token").write_text(plane.service_account_token(NS, "mailtls-agent",
+                                                                  pod="relay-0"))
+        shutil.copy(plane.ca_file, sa_dir / "ca.crt")
         wrappers = postfix_wrappers(inst, self.base.parent / f"{self.base.name}-bin")
         env = {**os.environ, **inst.env, "POD_NAME": "relay-0", "POD_NAMESPACE": NS,
+               "SA": str(sa_dir), "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+               "KUBERNETES_SERVICE_PORT": plane.url.rsplit(":", 1)[1],
                "PATH": f"{inst.env['PATH']}:{os.environ.get('PATH', '')}"}
         logs = self.base / "logs"
         logs.mkdir()
         self.agent = self._spawn(
-            [sys.executable, "-m", "mailtls_operator.cli", "agent", "--instance", "relay",
-             "--kubeconfig", str(agent_cfg), "--map-path", str(inst.map_path),
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", POD_MOUNTS, "agent",
+             sys.executable, "-m", "mailtls_operator.cli", "agent", "--instance", "relay",
+             "--map-path", str(inst.map_path),
              "--map-type", inst.settings.map_type, "--configmap-dir", str(inst.configmap_dir),
              "--observe-interval", "0", "--probe-interval", "0",
              "--outcomes-interval", str(INTERVAL), "--log-level", "WARNING",
