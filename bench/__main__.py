@@ -52,6 +52,7 @@ def _benchmarks() -> dict[str, Callable[[], Runner]]:
         "discovery": load("discovery"),
         "agent_rollout": load("agent_rollout"),
         "controlplane": load("controlplane"),
+        "tlsrpt_outcomes": load("tlsrpt_outcomes"),
     }
 
 

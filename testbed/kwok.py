@@ -37,7 +37,7 @@ import ssl
 import subprocess
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -87,9 +87,12 @@ class Kwok:
     ``workdir``."""
 
     def __init__(self, plane: ControlPlane, workdir: Path, *,
-                 binary: Path | None = None) -> None:
+                 binary: Path | None = None, path: Sequence[Path] = ()) -> None:
         self.plane = plane
         self.binary = binary
+        #: directories put first on kwok's PATH, where a mapped exec looks its command up
+        #: (e.g. shims that run it in a container instead)
+        self.path = list(path)
         self.workdir = workdir
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -125,7 +128,7 @@ class Kwok:
                 "--node-lease-duration-seconds=0",
                 "--enable-crds=Exec"]
         env = dict(os.environ)
-        env["PATH"] = f"{SBIN_PATH}:{env.get('PATH', '')}"
+        env["PATH"] = ":".join([*map(str, self.path), SBIN_PATH, env.get("PATH", "")])
         env["HOME"] = str(self.workdir)  # never ~/.kwok
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,  # noqa: S603

@@ -157,7 +157,7 @@ def kubectl(admin_client: kubernetes.client.ApiClient, crds_applied: ControlPlan
 
 
 @pytest.fixture
-def audit(crds_applied: ControlPlane) -> AuditTail:
+def audit_tail(crds_applied: ControlPlane) -> AuditTail:
     """kube-apiserver's audit log from the test's start on (``barrier()`` before counting:
     :meth:`Kubectl.count` does)."""
     plane = crds_applied

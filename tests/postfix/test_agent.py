@@ -79,7 +79,7 @@ async def seed_agent_pods(make_pod: PodFactory, kubectl: Kubectl, count: int,
 
 async def test_a_change_is_live_in_every_pod_without_exec_and_stuck_mail_is_released(
         make_pod: PodFactory, plain: SmtpSink, kubectl: Kubectl, agent_user: str,
-        audit: AuditTail) -> None:
+        audit_tail: AuditTail) -> None:
     routes = {"plain.example": f"smtp:{plain.nexthop}"}
     pods = await seed_agent_pods(make_pod, kubectl, 3, routes=routes)
     no_exec = NoPodsRunner()
@@ -115,15 +115,15 @@ async def test_a_change_is_live_in_every_pod_without_exec_and_stuck_mail_is_rele
         released = report(kubectl, "relay-0")
         assert released is not None and released.released >= 1
     assert no_exec.calls == []
-    assert kubectl.exec_requests(audit) == 0
+    assert kubectl.exec_requests(audit_tail) == 0
     assert [inst.master_pid() for _, inst in pods] == masters  # Postfix never restarted
     # the agents, with their pods' tokens, patched their pods' mailtls.io annotations
-    assert kubectl.count(audit, "patch", "pods", user=agent_user) >= 3
+    assert kubectl.count(audit_tail, "patch", "pods", user=agent_user) >= 3
 
 
 async def test_probes_and_lint_come_from_the_agents(
         make_pod: PodFactory, plain: SmtpSink, self_signed: SmtpSink, ca_signed: SmtpSink,
-        ca: Any, kubectl: Kubectl, agent_user: str, audit: AuditTail) -> None:
+        ca: Any, kubectl: Kubectl, agent_user: str, audit_tail: AuditTail) -> None:
     [(name, inst)] = await seed_agent_pods(make_pod, kubectl, 1)
     no_exec = NoPodsRunner()
     async with running([make_agent(kubectl, name, inst)]), operator(
@@ -157,11 +157,11 @@ async def test_probes_and_lint_come_from_the_agents(
         cm = kubectl.configmap() or {}
         assert plain.nexthop in cm["data"][AGENT_DATA]  # audit: probed, never in the table
         assert plain.nexthop not in cm["data"]["tls_policy"]
-    assert no_exec.calls == [] and kubectl.exec_requests(audit) == 0
+    assert no_exec.calls == [] and kubectl.exec_requests(audit_tail) == 0
 
 
 async def test_a_pod_whose_agent_fails_makes_the_rollout_fail_and_recovers(
-        make_pod: PodFactory, kubectl: Kubectl, agent_user: str, audit: AuditTail) -> None:
+        make_pod: PodFactory, kubectl: Kubectl, agent_user: str, audit_tail: AuditTail) -> None:
     pods = await seed_agent_pods(make_pod, kubectl, 2)
     async with running([make_agent(kubectl, n, i) for n, i in pods]), operator(
             kubectl, NoPodsRunner(), retry_base=0.3):
@@ -178,7 +178,7 @@ async def test_a_pod_whose_agent_fails_makes_the_rollout_fail_and_recovers(
             pods[0][1].unlock_map_dir()
         await kubectl.until_ready("p", timeout=20)  # the agent retried by itself
         assert pods[0][1].query("a.example") == "encrypt"
-    assert kubectl.exec_requests(audit) == 0
+    assert kubectl.exec_requests(audit_tail) == 0
 
 
 # -- without the operator: ConfigMaps written straight into the API server --------------
@@ -335,7 +335,7 @@ async def test_the_mailtls_agent_command_runs_the_same_loop(
 
 @BOTH_VERSIONS
 async def test_the_version_lint_runs_on_what_the_agents_report(
-        make_pod: PodFactory, kubectl: Kubectl, agent_user: str, audit: AuditTail,
+        make_pod: PodFactory, kubectl: Kubectl, agent_user: str, audit_tail: AuditTail,
         postfix_version: str) -> None:
     """No exec: the agent's report carries ``mail_version`` (and the deprecated TLS
     parameters), so enable_rpk is held back from a 3.7 pod and rolled out to a 3.10 one."""
@@ -362,4 +362,4 @@ async def test_the_version_lint_runs_on_what_the_agents_report(
         await kubectl.until_ready("fine")  # rolled out, with the deprecation noted once the
         note = "relay: main.cf sets smtp_use_tls = yes: Postfix 3.10 warns"  # facts are read
         await poll(lambda: note in ((kubectl.ready("fine") or {}).get("message") or ""))
-    assert no_exec.calls == [] and kubectl.exec_requests(audit) == 0
+    assert no_exec.calls == [] and kubectl.exec_requests(audit_tail) == 0

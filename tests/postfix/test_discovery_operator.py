@@ -56,7 +56,7 @@ def discovery(name: str, *domains: str) -> dict[str, Any]:
 
 
 async def test_discovered_lines_status_precedence_and_change_event(
-        make_pod: PodFactory, runner: LocalPodRunner, kubectl: Kubectl, audit: AuditTail,
+        make_pod: PodFactory, runner: LocalPodRunner, kubectl: Kubectl, audit_tail: AuditTail,
         world: StsWorld) -> None:
     [(_, inst)] = await seed_pods(make_pod, kubectl, 1)
     async with operator(kubectl, runner, world) as op:
@@ -113,9 +113,9 @@ async def test_discovered_lines_status_precedence_and_change_event(
             {"namespace": kubectl.ns, "discovery": "partners", "field": "id"})
         assert metric == 1.0
         assert inst.query("signed.example") == "encrypt"  # the static policy stays
-    # the calls the chart grants for this kind (tests/integration/test_rbac.py names them)
+    # the calls the chart grants for this kind (tests/contract and test_rbac_real.py check them)
     for verb, sub in (("list", ""), ("watch", ""), ("patch", "status")):
-        assert kubectl.count(audit, verb, PLURAL, subresource=sub) > 0, verb
+        assert kubectl.count(audit_tail, verb, PLURAL, subresource=sub) > 0, verb
 
 
 async def test_discovered_servername_held_back_from_old_postfix(

@@ -297,7 +297,8 @@ async def test_a_table_changed_by_hand_inside_a_pod_is_rolled_again_on_resync(
 
 
 async def test_a_change_to_one_policy_leaves_the_others_status_alone(
-        make_pod: PodFactory, runner: LocalPodRunner, kubectl: Kubectl, audit: AuditTail) -> None:
+        make_pod: PodFactory, runner: LocalPodRunner, kubectl: Kubectl,
+        audit_tail: AuditTail) -> None:
     pods = await seed_pods(make_pod, kubectl, 2)
     async with operator(kubectl, runner) as op:
         for i in range(5):
@@ -311,13 +312,13 @@ async def test_a_change_to_one_policy_leaves_the_others_status_alone(
             return sum(1 for e in kubectl.events() if e["involvedObject"]["name"] == "p1")
 
         events = p1_events()
-        since = await asyncio.to_thread(audit.barrier)
+        since = await asyncio.to_thread(audit_tail.barrier)
         version = await kubectl.apply("p0", destinations=["d0.example"], level="may")
         await poll(lambda: kubectl.status("p0")["observedGeneration"] == 2)
         await kubectl.until_ready("p0")
         await poll(lambda: pods[1][1].query("d0.example") == "may")
         await poll(lambda: op.has_seen(kubectl.ns, "p0", version) and op.idle)
-        patched = {r.name for r in kubectl.requests(audit, "patch", PLURAL,
+        patched = {r.name for r in kubectl.requests(audit_tail, "patch", PLURAL,
                                                     subresource="status", since=since)}
         assert patched == {"p0"}
         assert kubectl.status("p1") == before  # same revision, same time stamps
@@ -325,7 +326,8 @@ async def test_a_change_to_one_policy_leaves_the_others_status_alone(
 
 
 async def test_a_restart_after_several_changes_rewrites_no_status(
-        make_pod: PodFactory, runner: LocalPodRunner, kubectl: Kubectl, audit: AuditTail) -> None:
+        make_pod: PodFactory, runner: LocalPodRunner, kubectl: Kubectl,
+        audit_tail: AuditTail) -> None:
     await seed_pods(make_pod, kubectl, 2)
     async with operator(kubectl, runner):
         for i in range(3):
@@ -333,14 +335,14 @@ async def test_a_restart_after_several_changes_rewrites_no_status(
             await kubectl.until_ready(f"p{i}")  # three revisions, each policy its own
     revisions = {kubectl.status(f"p{i}")["instances"][0]["revision"] for i in range(3)}
     assert len(revisions) == 3
-    since = await asyncio.to_thread(audit.barrier)
+    since = await asyncio.to_thread(audit_tail.barrier)
     async with operator(kubectl, runner) as op:
         versions = {f"p{i}": (kubectl.get(f"p{i}") or {})["metadata"]["resourceVersion"]
                     for i in range(3)}
         await poll(lambda: op.states and op.idle and all(
             op.has_seen(kubectl.ns, name, str(v)) for name, v in versions.items()))
-    assert kubectl.count(audit, "patch", PLURAL, subresource="status", since=since) == 0
-    assert kubectl.count(audit, ("create", "patch"), "configmaps", since=since) == 0
+    assert kubectl.count(audit_tail, "patch", PLURAL, subresource="status", since=since) == 0
+    assert kubectl.count(audit_tail, ("create", "patch"), "configmaps", since=since) == 0
 
 
 async def test_a_tafile_only_root_can_read_is_held_back_like_a_missing_one(
