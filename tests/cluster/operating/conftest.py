@@ -23,6 +23,7 @@ from .audit import AuditLog
 from .helpers import Cluster, OperatorProcess
 from .webhook import FaultWebhook, fault_webhook
 
+REPO = Path(__file__).resolve().parents[3]
 FAST = ("--debounce", "0.15", "--max-delay", "1.5")
 
 
