@@ -97,14 +97,18 @@ class Kubectl:
         obj = {**obj, "metadata": {**obj["metadata"], "namespace": self.ns}}
         return await asyncio.to_thread(self._apply, obj, plural)
 
-    def get(self, name: str, plural: str = PLURAL) -> dict[str, Any] | None:
+    def _read(self, read: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
+        """``read(*args)`` as a plain dict; None for 404."""
         try:
-            return cast(dict[str, Any], self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, self.ns, plural, name))
+            return cast(dict[str, Any], self.client.sanitize_for_serialization(read(*args)))
         except kubernetes.client.ApiException as exc:
             if _not_found(exc):
                 return None
             raise
+
+    def get(self, name: str, plural: str = PLURAL) -> dict[str, Any] | None:
+        return self._read(self.custom.get_namespaced_custom_object, GROUP, VERSION, self.ns,
+                          plural, name)
 
     def status(self, name: str, plural: str = PLURAL) -> dict[str, Any]:
         return cast(dict[str, Any], (self.get(name, plural) or {}).get("status") or {})
@@ -132,28 +136,15 @@ class Kubectl:
 
     # -- core objects ------------------------------------------------------------------
 
-    def _plain(self, obj: Any) -> dict[str, Any]:
-        return cast(dict[str, Any], self.client.sanitize_for_serialization(obj))
-
     def pod(self, name: str) -> dict[str, Any] | None:
-        try:
-            return self._plain(self.core.read_namespaced_pod(name, self.ns))
-        except kubernetes.client.ApiException as exc:
-            if _not_found(exc):
-                return None
-            raise
+        return self._read(self.core.read_namespaced_pod, name, self.ns)
 
     def configmap(self, name: str = f"{INSTANCE}-mailtls") -> dict[str, Any] | None:
-        try:
-            return self._plain(self.core.read_namespaced_config_map(name, self.ns))
-        except kubernetes.client.ApiException as exc:
-            if _not_found(exc):
-                return None
-            raise
+        return self._read(self.core.read_namespaced_config_map, name, self.ns)
 
     def put_configmap(self, body: dict[str, Any]) -> None:
-        """Create the ConfigMap or replace it whole (unconditionally, as ``kubectl
-        replace --force`` would not bother to)."""
+        """Create the ConfigMap, or replace it whole without a resourceVersion (an
+        unconditional update: what the test writes wins, as a hand edit would)."""
         body = {**body, "metadata": {**body["metadata"], "namespace": self.ns}}
         try:
             self.core.create_namespaced_config_map(self.ns, body)
@@ -163,7 +154,8 @@ class Kubectl:
             self.core.replace_namespaced_config_map(body["metadata"]["name"], self.ns, body)
 
     def events(self) -> list[dict[str, Any]]:
-        return [self._plain(e) for e in self.core.list_namespaced_event(self.ns).items]
+        items = self.core.list_namespaced_event(self.ns).items
+        return [cast(dict[str, Any], self.client.sanitize_for_serialization(e)) for e in items]
 
     def delete_pod(self, name: str) -> None:
         """Delete as kubectl does (graceful): kwok, the "kubelet", finishes it."""
