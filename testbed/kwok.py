@@ -199,11 +199,15 @@ class Kwok:
     # -- nodes, pods, exec mappings -------------------------------------------------
 
     def add_node(self, name: str, *, timeout: float = 30.0) -> dict[str, Any]:
-        """Create a Node kwok manages and return it once kwok has made it Ready."""
+        """Create a Node kwok manages and return it once kwok has made it Ready.  Its
+        labels are kwokctl's (``kustomize/kwokctl/resource/node.yaml``): the well-known
+        ones a kubelet sets, which charts select on (``kubernetes.io/os: linux``)."""
         self.plane.request("POST", "/api/v1/nodes", {
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "annotations": {NODE_ANNOTATION: NODE_ANNOTATION_VALUE},
-                         "labels": {"type": "kwok", "kubernetes.io/hostname": name}}})
+                         "labels": {"type": "kwok", "kubernetes.io/hostname": name,
+                                    "kubernetes.io/os": "linux",
+                                    "kubernetes.io/arch": "amd64"}}})
         return self._wait(f"/api/v1/nodes/{name}", _ready, timeout, f"node {name} Ready")
 
     def run_pod(self, namespace: str, name: str, node: str, *, container: str = "postfix",

@@ -74,6 +74,13 @@ ANN_MAP_TYPE = "mailtls.io/map-type"
 DEFAULT_MAP_PATH = "/var/lib/mailtls/tls_policy"
 DEFAULT_MAP_TYPE = "lmdb"
 MOUNTS_FILE = ".pod-mounts"
+#: main.cf parameters of a pod's Postfix that stay the test bed's (its own queue,
+#: directories, log, loopback listener); the rest comes from the main.cf the pod mounts.
+TESTBED_MAIN_CF = frozenset({
+    "config_directory", "queue_directory", "data_directory", "meta_directory",
+    "mail_owner", "setgid_group",
+    "syslog_name", "maillog_file", "maillog_file_prefixes", "inet_interfaces",
+    "smtp_tcp_port"})
 #: The commands an exec into a sandboxed container may run (kwok looks an exec's
 #: command up on its own PATH, where a wrapper of each name comes first).  Any other
 #: command runs without the pod's mounts.
@@ -318,10 +325,11 @@ class PodSandbox:
         self.kwok.unmap_exec(ns, name)
         map_path = annotations.get(ANN_MAP_PATH, DEFAULT_MAP_PATH)
         map_type = annotations.get(ANN_MAP_TYPE, DEFAULT_MAP_TYPE)
+        main_cf = {"smtp_tls_policy_maps": f"{map_type}:{map_path}",
+                   "transport_maps": f"{map_type}:{posixpath.dirname(map_path)}/transport",
+                   **self._pod_main_cf(pod, container, volumes, obj)}
         inst = LocalInstance(pod.root / "postfix", InstanceSettings(
-            name=name, map_type=map_type, extra_main_cf={
-                "smtp_tls_policy_maps": f"{map_type}:{map_path}",
-                "transport_maps": f"{map_type}:{posixpath.dirname(map_path)}/transport"}))
+            name=name, map_type=map_type, extra_main_cf=main_cf))
         env = {**_env_of(container, obj), **inst.env}
         self.kwok.map_exec(ns, name, work_dir=workdir, env=env, containers=(container_name,))
         for init in spec.get("initContainers") or []:
@@ -352,6 +360,34 @@ class PodSandbox:
             lines.append(f"user {user[0]} {user[1]}")
         (directory / MOUNTS_FILE).write_text("".join(f"{ln}\n" for ln in lines))
         return directory
+
+    def _pod_main_cf(self, pod: SandboxPod, container: dict[str, Any],
+                     volumes: Mapping[str, dict[str, Any]],
+                     obj: dict[str, Any]) -> dict[str, str]:
+        """The parameters of the main.cf the container mounts (the example's, from its
+        ConfigMap), but for those :data:`TESTBED_MAIN_CF` keeps; {} if it mounts none."""
+        for mount in container.get("volumeMounts") or []:
+            if mount["mountPath"].rstrip("/") not in ("/etc/postfix/main.cf", "/etc/postfix"):
+                continue
+            found = self._mount_source(pod, mount, volumes, obj)
+            if found is None:
+                continue
+            source = found[0] if found[0].is_file() else found[0] / "main.cf"
+            if not source.is_file():
+                continue
+            copy = pod.root / "pod-main-cf"
+            copy.mkdir(exist_ok=True)
+            shutil.copyfile(source, copy / "main.cf")
+            done = subprocess.run(["postconf", "-c", str(copy), "-n"],  # noqa: S603
+                                  capture_output=True, text=True, timeout=30, check=True,
+                                  env={"PATH": SBIN_PATH, "LANG": "C.UTF-8"})
+            params = {}
+            for line in done.stdout.splitlines():
+                key, _, value = line.partition("=")
+                if key.strip() and key.strip() not in TESTBED_MAIN_CF:
+                    params[key.strip()] = value.strip()
+            return params
+        return {}
 
     def _mount_source(self, pod: SandboxPod, mount: dict[str, Any],
                       volumes: Mapping[str, dict[str, Any]],
