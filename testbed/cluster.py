@@ -84,3 +84,38 @@ class KwokCluster:
             out[f"{name}_rss_mib"] = round(rss_kib(proc.pid) / 1024, 1) if proc else 0.0
         out.update(self.controllers.figures())
         return out
+
+
+def main() -> None:
+    """``python -m testbed.cluster``: start a cluster, roll the example Postfix out on it
+    and print the figures docs/testbed.md quotes."""
+    import json
+    import statistics
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="mailtls-cluster-") as tmp, \
+            KwokCluster(Path(tmp)) as cluster:
+        figures: dict[str, float] = cluster.figures()
+        plane = cluster.plane
+        began = time.monotonic()
+        plane.kubectl("apply", "--server-side", "-k", str(repo / "manifests/examples/postfix"))
+        plane.kubectl("rollout", "status", "-n", "mail", "deploy/relay", "--timeout=120s",
+                      timeout=130)
+        figures["example_postfix_2_pods_available_s"] = round(time.monotonic() - began, 2)
+        pod = plane.kubectl("get", "pods", "-n", "mail", "-o", "name").stdout.split()[0]
+        took = []
+        for _ in range(20):
+            t0 = time.monotonic()
+            plane.kubectl("exec", "-n", "mail", pod, "-c", "postfix", "--", "postmap", "-q",
+                          "x.example", "lmdb:/var/lib/mailtls/tls_policy", check=False)
+            took.append(time.monotonic() - t0)
+        figures["kubectl_exec_postmap_median_ms"] = round(statistics.median(took) * 1000, 1)
+        figures.update({f"after_{k}": v for k, v in cluster.figures().items()
+                        if k.endswith("_rss_mib")})
+        json.dump(figures, sys.stdout, indent=2)
+        print()
+
+
+if __name__ == "__main__":
+    main()

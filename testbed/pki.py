@@ -5,8 +5,10 @@ certificate whose organisation is ``system:masters`` (the group RBAC lets do
 everything, as kubeadm's admin.conf does); the ServiceAccount issuer signs tokens with
 an RSA key.  trustme makes the CA and the leaf certificates (its leaves carry both the
 serverAuth and clientAuth usages, which is what the apiserver checks); the
-ServiceAccount key is plain ``cryptography``.  Everything is written under one
-directory so a failed run can be inspected.
+ServiceAccount key is plain ``cryptography``.  The CA's key and client certificates for
+kube-controller-manager and kube-scheduler serve the whole kwok cluster
+(``testbed/cluster.py``).  Everything is written under one directory so a failed run
+can be inspected.
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def start_operator(kc: KwokCluster, deployment: dict[str, Any], pod: str,
     logfile = workdir / "operator.log"
     print("operator:", " ".join(argv[1:]))
     with logfile.open("ab") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,  # noqa: S603
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
     health = next(a.split("=", 1)[1] for a in argv if a.startswith("--health="))
     deadline = time.monotonic() + 60
@@ -162,7 +162,7 @@ def main() -> int:
                    "KUBE_CONTEXT": "testbed",
                    "PATH": f"{kc.plane.binaries}:{os.environ.get('PATH', '')}"}
             try:
-                done = subprocess.run(["bash", str(RUN), "local"], env=env,  # noqa: S603,S607
+                done = subprocess.run(["bash", str(RUN), "local"], env=env,
                                       cwd=REPO, check=False, timeout=1200)
             finally:
                 stop(proc)
