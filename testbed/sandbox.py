@@ -41,6 +41,7 @@ securityContext beyond the user, volume refresh, logs.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import logging
@@ -187,26 +188,35 @@ class PodSandbox:
         self._base = Path(tempfile.mkdtemp(prefix="mailtls-sandbox-", dir="/var/tmp"))
         self._base.chmod(0o755)
         self._api = self.plane.api_client()
+        atexit.register(self.stop)
         self._thread = threading.Thread(target=self._watch, name="sandbox-watch",
                                         daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop watching, then stop every pod's Postfix and remove its files."""
+        """Stop watching, then stop every pod's Postfix and remove its files;
+        idempotent."""
+        atexit.unregister(self.stop)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(15)
         self._pool.shutdown(wait=True, cancel_futures=True)
-        for pod in list(self.pods.values()):
+        with self._lock:
+            pods = list(self.pods.values())
+            self.pods.clear()
+        for pod in pods:
             self._teardown(pod)
         if self._base is not None:
             shutil.rmtree(self._base, ignore_errors=True)
+            self._base = None
         if self._api is not None:
             self._api.close()
+            self._api = None
         if self._log_handler is not None:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
+            self._log_handler = None
 
     # -- lookups for tests -----------------------------------------------------------
 

@@ -46,6 +46,7 @@ def kwok_crds(kwok_cluster: KwokCluster) -> KwokCluster:
 
 @pytest.fixture
 def cluster(kwok_crds: KwokCluster, kwok_namespace: str) -> Iterator[Cluster]:
+    """This module's ``cluster`` is the kwok cluster's (it overrides the conftest's)."""
     with kwok_crds.plane.api_client() as client:
         yield Cluster(client, kwok_namespace)
 
@@ -178,7 +179,8 @@ def test_restart_rolls_the_deployment_and_each_new_pod_loads_the_revision(
     rollout_status(kc, ns, "deploy/relay")
     apps: Any = kubernetes.client.AppsV1Api(cluster.client)
     first_rs = {rs.metadata.name for rs in apps.list_namespaced_replica_set(ns).items}
-    audit = AuditLog(kc.plane.audit_log or Path("/nonexistent"), cluster.client)
+    assert kc.plane.audit_log is not None
+    audit = AuditLog(kc.plane.audit_log, cluster.client)
     audit.mark()
     operator.start().wait_healthy()
 
@@ -241,7 +243,6 @@ def test_restart_rolls_a_statefulset_from_the_top_ordinal_down_and_honours_its_p
         assert cm is not None
         revision = cm["metadata"]["annotations"]["mailtls.io/revision"]
         apps: Any = kubernetes.client.AppsV1Api(cluster.client)
-        sts = apps.read_namespaced_stateful_set("relay", ns)
         until(lambda: apps.read_namespaced_stateful_set("relay", ns).status.updated_replicas
               == 2, 30, what="the StatefulSet counts two updated replicas")
         sts = apps.read_namespaced_stateful_set("relay", ns)
