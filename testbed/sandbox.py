@@ -113,6 +113,23 @@ exec unshare --mount --propagation private -- sh -c '
 """
 
 
+def sandbox_unavailable() -> str | None:
+    """Why pods cannot be sandboxed on this machine (None: they can).  The sandbox
+    creates mount namespaces and mount points, which needs root."""
+    if os.geteuid() != 0:
+        return "the pod sandbox needs root (mount namespaces, mount points such as " \
+               "/var/lib/mailtls)"
+    try:
+        done = subprocess.run(["unshare", "--mount", "--propagation", "private",
+                               "true"], capture_output=True, text=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unshare --mount: {exc}"
+    if done.returncode != 0:
+        return f"unshare --mount fails here: {done.stderr.strip()}"
+    return None
+
+
 def write_wrappers(directory: Path) -> Path:
     """The command wrappers (one script, a link per :data:`POD_COMMANDS` name) in
     ``directory``; put it first on kwok's ``PATH``."""

@@ -21,6 +21,7 @@ import pytest
 from testbed.cluster import KwokCluster
 from testbed.controlplane import ControlPlane, ControlPlaneError, binaries_dir
 from testbed.kwok import Kwok
+from testbed.sandbox import sandbox_unavailable
 
 _names = itertools.count()
 
@@ -69,6 +70,8 @@ def kwok_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KwokClust
         binaries = binaries_dir()
     except ControlPlaneError as exc:
         pytest.skip(f"no control plane binaries: {exc}")
+    if reason := sandbox_unavailable():
+        pytest.skip(reason)
     with KwokCluster(tmp_path_factory.mktemp("kwok-cluster"), binaries=binaries) as cluster:
         yield cluster
         assert not cluster.sandbox.failures, f"pods the sandbox could not start: " \

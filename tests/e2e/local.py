@@ -37,6 +37,7 @@ import yaml
 
 from testbed.cluster import KwokCluster
 from testbed.layout import free_port
+from testbed.sandbox import sandbox_unavailable
 from tests.contract import kit
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,6 +144,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def main() -> int:
     began = time.monotonic()
+    if reason := sandbox_unavailable():
+        print(f"e2e cannot run here: {reason}", file=sys.stderr)
+        return 1
     keep = os.environ.get("E2E_WORKDIR")  # logs kept there (the operator's, every process's)
     with contextlib.nullcontext(keep) if keep else \
             tempfile.TemporaryDirectory(prefix="mailtls-e2e-") as tmp:
