@@ -80,7 +80,7 @@ lint: install ## ruff, mypy --strict and the import-linter layer contract
 bench: system-deps install controlplane ## benchmarks: print figures and ratios, write bench/results/*.json
 	$(BIN)/python -m bench
 
-demo: system-deps install controlplane ## the whole job on this machine: API emulation, operator, real Postfix pods, real mail
+demo: system-deps install controlplane ## the whole job on this machine: kube-apiserver + kwok, mailtls run, real Postfix pods, real mail
 	$(BIN)/python -m demo
 
 dashboard: install ## regenerate the chart's Grafana dashboard JSON from tools/dashboard.py

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
 
-from bench.common import RESULTS, RUN, Result, Summary, machine, print_summary, write_json
+from bench.common import (
+    RESULTS,
+    RUN,
+    Result,
+    Summary,
+    attach_previous,
+    machine,
+    previous,
+    print_summary,
+    write_json,
+)
 
 Runner = Callable[[], Result]
 
@@ -41,6 +52,7 @@ def _benchmarks() -> dict[str, Callable[[], Runner]]:
         "discovery": load("discovery"),
         "agent_rollout": load("agent_rollout"),
         "controlplane": load("controlplane"),
+        "tlsrpt_outcomes": load("tlsrpt_outcomes"),
     }
 
 
@@ -49,6 +61,7 @@ def run_one(run: Runner) -> Result:
     start = time.perf_counter()
     result = run()
     result.seconds = time.perf_counter() - start
+    attach_previous(result)
     RUN[result.name] = result
     path = write_json(result)
     for note in result.notes:
@@ -59,13 +72,31 @@ def run_one(run: Runner) -> Result:
     return result
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    """SIGTERM ends the run as Ctrl-C does: through the ``finally`` blocks that stop the
+    cluster, the operator processes and Postfix."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        harness = sys.modules.get("bench.harness")  # only if a benchmark started the cluster
+        if harness is not None:
+            harness.close_cluster()
+
+
+def _main(argv: list[str] | None = None) -> int:
     benchmarks = _benchmarks()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", choices=[[], *benchmarks], metavar="NAME",
                         help=f"benchmarks to run (default: all): {', '.join(benchmarks)}")
     args = parser.parse_args(argv)
     names = args.names or list(benchmarks)
+    for name in names:  # the previous run's figures, before this run writes its own
+        previous(name)
     started = time.perf_counter()
     summary: list[Summary] = []
     failed: list[str] = []

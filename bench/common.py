@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -33,6 +34,11 @@ class Summary:
     baseline_label: str = ""
     target: str = ""
     ok: bool | None = None
+    previous: float | int | None = None
+    """The same row's value in the previous run (the committed ``bench/results``)."""
+    previous_emulated: bool = False
+    """That previous value was measured against the API emulation, this one against the
+    real kube-apiserver: the difference includes the move."""
 
     @property
     def ratio(self) -> float | None:
@@ -40,8 +46,14 @@ class Summary:
             return None
         return float(self.value) / float(self.baseline)
 
+    @property
+    def vs_previous(self) -> float | None:
+        if self.value is None or not self.previous:
+            return None
+        return float(self.value) / float(self.previous)
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ratio": self.ratio}
+        return {**asdict(self), "ratio": self.ratio, "vs_previous": self.vs_previous}
 
 
 @dataclass
@@ -109,19 +121,76 @@ def summary_rows(items: Iterable[Summary]) -> list[list[Any]]:
         base = (f"{fmt(s.baseline)}{unit} {s.baseline_label}".strip()
                 if s.baseline is not None else s.baseline_label or "-")
         ratio = f"{s.ratio:.3g}x" if s.ratio is not None else "-"
+        prev = f"{fmt(s.previous)}{unit}{EMULATED_MARK if s.previous_emulated else ''}" \
+            if s.previous is not None else "-"
+        vs = f"{s.vs_previous:.3g}x" if s.vs_previous is not None else "-"
         verdict = "" if s.ok is None else ("ok" if s.ok else "MISSED")
-        out.append([s.bench, s.metric, value, base, ratio,
+        out.append([s.bench, s.metric, value, base, ratio, prev, vs,
                     f"{s.target} {verdict}".strip() or "-"])
     return out
 
 
-SUMMARY_HEADERS = ("benchmark", "metric", "value", "baseline (same run)", "ratio", "target")
+SUMMARY_HEADERS = ("benchmark", "metric", "value", "baseline (same run)", "ratio", "previous",
+                   "vs prev", "target")
+EMULATED_MARK = " (emu)"
+EMULATED_NOTE = ("(emu): the previous run measured this against the API emulation "
+                 "(testbed/apiserver.py); this run against the real kube-apiserver with kwok "
+                 "pods, so the change includes the move (the benchmark's notes say how)")
 
 
 def print_summary(items: Sequence[Summary], title: str | None = None) -> None:
     if title:
         print(f"\n{title}")
     print(table(SUMMARY_HEADERS, summary_rows(items)))
+    if any(s.previous_emulated for s in items):
+        print(EMULATED_NOTE)
+
+
+# ------------------------------------------------------------------ the previous run
+
+
+def _metric_key(metric: str) -> str:
+    """A row's name without the counts some names carry, e.g. "re-rolls verified (10)"."""
+    return re.sub(r"\(\d+\)", "(n)", metric)
+
+
+def _previous_doc(name: str) -> dict[str, Any] | None:
+    """``bench/results/<name>.json`` as last committed (the previous full run; a partial run
+    meanwhile only changed the work tree), else as in the work tree, else None."""
+    rel = f"bench/results/{name}.json"
+    with _suppress():
+        done = subprocess.run(["git", "-C", str(ROOT), "show", f"HEAD:{rel}"],
+                              capture_output=True, text=True, timeout=10, check=False)
+        if done.returncode == 0:
+            return dict(json.loads(done.stdout))
+    with _suppress():
+        return dict(json.loads((ROOT / rel).read_text()))
+    return None
+
+
+PREVIOUS: dict[str, dict[str, Any] | None] = {}
+
+
+def previous(name: str) -> dict[str, Any] | None:
+    """The previous run's document of benchmark ``name`` (read once, before this run
+    writes its own)."""
+    if name not in PREVIOUS:
+        PREVIOUS[name] = _previous_doc(name)
+    return PREVIOUS[name]
+
+
+def attach_previous(result: Result) -> None:
+    """Fill each summary row's ``previous`` from the previous run's same row."""
+    doc = previous(result.name)
+    if not doc:
+        return
+    rows = {_metric_key(r["metric"]): r for r in doc.get("summary") or []}
+    emulated = "api_server" in result.config and "api_server" not in (doc.get("config") or {})
+    for s in result.summary:
+        old = rows.get(_metric_key(s.metric))
+        if old is not None and old.get("value") is not None:
+            s.previous = old["value"]
+            s.previous_emulated = emulated
 
 
 def machine() -> dict[str, Any]:

@@ -1,48 +1,52 @@
 """Policy fix -> stuck message at the sink, through the whole operator (issue 8's figure).
 
-One real Postfix pod, a sink without STARTTLS, the API emulation and the operator: ten times,
-enforce ``encrypt`` (mail is deferred for TLS), then relax the policy to ``may`` and time until
-the deferred message arrives; printed next to Postfix's own retry delay on the same instance.
-Run: ``.venv/bin/python -m bench.fix_to_delivery``.
+Two real Postfix pods (kwok pods on the real kube-apiserver, exec through ``pods/exec``),
+a sink without STARTTLS and ``mailtls run``, set up as ``make demo`` does: ten times,
+enforce ``encrypt`` (mail is deferred for TLS), then relax the policy to ``may`` with
+kubectl and time until the deferred message arrives; printed next to Postfix's own retry
+delay on the same instance.  Run: ``.venv/bin/python -m bench.fix_to_delivery``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from contextlib import AsyncExitStack
+from contextlib import ExitStack
 from pathlib import Path
 
-from demo.__main__ import Demo
+from demo.__main__ import NS, Demo
+from demo.cluster import until
+from testbed.kwokcluster import KwokCluster
 
 
-async def main(rounds: int = 10) -> int:
+def main(rounds: int = 10) -> int:
     base = Path(tempfile.mkdtemp(prefix="mailtls-fix-"))
     base.chmod(0o755)
     took: list[float] = []
     try:
-        async with AsyncExitStack() as stack:
-            demo = Demo(stack, base)
-            await demo.start_apiserver()
+        with ExitStack() as stack:
+            cluster = KwokCluster(base / "cluster")
+            stack.callback(cluster.stop)
+            cluster.start()
+            cluster.namespace(NS)
+            demo = Demo(stack, base, cluster)
             demo.start_sinks()
             demo.start_pods()
-            await demo.start_operator()
+            demo.start_operator()
             inst = demo.pods["relay-0"]
             for i in range(rounds):
-                await demo.apply(demo.policy("plain", destinations=[demo.plain.nexthop],
-                                             level="encrypt"))
-                await demo.settled(["plain"])
+                demo.apply(demo.policy("plain", destinations=[demo.plain.nexthop],
+                                       level="encrypt"))
+                demo.settled(["plain"])
                 qid = inst.submit([f"u{i}@plain.example.test"])
-                await asyncio.to_thread(inst.wait_for_delivery, qid, status="deferred")
-                await demo.server.wait_until(lambda: demo.deferred("plain"), 20)
+                inst.wait_for_delivery(qid, status="deferred")
+                until(lambda: demo.deferred("plain"), 30, "status.deferred of plain")
                 start = time.monotonic()
-                await demo.apply(demo.policy("plain", destinations=[demo.plain.nexthop],
-                                             level="may"))
-                await asyncio.to_thread(demo.plain.wait_for, i + 1, 30)
+                demo.apply(demo.policy("plain", destinations=[demo.plain.nexthop], level="may"))
+                demo.plain.wait_for(i + 1, 30)
                 took.append(time.monotonic() - start)
             retry = inst.postconf("minimal_backoff_time", "queue_run_delay")
     finally:
@@ -55,4 +59,4 @@ async def main(rounds: int = 10) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(main())

@@ -1,13 +1,13 @@
 """The real operator alone in a process, for measuring its footprint (RSS, CPU).
 
-``python -m bench.operator_proc --url URL --pods PODS.json``: Kopf with the
-operator's handlers, logged in to the API server at URL (the emulation, run by
-the parent), pods served by a LocalPodRunner over the local Postfix instances
-listed in PODS.json (``[{"name": ..., "root": ...}, ...]``, started by the
-parent).  Settings as ``mailtls run`` has them, plus the fast timeouts of the
+``python -m bench.operator_proc --kubeconfig FILE --namespace NS``: Kopf with the
+operator's handlers, logged in to the kube-apiserver of FILE (the parent's cluster, as
+the operator's own ServiceAccount) and watching namespace NS, pod commands through the
+production exec runner (``pods/exec`` of kube-apiserver; kwok runs them against local
+Postfix instances).  Settings as ``mailtls run`` has them, plus the fast timeouts of the
 integration tests.  Stops on SIGTERM/SIGINT (Kopf's own handlers: main thread).
-Imports nothing of the tests or of kmock, so its RSS is the operator's (plus the
-local pod runner's imports, reported apart).  ``--tracemalloc``: see ``_trace_to``.
+Imports nothing of the tests or of the test bed, so its RSS is the operator's.
+``--tracemalloc``: see ``_trace_to``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--pods", required=True)
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--namespace", required=True)
     parser.add_argument("--debounce", type=float, default=0.5)
     parser.add_argument("--max-delay", type=float, default=5.0)
     parser.add_argument("--probes", action="store_true",
@@ -47,41 +47,31 @@ def main() -> None:
 
     stages = {"interpreter": _rss_mib()}
     import kopf
-    import kubernetes.client
+    from kubernetes import client, config
 
     from mailtls_operator.controller import Config, Operator, operator_options, register
+    from mailtls_operator.execrunner import KubernetesExecRunner
     from mailtls_operator.kube import Kube
 
     stages["operator imports"] = _rss_mib()
-    # The local harness (LocalPodRunner) pulls in aiosmtpd and cryptography, which the
-    # production operator (KubernetesExecRunner) does not load: reported separately.
-    from mailtls_operator.podrunner import PodRef
-    from testbed.instance import InstanceSettings, LocalInstance
-    from testbed.runner import LocalPodRunner
-
-    stages["+ local pod runner imports"] = _rss_mib()
     if args.trace_from_start:
         tracemalloc.start(10)
     if args.report:
         Path(args.report).write_text(json.dumps(stages))
-    runner = LocalPodRunner()
-    for pod in json.loads(Path(args.pods).read_text()):
-        runner.add(PodRef("mail", pod["name"]),
-                   LocalInstance(pod["root"], InstanceSettings(name=pod["name"])))
-    configuration = kubernetes.client.Configuration()
-    configuration.host = args.url
-    api = kubernetes.client.ApiClient(configuration)
+    config.load_kube_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
+    api = client.ApiClient()
     fields = {f.name for f in dataclasses.fields(Config)}
-    settings_: dict[str, Any] = {"debounce": args.debounce, "max_delay": args.max_delay}
+    settings_: dict[str, Any] = {"debounce": args.debounce, "max_delay": args.max_delay,
+                                 "namespaces": [args.namespace]}
     if not args.probes and "probe_enforced" in fields:
         settings_["probe_enforced"] = False  # as bench.harness.bench_config
-    operator = Operator(Kube(api), runner, Config(**settings_))
+    operator = Operator(Kube(api), KubernetesExecRunner(api), Config(**settings_))
     registry = kopf.OperatorRegistry()
     register(registry)
 
     @kopf.on.login(registry=registry)
-    def _login(**_: Any) -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(server=args.url, default_namespace="default")
+    def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)  # the kubeconfig loaded above
 
     settings = kopf.OperatorSettings()
     settings.posting.level = logging.WARNING
@@ -92,7 +82,8 @@ def main() -> None:
     settings.watching.connect_timeout = 2
     settings.queueing.exit_timeout = 2
     asyncio.run(kopf.operator(registry=registry, settings=settings, standalone=True,
-                              clusterwide=True, memo=kopf.Memo(operator=operator),
+                              clusterwide=False, namespaces=[args.namespace],
+                              memo=kopf.Memo(operator=operator),
                               **operator_options()))
 
 

@@ -1,15 +1,16 @@
 """Reload under load: mail through a real Postfix while the operator re-rolls its tables.
 
-One local Postfix pod of instance ``relay`` routes ``load.test`` to a plain SMTP
-sink (no STARTTLS) on loopback; a MailTLSPolicy puts the sink's next-hop on
-``may``.  A client submits mail as fast as Postfix accepts it (10 messages per
-SMTP connection, so smtpd processes come and go across reloads).  First a quiet
-phase (the baseline: no rollout), then ~20 s during which another policy
-changes every ~2 s, so the operator renders a new revision and rolls it into
-the pod (write, postmap, swap, ``postfix reload``, verify).  Afterwards the
-queue is drained and every accepted message is accounted for: delivered
-(logged ``status=sent`` and received by the sink), deferred, bounced, still
-queued, lost (accepted, never delivered, not queued: must be 0), duplicated.
+One local Postfix instance, a kwok pod of instance ``relay`` on the real kube-apiserver
+(the operator's commands reach it as execs through the server), routes ``load.test`` to
+a plain SMTP sink (no STARTTLS) on loopback; a MailTLSPolicy puts the sink's next-hop on
+``may``. A client submits mail as fast as Postfix accepts it (10 messages per SMTP
+connection, so smtpd processes come and go across reloads). First a quiet phase (the
+baseline: no rollout), then ~20 s during which another policy changes every ~2 s, so the
+operator renders a new revision and rolls it into the pod (write, postmap, swap,
+``postfix reload``, verify). Afterwards the queue is drained and every accepted message
+is accounted for: delivered (logged ``status=sent`` and received by the sink), deferred,
+bounced, still queued, lost (accepted, never delivered, not queued: must be 0),
+duplicated.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ from functools import partial
 from typing import Any
 
 from bench.common import Result, Summary, postfix_available, stats, table
-from bench.harness import NAMESPACE, Env, TimingRunner, bench_config, emulation, local_pods, policy
+from bench.harness import (
+    API_SERVER_NOTE,
+    Env,
+    bench_config,
+    create_many,
+    local_pods,
+    operating,
+    policy,
+)
 from mailtls_operator import postfix
 from testbed import LocalInstance, Received, SmtpSink
 
@@ -123,19 +132,19 @@ async def _scenario(result: Result, sink: TimedSink) -> None:
     config = bench_config(debounce=0.1, max_delay=1.0)
     result.config = {"baseline_s": BASELINE_S, "load_s": LOAD_S,
                      "reroll_every_s": REROLL_EVERY_S, "per_connection": PER_CONNECTION,
-                     "debounce_s": config.debounce, "policy": "may", "sink": "plain"}
+                     "debounce_s": config.debounce, "policy": "may", "sink": "plain",
+                     "api_server": API_SERVER_NOTE}
     with local_pods(1, routes={"load.test": f"smtp:{sink.nexthop}"},
                     extra_main_cf={"enable_long_queue_ids": "yes"}) as pods:
-        runner = TimingRunner(pods.runner)
         inst = pods.instances[pods.names[0]]
 
-        def seed(server: Any) -> None:
-            pods.seed(server)
-            server.seed("mailtlspolicies", policy("sink", destinations=[sink.nexthop],
-                                                  level="may"))
-            server.seed("mailtlspolicies", policy("filler", **_filler(0)))
+        def seed(env: Env) -> None:
+            create_many(env.client, env.ns, [
+                policy("sink", destinations=[sink.nexthop], level="may"),
+                policy("filler", **_filler(0))])
 
-        async with emulation(config, runner, seed=seed) as env:
+        async with operating(config, pods, seed=seed) as env:
+            runner = env.runner
             await env.until(lambda: env.entries() == 3
                             and env.pods_on(env.revision() or "", pods.names), 60)
             await env.settle()
@@ -208,7 +217,7 @@ def _force_reload(env: Env, pods: list[str]) -> None:
 
     core = kubernetes.client.CoreV1Api(env.client)
     for name in pods:
-        core.patch_namespaced_pod(name, NAMESPACE,
+        core.patch_namespaced_pod(name, env.ns,
                                   {"metadata": {"annotations": {"mailtls.io/reload": "true"}}})
 
 
@@ -230,7 +239,7 @@ async def _reroll(env: Env, pods: list[str], until: float, first: int = 0) -> in
         k += 1
         started = time.perf_counter()
         old = env.revision()
-        await asyncio.to_thread(env.replace_spec_sync, NAMESPACE, "filler", _filler(k))
+        await asyncio.to_thread(env.replace_spec_sync, env.ns, "filler", _filler(k))
         try:
             rev = await env.until(partial(_moved_on, env, old), 10)
             await env.until(partial(env.pods_on, rev, pods), 15)

@@ -1,90 +1,69 @@
-"""``make demo``: the operator's whole job on this machine, with no cluster.
+"""``make demo``: the operator's whole job on this machine, against a real API server.
 
-A Kubernetes API emulation (kmock, with our CRD enforced) on loopback, the real
-operator (Kopf + the official client), two real Postfix instances as the pods of
-instance ``mail/relay`` (commands run by the local PodRunner, the same argv as in
-a pod), and three SMTP sinks: one without STARTTLS, one with a self-signed
-certificate, one with a certificate from a local CA.  Policies are applied,
-the table rolls out pod by pod, real mail is deferred and delivered, and the
-evidence is read back from Postfix's own log.  Everything is stopped at the end.
+A real control plane (etcd + kube-apiserver, built by ``make controlplane``) with the
+project's CRDs, kwok with one fake node, and two real Postfix instances as the pods
+of instance ``mail/relay``: kwok pods whose exec runs locally against those instances,
+so every command the operator sends to a pod goes through kube-apiserver's
+``pods/exec``.  Three SMTP sinks: one without STARTTLS, one with a self-signed
+certificate, one with a certificate from a local CA.  The operator is ``mailtls run``
+with a kubeconfig (its own ServiceAccount).  Policies are applied with kubectl, the
+table rolls out pod by pod, real mail is deferred and delivered, the evidence is read
+back from Postfix's own log and everything is shown through kubectl.  Every process is
+stopped at the end, also on Ctrl-C or SIGTERM, and the whole run is bounded in time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
-from contextlib import AsyncExitStack
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-import kmock
-import kopf
-import kubernetes.client
 import yaml
 
-from mailtls_operator.controller import Config, Operator, build_registry
-from mailtls_operator.kube import Kube
-from mailtls_operator.podrunner import PodRef
-from testbed import (
-    InstanceSettings,
-    LocalCA,
-    LocalInstance,
-    LocalPodRunner,
-    plain_sink,
-    starttls_sink,
-)
-from testbed.apiserver import ApiServer, run_operator
+from demo.cluster import BOLD, DIM, RESET, Kubectl, OperatorProcess, locate_binaries, show, until
+from testbed import InstanceSettings, LocalCA, LocalInstance, plain_sink, starttls_sink
+from testbed.controlplane import ControlPlaneError
+from testbed.kwokcluster import KwokCluster
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
+NS = "mail"
+REVISION_KEY = "mailtls-revision.invalid"
 EXAMPLES = Path(__file__).resolve().parents[1] / "manifests" / "examples" / "policies"
-BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
+LIMIT_S = 600  # the whole demo, set-up included (a cold build of the binaries is apart)
 
 
 def step(title: str) -> None:
     print(f"\n{BOLD}== {title}{RESET}", flush=True)
 
 
-def show(text: str, indent: str = "   ") -> None:
-    for line in text.rstrip("\n").splitlines():
-        print(f"{indent}{line}", flush=True)
-
-
 class Demo:
-    def __init__(self, stack: AsyncExitStack, base: Path) -> None:
-        self.stack = stack
-        self.base = base
-        self.runner = LocalPodRunner()
+    def __init__(self, stack: ExitStack, base: Path, cluster: KwokCluster) -> None:
+        self.stack, self.base, self.cluster = stack, base, cluster
+        self.kubectl = Kubectl(cluster.plane)
+        self.request = cluster.plane.request  # reads as the admin, plain JSON
         self.pods: dict[str, LocalInstance] = {}
         self.log_seen = 0
 
     # ------------------------------------------------------------------ set-up
 
-    async def start_apiserver(self) -> None:
-        self.server = ApiServer()
-        await self.stack.enter_async_context(self.server)
-        await self.stack.enter_async_context(kmock.Server(self.server))
-        self.stack.push_async_callback(self.server.close_streams)
-        cfg = kubernetes.client.Configuration()
-        cfg.host = str(self.server.url).rstrip("/")
-        self.client = self.stack.enter_context(kubernetes.client.ApiClient(cfg))
-        self.custom = kubernetes.client.CustomObjectsApi(self.client)
-        self.core = kubernetes.client.CoreV1Api(self.client)
-        print(f"   Kubernetes API emulation on {cfg.host} (CRD mailtlspolicies.mailtls.io "
-              "installed and enforced)")
-
     def start_sinks(self) -> None:
         ca = LocalCA(self.base / "ca")
         self.ca_pem = str(ca.pem_path)
         self.plain = plain_sink().start()
+        self.stack.callback(self.plain.stop)
         self.self_signed = starttls_sink(self.base / "certs", name="self-signed").start()
+        self.stack.callback(self.self_signed.stop)
         self.ca_signed = starttls_sink(self.base / "certs", name="ca-signed", ca=ca).start()
-        for sink in (self.plain, self.self_signed, self.ca_signed):
-            self.stack.callback(sink.stop)
+        self.stack.callback(self.ca_signed.stop)
         print(f"   plain.example.test      -> {self.plain.nexthop}  (no STARTTLS)")
         print(f"   selfsigned.example.test -> {self.self_signed.nexthop}  (STARTTLS, "
               "self-signed certificate)")
@@ -102,103 +81,100 @@ class Demo:
             self.stack.callback(inst.stop)
             inst.start()
             self.pods[name] = inst
-            self.runner.add(PodRef("mail", name), inst)
-            self.server.seed("v1/pods", {
-                "metadata": {"name": name, "namespace": "mail",
-                             "labels": {"mailtls.io/instance": "relay"},
-                             "annotations": {"mailtls.io/map-path": str(inst.map_path),
-                                             "mailtls.io/map-type": "lmdb"}},
-                "spec": {"containers": [{"name": "postfix", "image": "debian-postfix"}]},
-                "status": {"phase": "Running",
-                           "conditions": [{"type": "Ready", "status": "True"}]}})
-            print(f"   pod mail/{name}: Postfix {inst.root} (smtpd 127.0.0.1:{inst.smtpd_port}),"
-                  f" smtp_tls_policy_maps = {inst.tls_policy_map}")
+            self.cluster.postfix_pod(NS, name, inst)
+            print(f"   pod {NS}/{name} on node kwok-node-0: exec -> Postfix {inst.root} "
+                  f"(smtpd 127.0.0.1:{inst.smtpd_port}), smtp_tls_policy_maps = "
+                  f"{inst.tls_policy_map}")
+        self.kubectl("get", "pods", "-n", NS, "-o", "wide")
+        for name in self.pods:
+            self._first_exec(name)
+        self.kubectl("exec", "-n", NS, "relay-0", "-c", "postfix", "--", "postconf", "-h",
+                     "mail_version", "smtp_tls_policy_maps")
 
-    async def start_operator(self) -> None:
-        self.operator = Operator(Kube(self.client), self.runner,
-                                 Config(debounce=0.3, max_delay=2.0, retry_base=1.0,
-                                        observe_interval=1.0))
-        await self.stack.enter_async_context(run_operator(
-            self.server, build_registry(), memo=kopf.Memo(operator=self.operator)))
-        print("   operator running (Kopf, official kubernetes client, exec strategy)")
+    def _first_exec(self, name: str) -> None:
+        """kwok learns of a new exec mapping through its watch, about a second after it
+        was made: until ``kubectl exec NAME -- true`` succeeds (bounded)."""
+        def ok() -> bool:
+            done = self.cluster.plane.kubectl("exec", "-n", NS, name, "-c", "postfix", "--",
+                                              "true", check=False, timeout=20)
+            return done.returncode == 0
+        until(ok, 20, f"the first exec in {name}", every=0.2)
 
-    # ----------------------------------------------------------------- kubectl
+    def start_operator(self) -> OperatorProcess:
+        ident = self.cluster.identity(NS, "mailtls-operator")
+        op = OperatorProcess(ident.kubeconfig, self.base / "operator.log",
+                             ["-n", NS, "--debounce", "0.3", "--max-delay", "2",
+                              "--probe-interval", "1"])
+        print(f"   $ KUBECONFIG={ident.kubeconfig} mailtls run -n {NS} --debounce 0.3 "
+              "--max-delay 2 --probe-interval 1")
+        op.start()
+        self.stack.callback(op.stop)
+        print(f"   operator running as {ident.user} (pid {op.proc.pid if op.proc else '?'}; "
+              f"/healthz ok on 127.0.0.1:{op.health}; exec strategy through pods/exec)")
+        return op
 
-    async def apply(self, obj: dict[str, Any]) -> None:
-        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-        if self.server.get_object(PLURAL, ns, name) is None:
-            await asyncio.to_thread(self.custom.create_namespaced_custom_object, GROUP, VERSION,
-                                    ns, PLURAL, obj)
-        else:
-            await asyncio.to_thread(
-                self.custom.patch_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, name,
-                [{"op": "replace", "path": "/spec", "value": obj["spec"]}],
-                _content_type="application/json-patch+json")
-        print(f"   mailtlspolicy.mailtls.io/{name} applied: {obj['spec']['level']} "
-              f"{', '.join(obj['spec']['destinations'])}")
+    # ----------------------------------------------------------------- reading
 
     def policy(self, name: str, **spec: Any) -> dict[str, Any]:
         return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MailTLSPolicy",
-                "metadata": {"name": name, "namespace": "mail"}, "spec": spec}
+                "metadata": {"name": name, "namespace": NS}, "spec": spec}
+
+    def apply(self, *objs: dict[str, Any]) -> None:
+        self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objs, sort_keys=False))
+
+    def get(self, name: str) -> dict[str, Any]:
+        obj: dict[str, Any] = self.request(
+            "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}/{name}")
+        return obj
 
     def condition(self, name: str, type_: str = "Ready") -> dict[str, Any] | None:
-        obj = self.server.get_object(PLURAL, "mail", name) or {}
-        return next((c for c in (obj.get("status") or {}).get("conditions", [])
+        return next((c for c in (self.get(name).get("status") or {}).get("conditions", [])
                      if c["type"] == type_), None)
 
-    async def settled(self, names: list[str], timeout: float = 30.0) -> None:
-        """Until every named policy's status describes its current generation and no
-        rollout is pending."""
+    def rolled_out(self) -> str | None:
+        """The ConfigMap's revision once every pod carries it as applied."""
+        try:
+            cm = self.request("GET", f"/api/v1/namespaces/{NS}/configmaps/relay-mailtls")
+        except ControlPlaneError:  # not written yet
+            return None
+        rev: str | None = (cm["metadata"].get("annotations") or {}).get("mailtls.io/revision")
+        for name in self.pods:
+            pod = self.request("GET", f"/api/v1/namespaces/{NS}/pods/{name}")
+            if (pod["metadata"].get("annotations") or {}).get(
+                    "mailtls.io/applied-revision") != rev:
+                return None
+        return rev
+
+    def settled(self, names: list[str], timeout: float = 60.0) -> None:
+        """Until every named policy's status describes its current generation, none is
+        Pending, and every pod has the ConfigMap's revision."""
         def done() -> bool:
             for name in names:
-                obj = self.server.get_object(PLURAL, "mail", name) or {}
+                obj = self.get(name)
                 status = obj.get("status") or {}
-                cond = self.condition(name)
+                ready = next((c for c in status.get("conditions", [])
+                              if c["type"] == "Ready"), None)
                 if status.get("observedGeneration") != obj["metadata"].get("generation") or \
-                        cond is None or cond["reason"] == "Pending":
+                        ready is None or ready["reason"] == "Pending":
                     return False
-            return self.operator.idle
-        await self.server.wait_until(done, timeout)
+            return self.rolled_out() is not None
+        until(done, timeout, "every policy's status and the rollout", every=0.2)
 
     def status(self, name: str) -> dict[str, Any]:
-        obj = self.server.get_object(PLURAL, "mail", name) or {}
-        status: dict[str, Any] = obj.get("status") or {}
+        status: dict[str, Any] = self.get(name).get("status") or {}
         return status
 
     def deferred(self, name: str) -> dict[str, Any] | None:
         d = self.status(name).get("deferred") or {}
         return d if d.get("recipients") else None
 
-    def probes(self, name: str) -> list[dict[str, Any]]:
-        probes: list[dict[str, Any]] = self.status(name).get("probes") or []
-        return probes
-
     def print_probes(self, names: list[str]) -> None:
         rows = [("POLICY", "MODE", "DESTINATION", "RESULT", "REASON")]
         for name in names:
-            obj = self.server.get_object(PLURAL, "mail", name) or {}
-            for p in self.probes(name):
+            obj = self.get(name)
+            for p in (obj.get("status") or {}).get("probes") or []:
                 rows.append((name, obj["spec"].get("mode", "enforce"), p["destination"],
                              p["result"], f"{p['reason']}: {p['message'][:70]}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        for r in rows:
-            show("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
-
-    def print_policies(self) -> None:
-        rows = [("NAME", "LEVEL", "READY", "REASON", "MESSAGE")]
-        for obj in sorted(self.server.list_objects(PLURAL, "mail"),
-                          key=lambda o: o["metadata"]["name"]):
-            name = obj["metadata"]["name"]
-            ready = self.condition(name) or {}
-            accepted = self.condition(name, "Accepted") or {}
-            reason = ready.get("reason", "")
-            if accepted.get("status") == "False":
-                reason = f"{reason}/{accepted.get('reason')}"
-            message = ready.get("message", "")
-            if accepted.get("status") == "False":
-                message = accepted.get("message", "")
-            rows.append((name, obj["spec"]["level"], ready.get("status", "?"), reason,
-                         message[:90] + ("..." if len(message) > 90 else "")))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for r in rows:
             show("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
@@ -212,7 +188,7 @@ class Demo:
 
     def evidence(self, qid: str, status: str | tuple[str, ...]) -> None:
         inst = self.pods["relay-0"]
-        delivery = inst.wait_for_delivery(qid, status=status, timeout=20)
+        delivery = inst.wait_for_delivery(qid, status=status, timeout=30)
         port = delivery.relay.rsplit(":", 1)[-1]
         lines = inst.maillog().splitlines()
         for line in lines[self.log_seen:]:  # only what this delivery logged
@@ -223,117 +199,175 @@ class Demo:
         print(f"   => {delivery.status.upper()}: {delivery.reason[:120]}")
 
 
-async def main() -> int:
-    logging.basicConfig(level=logging.WARNING, format="   [operator] %(message)s",
-                        stream=sys.stdout)
-    logging.getLogger("mailtls.controller").setLevel(logging.INFO)
-    base = Path(tempfile.mkdtemp(prefix="mailtls-demo-"))
-    base.chmod(0o755)
+def run(base: Path) -> None:
     started = time.monotonic()
+    with ExitStack() as stack:
+        step("1. A real API server: etcd + kube-apiserver + kwok (fake node, exec mapped to "
+             "local Postfix)")
+        binaries = locate_binaries()
+        cluster = KwokCluster(base / "cluster", binaries=binaries)
+        stack.callback(cluster.stop)
+        cluster.start()
+        print(f"   kube-apiserver {cluster.git_version()} at {cluster.url} (its /version), "
+              f"etcd {cluster.plane.etcd_url}; ready with the CRDs and kwok in "
+              f"{cluster.started_in:.1f} s")
+        demo = Demo(stack, base, cluster)
+        demo.kubectl("version", "-o", "json", quiet=True)
+        demo.kubectl("get", "crd", "-o", "custom-columns=CRD:.metadata.name,"
+                     "ESTABLISHED:.status.conditions[?(@.type=='Established')].status")
+        demo.kubectl("get", "nodes")
+
+        step("2. SMTP sinks, two Postfix pods (kwok pods whose exec is a local Postfix), "
+             "the operator")
+        cluster.namespace(NS)
+        demo.start_sinks()
+        demo.start_pods()
+        op = demo.start_operator()
+
+        step("3. Apply the example policies (manifests/examples/policies) and four "
+             "policies for the sinks")
+        demo.kubectl("apply", "-f", str(EXAMPLES))
+        examples = [d["metadata"]["name"] for f in sorted(EXAMPLES.glob("*.yaml"))
+                    for d in yaml.safe_load_all(f.read_text()) if d]
+        mine = [
+            demo.policy("plain-partner", destinations=[demo.plain.nexthop], level="encrypt"),
+            demo.policy("selfsigned-partner", destinations=[demo.self_signed.nexthop],
+                        level="encrypt"),
+            demo.policy("ca-partner", destinations=[demo.ca_signed.nexthop], level="secure",
+                        match=["sink.mailtls.test"], tafile=[demo.ca_pem]),
+            demo.policy("selfsigned-secure-audit", destinations=[demo.self_signed.nexthop],
+                        level="secure", match=["sink.mailtls.test"], mode="audit"),
+        ]
+        demo.apply(*mine)
+        names = examples + [o["metadata"]["name"] for o in mine]
+        demo.settled(names)
+        print(f"   the operator's /metrics: mailtls_table_entries "
+              f"{op.metric('mailtls_table_entries'):.0f}, mailtls_configmap_writes_total "
+              f"{op.metric('mailtls_configmap_writes_total'):.0f}, rollouts "
+              f"{op.metric('mailtls_rollout_duration_seconds_count'):.0f}")
+
+        step("4. The rendered table: ConfigMap mail/relay-mailtls, rolled out through "
+             "pods/exec")
+        demo.kubectl("get", "configmap", "relay-mailtls", "-n", NS, "-o", "yaml", head=40)
+        for name, inst in demo.pods.items():
+            demo.kubectl("exec", "-n", NS, name, "-c", "postfix", "--", "postmap", "-q",
+                         REVISION_KEY, inst.tls_policy_map)
+        demo.kubectl("get", "pods", "-n", NS, "-o",
+                     "custom-columns=POD:.metadata.name,APPLIED:.metadata.annotations."
+                     "mailtls\\.io/applied-revision")
+
+        step("5. Status, as kubectl shows it (the CRD's printer columns)")
+        demo.kubectl("get", "mailtlspolicies", "-n", NS, "-o", "wide")
+        print("   why the others are not Ready (status.conditions[Ready].message):")
+        for name in names:
+            cond = demo.condition(name) or {}
+            if cond.get("status") != "True":
+                print(f"     {name}: {cond.get('reason')}: {cond.get('message', '')[:150]}")
+
+        step("6. Real mail through relay-0")
+        q_plain = demo.send("alice@plain.example.test")
+        demo.evidence(q_plain, "deferred")
+        q_self = demo.send("bob@selfsigned.example.test")
+        demo.evidence(q_self, "sent")
+        q_ca = demo.send("carol@partner.example.test")
+        demo.evidence(q_ca, "sent")
+
+        step("7. Stuck mail, seen: status.deferred of plain-partner (from postqueue -j, "
+             "run through pods/exec)")
+        until(lambda: demo.deferred("plain-partner"), 30, "status.deferred of plain-partner")
+        out = demo.kubectl("get", "mailtlspolicy", "plain-partner", "-n", NS, "-o",
+                           "jsonpath={.status.deferred}", quiet=True)
+        print(f"   $ kubectl get mailtlspolicy plain-partner -n {NS} -o "
+              "jsonpath='{.status.deferred}'")
+        show(yaml.safe_dump({"deferred": json.loads(out)}, sort_keys=False, width=100), "     ")
+
+        step("8. Preflight probes (posttls-finger in pod relay-0, through pods/exec): "
+             "status.probes")
+        until(lambda: demo.status("selfsigned-secure-audit").get("probes"), 30,
+              "the audit policy's probes")
+        demo.print_probes(["selfsigned-secure-audit", "candidate-secure", "ca-partner",
+                           "selfsigned-partner", "plain-partner"])
+
+        step("9. Fix: the plain partner cannot do TLS, relax it to 'may'; the operator "
+             "releases the stuck mail")
+        fixed_at = time.monotonic()
+        demo.apply(demo.policy("plain-partner", destinations=[demo.plain.nexthop],
+                               level="may"))
+        demo.plain.wait_for(1, 30)
+        took = time.monotonic() - fixed_at
+        demo.evidence(q_plain, "sent")
+        retry = demo.pods["relay-0"].postconf("minimal_backoff_time", "queue_run_delay")
+        print(f"   the deferred message reached the sink {took:.2f}s after kubectl apply "
+              f"(rollout to 2 pods through pods/exec + postqueue -i); Postfix's own retry "
+              f"would have waited up to minimal_backoff_time="
+              f"{retry['minimal_backoff_time']}, queue_run_delay={retry['queue_run_delay']}")
+
+        step("10. Break-glass: a temporary 'may' exception over the secure ca-partner")
+        now = datetime.now(UTC).replace(microsecond=0)
+        demo.apply(demo.policy(
+            "ca-partner-break-glass", destinations=[demo.ca_signed.nexthop], level="may",
+            exception={"startsAt": now.isoformat().replace("+00:00", "Z"),
+                       "expiresAt": (now + timedelta(hours=4)).isoformat()
+                       .replace("+00:00", "Z"),
+                       "reason": "INC-4711 partner certificate expired overnight"}))
+        names.append("ca-partner-break-glass")
+        demo.settled(names)
+        demo.kubectl("exec", "-n", NS, "relay-0", "-c", "postfix", "--", "postmap", "-q",
+                     demo.ca_signed.nexthop, demo.pods["relay-0"].tls_policy_map)
+        for name, ctype in (("ca-partner", "Overridden"),
+                            ("ca-partner-break-glass", "BreakGlass")):
+            cond = demo.condition(name, ctype) or {}
+            print(f"   {name}: {ctype}={cond.get('status')} ({cond.get('reason')}): "
+                  f"{cond.get('message')}")
+        until(lambda: "BreakGlass" in demo.kubectl(
+            "get", "events", "-n", NS, quiet=True) or None, 20, "the BreakGlass event")
+        described = demo.kubectl("describe", "mailtlspolicy", "ca-partner-break-glass",
+                                 "-n", NS, quiet=True)
+        print(f"   $ kubectl describe mailtlspolicy ca-partner-break-glass -n {NS}   "
+              "(its Events)")
+        show(described[described.find("Events:"):] if "Events:" in described
+             else described[-800:], "     ")
+        demo.kubectl("get", "events", "-n", NS, "--field-selector",
+                     "involvedObject.kind=MailTLSPolicy", "--sort-by=.lastTimestamp")
+
+        step("11. Final status")
+        demo.kubectl("get", "mailtlspolicies", "-n", NS)
+        from demo.discovery import run as discovery  # issue 16: no API server involved
+
+        asyncio.run(discovery(base, step))
+        code = op.stop()
+        print(f"\n   mailtls run stopped (exit {code}); stopping kwok, kube-apiserver, etcd, "
+              "Postfix and the sinks.")
+    print(f"\n{BOLD}Demo finished in {time.monotonic() - started:.1f}s; everything it "
+          f"started is stopped.{RESET}")
+
+
+def _stop_on(signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM (and the time limit) unwind like Ctrl-C: every process is stopped."""
+    if signum == signal.SIGALRM:
+        raise TimeoutError(f"the demo did not finish within {LIMIT_S} s")
+    raise SystemExit(128 + signum)
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _stop_on)
+    signal.signal(signal.SIGALRM, _stop_on)
+    signal.alarm(LIMIT_S)
+    base = Path(tempfile.mkdtemp(prefix="mailtls-demo-"))
+    base.chmod(0o755)  # Postfix daemons (user postfix) must reach into it
     try:
-        async with AsyncExitStack() as stack:
-            demo = Demo(stack, base)
-            step("1. A Kubernetes API (emulated), SMTP sinks, two Postfix pods, the operator")
-            await demo.start_apiserver()
-            demo.start_sinks()
-            demo.start_pods()
-            await demo.start_operator()
-
-            step("2. Apply the example policies (manifests/examples/policies) and three "
-                 "policies for the sinks")
-            examples = [d for f in sorted(EXAMPLES.glob("*.yaml"))
-                        for d in yaml.safe_load_all(f.read_text()) if d]
-            for obj in examples:
-                await demo.apply(obj)
-            mine = [
-                demo.policy("plain-partner", destinations=[demo.plain.nexthop],
-                            level="encrypt"),
-                demo.policy("selfsigned-partner", destinations=[demo.self_signed.nexthop],
-                            level="encrypt"),
-                demo.policy("ca-partner", destinations=[demo.ca_signed.nexthop], level="secure",
-                            match=["sink.mailtls.test"], tafile=[demo.ca_pem]),
-                demo.policy("selfsigned-secure-audit", destinations=[demo.self_signed.nexthop],
-                            level="secure", match=["sink.mailtls.test"], mode="audit"),
-            ]
-            for obj in mine:
-                await demo.apply(obj)
-            names = [o["metadata"]["name"] for o in examples + mine]
-            await demo.settled(names)
-
-            step("3. The rendered table: ConfigMap mail/relay-mailtls")
-            cm = demo.server.get_object("v1/configmaps", "mail", "relay-mailtls") or {}
-            show(cm.get("data", {}).get("tls_policy", "(missing)"))
-
-            step("4. Status (kubectl get mailtlspolicies -n mail)")
-            demo.print_policies()
-            for name, inst in demo.pods.items():
-                print(f"   {name}: postmap -q mailtls-revision.invalid -> "
-                      f"{inst.query('mailtls-revision.invalid')}")
-
-            step("5. Real mail through relay-0")
-            q_plain = demo.send("alice@plain.example.test")
-            demo.evidence(q_plain, "deferred")
-            q_self = demo.send("bob@selfsigned.example.test")
-            demo.evidence(q_self, "sent")
-            q_ca = demo.send("carol@partner.example.test")
-            demo.evidence(q_ca, "sent")
-
-            step("6. Stuck mail, seen: status.deferred of plain-partner (from postqueue -j)")
-            deferred = await demo.server.wait_until(lambda: demo.deferred("plain-partner"), 20)
-            show(yaml.safe_dump({"deferred": deferred}, sort_keys=False, width=100))
-
-            step("7. Preflight probes (posttls-finger from pod relay-0): status.probes")
-            await demo.server.wait_until(lambda: demo.probes("selfsigned-secure-audit"), 20)
-            demo.print_probes(["selfsigned-secure-audit", "candidate-secure", "ca-partner",
-                               "selfsigned-partner", "plain-partner"])
-
-            step("8. Fix: the plain partner cannot do TLS, relax it to 'may'; the operator "
-                 "releases the stuck mail")
-            fixed_at = time.monotonic()
-            await demo.apply(demo.policy("plain-partner", destinations=[demo.plain.nexthop],
-                                         level="may"))
-            await asyncio.to_thread(demo.plain.wait_for, 1, 20)
-            took = time.monotonic() - fixed_at
-            demo.evidence(q_plain, "sent")
-            retry = demo.pods["relay-0"].postconf("minimal_backoff_time", "queue_run_delay")
-            print(f"   the deferred message reached the sink {took:.2f}s after the fix "
-                  f"(rollout to 2 pods + postqueue -i); Postfix's own retry would have waited "
-                  f"up to minimal_backoff_time={retry['minimal_backoff_time']}, "
-                  f"queue_run_delay={retry['queue_run_delay']}")
-
-            step("9. Break-glass: a temporary 'may' exception over the secure ca-partner")
-            now = datetime.now(UTC).replace(microsecond=0)
-            brk = demo.policy("ca-partner-break-glass", destinations=[demo.ca_signed.nexthop],
-                              level="may", exception={
-                                  "startsAt": now.isoformat().replace("+00:00", "Z"),
-                                  "expiresAt": (now + timedelta(hours=4)).isoformat()
-                                  .replace("+00:00", "Z"),
-                                  "reason": "INC-4711 partner certificate expired overnight"})
-            await demo.apply(brk)
-            names.append("ca-partner-break-glass")
-            await demo.settled(names)
-            print(f"   relay-0: postmap -q {demo.ca_signed.nexthop} -> "
-                  f"{demo.pods['relay-0'].query(demo.ca_signed.nexthop)}")
-            for name, ctype in (("ca-partner", "Overridden"),
-                                ("ca-partner-break-glass", "BreakGlass")):
-                cond = demo.condition(name, ctype) or {}
-                print(f"   {name}: {ctype}={cond.get('status')} ({cond.get('reason')}): "
-                      f"{cond.get('message')}")
-            events = [e for e in demo.server.list_objects("v1/events", "mail")
-                      if e["reason"] in ("ExceptionActive", "BreakGlass")]
-            for e in events:
-                print(f"   event {e['type']} {e['reason']} {e['involvedObject']['name']}")
-
-            step("10. Final status")
-            demo.print_policies()
-            from demo.discovery import run as discovery  # issue 16
-            await discovery(base, step)
-            print(f"\n{BOLD}Demo finished in {time.monotonic() - started:.1f}s; stopping "
-                  f"everything.{RESET}")
+        run(base)
+    except KeyboardInterrupt:
+        print("\ninterrupted: everything the demo started is stopped.", file=sys.stderr)
+        return 130
+    except SystemExit:
+        print("\nterminated: everything the demo started is stopped.", file=sys.stderr)
+        raise
     finally:
+        signal.alarm(0)
         shutil.rmtree(base, ignore_errors=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(main())

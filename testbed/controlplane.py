@@ -162,7 +162,17 @@ class ControlPlane:
         """Stop kube-apiserver (TERM, then KILL) and start it again on the same port
         with the same flags; return once it is ready.  Clients see their connections
         and watches end, as in a control-plane upgrade."""
+        self.stop_apiserver()
+        self.start_apiserver()
+
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver only (etcd keeps the state): clients get connection
+        refused until :meth:`start_apiserver`."""
         _stop(self.apiserver)
+
+    def start_apiserver(self) -> None:
+        """Start a stopped kube-apiserver again on its port with its flags; return once
+        it is ready."""
         self._start_apiserver()
 
     def _spawn(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:

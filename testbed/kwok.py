@@ -112,19 +112,20 @@ class Kwok:
     ``workdir``."""
 
     def __init__(self, plane: ControlPlane, workdir: Path, *,
-                 binary: Path | None = None, leases: bool = False,
-                 ready_gate: str | None = None,
-                 exec_path: Sequence[Path] = ()) -> None:
-        """``leases``: node Leases and heartbeats as kwokctl keeps them (needed beside a
-        controller-manager); ``ready_gate``: pods become Ready only once they carry that
-        annotation with ``"true"`` (see :func:`gated`); ``exec_path``: directories put
-        first on kwok's ``PATH``, where it looks up the commands of an exec."""
+                 binary: Path | None = None, path: Sequence[Path] = (),
+                 leases: bool = False, ready_gate: str | None = None) -> None:
+        """``path``: directories put first on kwok's ``PATH``, where a mapped exec looks
+        its command up; ``leases``: node Leases and heartbeats as kwokctl keeps them
+        (needed beside a controller-manager); ``ready_gate``: pods become Ready only
+        once they carry that annotation with ``"true"`` (see :func:`gated`)."""
         self.plane = plane
         self.binary = binary
+        #: directories put first on kwok's PATH, where a mapped exec looks its command up
+        #: (e.g. shims that run it in a container instead)
+        self.path = list(path)
         self.workdir = workdir
         self.leases = leases
         self.ready_gate = ready_gate
-        self.exec_path = tuple(exec_path)
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "kwok.log"
@@ -160,7 +161,7 @@ class Kwok:
                 f"--node-lease-duration-seconds={NODE_LEASE_SECONDS if self.leases else 0}",
                 "--enable-crds=Exec"]
         env = dict(os.environ)
-        env["PATH"] = ":".join([*map(str, self.exec_path), SBIN_PATH, env.get("PATH", "")])
+        env["PATH"] = ":".join([*map(str, self.path), SBIN_PATH, env.get("PATH", "")])
         env["HOME"] = str(self.workdir)  # never ~/.kwok
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,  # noqa: S603
@@ -213,12 +214,14 @@ class Kwok:
     def run_pod(self, namespace: str, name: str, node: str, *, container: str = "postfix",
                 image: str = "registry.invalid/postfix:test",
                 labels: Mapping[str, str] | None = None,
+                annotations: Mapping[str, str] | None = None,
                 timeout: float = 30.0) -> dict[str, Any]:
         """Create a pod bound to ``node`` (no scheduler) and return it once Running and
         Ready (kwok's pod stage; nothing runs the image)."""
         self.plane.request("POST", f"/api/v1/namespaces/{namespace}/pods", {
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "labels": dict(labels or {})},
+            "metadata": {"name": name, "labels": dict(labels or {}),
+                         "annotations": dict(annotations or {})},
             "spec": {"nodeName": node, "containers": [{"name": container, "image": image}]}})
         return self._wait(f"/api/v1/namespaces/{namespace}/pods/{name}",
                           lambda pod: pod["status"].get("phase") == "Running" and _ready(pod),

@@ -20,17 +20,25 @@ import contextlib
 import errno
 import os
 import random
+import shlex
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
 from dnslib import MX, TXT, A
 from dnslib.server import DNSLogger, DNSServer
 
+from .instance import LocalInstance
+from .layout import InstanceSettings
 from .stsworld import Zone, _ZoneResolver
 
-__all__ = ["DatagramTrap", "Port53Dns", "write_resolv_conf"]
+__all__ = ["SOCKET_NAME", "DatagramTrap", "Port53Dns", "postfix_wrappers", "reporting_instance",
+           "tlsrpt_record", "write_resolv_conf"]
+
+POSTFIX_TOOLS = ("postconf", "postmap", "postqueue", "postfix", "posttls-finger", "postsuper")
+"""The Postfix commands an agent runs in its pod."""
 
 
 class _AskedResolver(_ZoneResolver):
@@ -102,6 +110,53 @@ class Port53Dns:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+SOCKET_NAME = "tlsrpt/sock"
+"""``smtp_tlsrpt_socket_name`` of a reporting instance: relative to its queue directory."""
+
+
+def tlsrpt_record(domain: str) -> str:
+    """The ``_smtp._tls`` TXT record the test bed's domains publish."""
+    return f"v=TLSRPTv1; rua=mailto:tlsrpt@{domain}"
+
+
+def reporting_instance(base: Path, name: str, dns: Port53Dns, routes: Mapping[str, str],
+                       policy: Mapping[str, str], ca_file: str, **main_cf: str
+                       ) -> LocalInstance:
+    """A created (not started) Postfix 3.10 instance in ``base/name`` that reports TLSRPT
+    to ``SOCKET_NAME``, resolves through ``dns`` (its smtp client chrooted, with the jail's
+    ``etc/resolv.conf``), trusts ``ca_file`` and routes ``routes`` (domain ->
+    ``transport:nexthop``, the site's own transport table)."""
+    extra = {"smtp_tlsrpt_enable": "yes", "smtp_tlsrpt_socket_name": SOCKET_NAME,
+             "smtp_tls_CAfile": ca_file, "smtp_tls_security_level": "may",
+             # a reused (cached) TLS connection has no handshake, hence no datagram
+             # (smtp_tlsrpt_skip_reused_handshakes = yes): one connection per message here
+             "smtp_connection_cache_on_demand": "no", **main_cf}
+    settings = InstanceSettings(name=name, postfix="3.10", smtp_dns_support_level="enabled",
+                                hosts={"jail.invalid": "127.0.0.1"},  # chroot smtp: own resolv
+                                routes=dict(routes), extra_main_cf=extra)
+    inst = LocalInstance(base / name, settings)
+    inst.create(tls_policy="".join(f"{k} {v}\n" for k, v in policy.items()))
+    write_resolv_conf(inst.queue_dir, dns.address)
+    return inst
+
+
+def postfix_wrappers(inst: LocalInstance, directory: Path) -> Path | None:
+    """A directory for ``mailtls agent --postfix-path``: one wrapper per Postfix tool that
+    runs it inside the instance's 3.10 root (:mod:`.postfixroot`), so an agent run as a
+    process of this machine uses its pod's Postfix as in a container; None for 3.7 (the
+    machine's own).  ``directory`` must lie outside the instance's base directory, which
+    the root sees at the same path: a wrapper found inside the root would call itself."""
+    if inst.settings.postfix == "3.7":
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    for tool in POSTFIX_TOOLS:
+        wrapper = directory / tool
+        wrapper.write_text("#!/bin/sh\nexec " + shlex.join(inst.command([f"/usr/sbin/{tool}"]))
+                           + ' "$@"\n')
+        wrapper.chmod(0o755)
+    return directory
 
 
 def write_resolv_conf(queue_dir: Path, nameserver: str) -> None:

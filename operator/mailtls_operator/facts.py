@@ -16,11 +16,16 @@ from . import postfix
 from .podrunner import PodRef, PodRunner
 from .probe import CLIENT_PARAMS, ClientDefaults
 from .routing import ROUTING_PARAMS, InstanceConfig
+from .tlsrpt import TLSRPT_PARAMS
 from .versions import LINT_PARAMS
 
-FACT_PARAMS: Final = tuple(dict.fromkeys((*ROUTING_PARAMS, *CLIENT_PARAMS, *LINT_PARAMS)))
+FACT_PARAMS: Final = tuple(dict.fromkeys((*ROUTING_PARAMS, *CLIENT_PARAMS, *LINT_PARAMS,
+                                          *TLSRPT_PARAMS)))
 """With ``mail_version`` and the deprecated TLS parameters: the agent's report carries
-them, so the version lint runs in agent mode too."""
+them, so the version lint runs in agent mode too; and the TLSRPT settings (a Postfix
+without TLSRPT leaves ``smtp_tlsrpt_enable`` out: ``postconf -x`` skips unknown names),
+from which the agent finds its socket and the operator lints an instance that could
+report its TLS sessions but does not."""
 
 
 class PostfixCommandError(Exception):

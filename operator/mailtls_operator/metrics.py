@@ -55,6 +55,11 @@ class Metrics:
         self.leader = Gauge("mailtls_leader",
                             "1 while this operator process may write (the leader, or running "
                             "without leader election), 0 while it stands by", registry=r)
+        self.tls_sessions = Counter(
+            "mailtls_tls_sessions_total",
+            "TLS sessions Postfix reported (TLSRPT, agent strategy) under a policy's lines, by "
+            "result: success or the RFC 8460 failure type (a series only once there was "
+            "traffic)", ["namespace", "policy", "instance", "result"], registry=r)
         self.probe_failures = Gauge("mailtls_probe_failures",
                                     "Destinations whose last probe failed",
                                     ["namespace", "policy"], registry=r)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from . import mailqueue, postfix, probe
+from .outcomes import KeyOutcomes
 from .podrunner import PodRef, PodRunner
 from .policy import Policy
 from .routing import InstanceConfig
@@ -39,11 +40,16 @@ class PolicyProbes:
 
 @dataclass
 class Observations:
-    """Per instance: probes by policy ref, and TLS-deferred mail by table key."""
+    """Per instance: probes by policy ref, TLS-deferred mail by table key, and (agent
+    strategy, TLSRPT) TLS session outcomes by governing key."""
 
     probes: dict[str, PolicyProbes] = field(default_factory=dict)
     deferred: dict[str, mailqueue.DeferredSummary] = field(default_factory=dict)
     released: int = 0
+    outcomes: dict[str, KeyOutcomes] = field(default_factory=dict)
+    outcome_window: int = 0
+    collector_error: str = ""
+    """Why an agent of the instance cannot receive Postfix's TLSRPT datagrams, if one says."""
 
 
 async def _transport_routes(runner: PodRunner, pod: PodRef, config: InstanceConfig,

@@ -146,6 +146,12 @@ def postmap_query_stdin(map_type: str, path: str, *, config_dir: str | None = No
     return ["postmap", *_config(config_dir), "-q", "-", map_spec(map_type, path)]
 
 
+def postmap_dump(map_type: str, path: str, *, config_dir: str | None = None) -> list[str]:
+    """``postmap -s TYPE:PATH``: every entry, ``KEY`` whitespace ``VALUE`` (the agent reads
+    the site's transport routes with it to attribute TLSRPT reports)."""
+    return ["postmap", *_config(config_dir), "-s", map_spec(map_type, path)]
+
+
 def postfix_reload(*, config_dir: str | None = None) -> list[str]:
     """``postfix reload``: re-read main.cf and restart processes gracefully."""
     return ["postfix", *_config(config_dir), "reload"]

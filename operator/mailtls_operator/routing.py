@@ -186,6 +186,16 @@ def transport_lookup(domain: str, entries: Mapping[str, str]) -> str | None:
     return entries.get("*")
 
 
+def route_nexthop(entry: str) -> str | None:
+    """The explicit next-hop of a transport entry (``smtp:[mx.example]:25`` ->
+    ``[mx.example]:25``, lower-cased), or None when it names none or its transport never
+    reads the TLS policy table (TLSRPT attribution indexes the routes by it)."""
+    channel, _, hop = entry.strip().partition(":")
+    if channel.strip().lower() in _NO_TLS_TRANSPORTS or not hop.strip():
+        return None
+    return hop.strip().lower()
+
+
 def nexthops(domain: str, config: InstanceConfig,
              transport_entries: Mapping[str, str] | None = None) -> tuple[str, ...] | None:
     """The next-hop(s) smtp(8) uses for ``domain``, or None if mail to it does not go

@@ -25,6 +25,8 @@ READY = "Ready"
 ACCEPTED = "Accepted"
 OVERRIDDEN = "Overridden"
 VERIFIED = "Verified"
+TLS_FAILURES = "TLSFailures"
+"""True while an enforced policy's TLS sessions fail for a reason retrying will not heal."""
 
 # Reasons (documented in README "Status")
 VALID = "Valid"
@@ -55,10 +57,27 @@ BREAK_GLASS = "BreakGlass"
 EXCEPTION_ACTIVE = "ExceptionActive"
 PROBES_PASSED = "ProbesPassed"
 PROBE_FAILED = "ProbeFailed"
+TLSRPT_OFF = "TLSRPTOff"
+"""A note: the instance's Postfix could report its TLS sessions (TLSRPT) but does not."""
+NO_LASTING_FAILURES = "NoLastingFailures"
+TLS_FAILURE_REASONS = {
+    "starttls-not-supported": "StartTLSNotSupported",
+    "certificate-host-mismatch": "CertificateHostMismatch",
+    "certificate-not-trusted": "CertificateNotTrusted",
+    "certificate-expired": "CertificateExpired",
+    "validation-failure": "ValidationFailure",
+    "sts-policy-invalid": "STSPolicyInvalid",
+    "sts-webpki-invalid": "STSWebPKIInvalid",
+    "tlsa-invalid": "TLSAInvalid",
+    "dnssec-invalid": "DNSSECInvalid",
+    "dane-required": "DANERequired",
+}
+"""RFC 8460 failures retrying does not heal -> the TLSFailures condition's reason."""
 
 WARNING_REASONS = {INVALID, CONFLICT, ROLLOUT_FAILED, EXPIRED, POLICY_BYPASSED,
                    DNSSEC_DISABLED, KEY_FOLDING, TRUST_ANCHOR_MISSING, BREAK_GLASS, NO_INSTANCES,
-                   EXCEPTION_ACTIVE, UNSAFE_ENTRY, CHECK_UNAVAILABLE, UNSUPPORTED_ATTRIBUTE}
+                   EXCEPTION_ACTIVE, UNSAFE_ENTRY, CHECK_UNAVAILABLE, UNSUPPORTED_ATTRIBUTE,
+                   *TLS_FAILURE_REASONS.values()}
 MAX_ENTRIES = 500
 MAX_MESSAGE = 4096
 """Characters of a condition message (the CRD allows 32768; a message quotes Postfix
@@ -157,7 +176,7 @@ def _ready(rec: PolicyRecord, views: Sequence[InstanceView], now: datetime) -> C
             f"{v.name}: {v.pods_updated}/{v.pods_total} pods on revision {_short(v.revision)}"
             for v in behind))
     notes = [f"{v.name}: {m}" for v in views for r, m in v.warnings
-             if r in (TRUST_ANCHOR_UNCHECKED, DEPRECATED_PARAMETER)]
+             if r in (TRUST_ANCHOR_UNCHECKED, DEPRECATED_PARAMETER, TLSRPT_OFF)]
     return Condition(READY, "True", ROLLED_OUT, "; ".join(
         f"{v.name}: {v.pods_updated}/{v.pods_total} pods verified revision "
         f"{_short(v.revision)}{' ' + v.note if v.note else ''}" for v in views)

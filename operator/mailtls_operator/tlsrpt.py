@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from . import strictjson
 
@@ -39,6 +39,30 @@ RESULT_TYPES = {
     304: "tlsa-invalid", 305: "dnssec-invalid", 306: "dane-required",
 }
 """RFC 8460 result types by libtlsrpt's codes; any other code reads as ``other``."""
+
+TLSRPT_PARAMS: Final = ("smtp_tlsrpt_enable", "smtp_tlsrpt_socket_name",
+                         "smtp_tls_security_level", "smtp_dns_support_level", "queue_directory")
+"""What an instance's facts carry about TLSRPT: a Postfix without it (before 3.10, or built
+without libtlsrpt) does not know ``smtp_tlsrpt_enable`` at all."""
+
+
+def socket_name_problem(name: str) -> str | None:
+    """Why ``smtp_tlsrpt_socket_name`` cannot be collected from, or None.  Postfix takes it
+    relative to the queue directory (an absolute one is seen from the smtp(8) chroot
+    there, where it runs chrooted), and TLSRPT_README keeps it out of ``private/`` and
+    ``public/``, which belong to Postfix's own services."""
+    if not name.strip():
+        return "smtp_tlsrpt_socket_name is empty"
+    parts = [p for p in name.strip().split("/") if p not in ("", ".")]
+    if name.startswith("/"):
+        return None
+    if ".." in parts:
+        return f"smtp_tlsrpt_socket_name = {name} leaves the queue directory"
+    if parts and parts[0] in ("private", "public"):
+        return (f"smtp_tlsrpt_socket_name = {name} is under {parts[0]}/, which Postfix "
+                "reserves for its own services")
+    return None
+
 
 _DOMAIN = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?\Z")
 

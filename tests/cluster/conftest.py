@@ -1,8 +1,8 @@
 """Fixtures for tests against a real control plane: etcd and kube-apiserver built from
 the pinned Go modules (``make controlplane``), one per test session, and a fresh
-namespace per test; and, for tests that need pods made by the real controllers, a whole
-kwok cluster (``kwok_cluster``: its own control plane plus the controller-manager, the
-scheduler, kwok and the pod sandbox) with ``kwok_namespace``.
+namespace per test; and, for tests that need pods made by the real controllers, the
+workload cluster (``workload_cluster``: its own control plane plus the controller-manager,
+the scheduler, kwok and the pod sandbox) with ``workload_namespace``.
 
 A session shares one server because starting it costs seconds; tests stay independent
 by working in their own namespace.  Where the binaries cannot be built here (no Go),
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from testbed.cluster import KwokCluster
 from testbed.controlplane import ControlPlane, ControlPlaneError, binaries_dir
 from testbed.kwok import Kwok
 from testbed.sandbox import sandbox_unavailable
+from testbed.workloadcluster import WorkloadCluster
 
 _names = itertools.count()
 
@@ -61,10 +61,10 @@ def kwok(controlplane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="session")
-def kwok_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KwokCluster]:
+def workload_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkloadCluster]:
     """etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok with two
     nodes, and the pod sandbox that runs the Postfix pods' containers locally
-    (``testbed/cluster.py``).  A control plane of its own: the ``controlplane``
+    (``testbed/workloadcluster.py``).  A control plane of its own: the ``controlplane``
     fixture's tests rely on no controller acting."""
     try:
         binaries = binaries_dir()
@@ -72,19 +72,19 @@ def kwok_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KwokClust
         pytest.skip(f"no control plane binaries: {exc}")
     if reason := sandbox_unavailable():
         pytest.skip(reason)
-    with KwokCluster(tmp_path_factory.mktemp("kwok-cluster"), binaries=binaries) as cluster:
+    with WorkloadCluster(tmp_path_factory.mktemp("kwok-cluster"), binaries=binaries) as cluster:
         yield cluster
         assert not cluster.sandbox.failures, f"pods the sandbox could not start: " \
             f"{cluster.sandbox.failures}; see {cluster.sandbox.workdir / 'sandbox.log'}"
 
 
 @pytest.fixture
-def kwok_namespace(kwok_cluster: KwokCluster) -> Iterator[str]:
-    """A fresh namespace of the kwok cluster, once the ServiceAccount controller has
+def workload_namespace(workload_cluster: WorkloadCluster) -> Iterator[str]:
+    """A fresh namespace of the workload cluster, once the ServiceAccount controller has
     given it its ``default`` ServiceAccount; deleted (for real: the namespace
     controller empties it) after the test."""
     name = f"k{next(_names)}"
-    plane = kwok_cluster.plane
+    plane = workload_cluster.plane
     plane.request("POST", "/api/v1/namespaces", {
         "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     plane.kubectl("wait", "-n", name, "--for=create", "serviceaccount/default",

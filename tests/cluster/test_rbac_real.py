@@ -17,11 +17,14 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import kubernetes.client
 import pytest
 
 from mailtls_operator.render import REVISION_KEY
 from testbed.controlplane import ControlPlane
+from tests.cluster.operating.audit import AuditLog
 from tests.cluster.rbac_kit import (
     MERGE,
     Answer,
@@ -31,6 +34,7 @@ from tests.cluster.rbac_kit import (
     statefulset,
 )
 from tests.cluster.rbac_setup import Install, installed, running_operator, until
+from tests.contract.kit import operator_grants
 
 pytestmark = pytest.mark.cluster
 
@@ -42,6 +46,20 @@ CRD_PATH = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD}"
 DRY = "?dryRun=All"  # a refusal that would wrongly succeed changes nothing
 #: A refusal in the operator's log: the status code as a word, or the reason.
 REFUSED = re.compile(r"\b403\b|forbidden", re.IGNORECASE)
+#: Granted, and used by a code path this scenario does not reach, each for a reason.
+NOT_REACHED = {
+    ("", "pods/exec", "create"): "exec needs a kubelet: the exec runner goes through the "
+                                 "server in test_exec_through_apiserver.py (kwok)",
+    ("", "pods/exec", "get"): "the websocket upgrade of an exec is a GET (likewise)",
+    ("", "pods", "patch"): "the applied-revision annotation after an exec rollout: the pod "
+                           "here has the restart strategy",
+    ("apps", "deployments", "get"): "restart strategy with a Deployment owner (a StatefulSet "
+                                    "here)",
+    ("apps", "deployments", "patch"): "restart strategy with a Deployment owner",
+    ("apps", "replicasets", "get"): "a Deployment pod's owner is its ReplicaSet",
+    ("mailtls.io", "mailtlsdiscoveries/status", "patch"): "no MailTLSDiscovery here: its "
+        "status is written in tests/postfix/test_discovery_operator.py",
+}
 
 
 def record(case: str, answer: Answer | str) -> None:
@@ -95,6 +113,10 @@ def test_operator_does_its_whole_job_with_only_the_charts_rights(
     cp, ns = install.cp, install.watched
     policies = f"/apis/mailtls.io/v1alpha1/namespaces/{ns}/mailtlspolicies"
     _seed_instance(cp, ns)
+    with cp.api_client() as admin:
+        audit = AuditLog(cp.audit_log, admin) if cp.audit_log else None
+        if audit:
+            audit.mark()
     with running_operator(install, tmp_path) as op:
         cp.request("POST", policies, policy(ns, "p", ["a.example"], "encrypt", []))
         cp.request("POST", policies, policy(ns, "named", ["b.example"], "may", ["lonely"]))
@@ -133,6 +155,22 @@ def test_operator_does_its_whole_job_with_only_the_charts_rights(
     assert refused == [], "the server refused the operator:\n" + "\n".join(refused)
     record(f"{install.scope}/{install.strategy} operator run",
            f"{len(log.splitlines())} log lines, no 403; {len(events)} Events")
+    if audit is not None:  # and every right the chart grants is one the operator used
+        with cp.api_client() as admin:
+            audit.core = kubernetes.client.CoreV1Api(admin)
+            audit.barrier()
+        used = {(_group(r.uri), r.resource + (f"/{r.subresource}" if r.subresource else ""),
+                 r.verb) for r in audit.select(user=install.user, subresource="*") if r.resource}
+        grants = {g[1:4] for g in operator_grants(install.objects, install.service_account,
+                                                  install.release_ns)}
+        assert used - grants == set(), "calls the chart does not grant"
+        assert grants - used - set(NOT_REACHED) == set(), "grants no code path here used"
+
+
+def _group(uri: str) -> str:
+    """The API group of a request by its path: ``/apis/GROUP/...``, or core ``/api/v1``."""
+    parts = urlsplit(uri).path.split("/")
+    return parts[2] if len(parts) > 2 and parts[1] == "apis" else ""
 
 
 def _needs(install: Install) -> list[tuple[str, str, str, str, str]]:
@@ -266,3 +304,42 @@ def test_what_the_operator_must_not_do_is_refused_403_by_the_server(
                     "&container=postfix&stdout=true")
         record(f"{install.scope}/exec operator: exec into a pod (granted)", answer)
         assert answer.status != 403, answer.line()
+
+
+def test_an_exec_refused_by_rbac_is_never_read_as_tafile_present(
+        controlplane: ControlPlane, namespace: str, tmp_path: Path) -> None:
+    """A chart installed for the restart strategy (no ``pods/exec``) meets a pod annotated
+    ``exec``: the server answers the tafile check 403, and the operator holds the policy
+    that names the file back instead of taking the refusal for a file present.  (Its
+    Ready says RolloutFailed, not CheckUnavailable: the rollout's own exec is refused by
+    the same 403, and that condition leads.)"""
+    controlplane.apply_crds(sorted((ROOT / "crds").glob("*.yaml")))
+    with installed(controlplane, namespace, "namespaced", "restart") as install:
+        cp, ns = install.cp, install.watched
+        cp.request("POST", f"/api/v1/namespaces/{ns}/pods",
+                   pod(ns, "relay-0", instance="relay",
+                       annotations={"mailtls.io/strategy": "exec"},
+                       owner={"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs",
+                              "uid": "0b1e5c3a-0000-4000-8000-000000000001"}))
+        cp.kubectl("patch", "pod", "relay-0", "-n", ns, "--subresource=status", "--type=merge",
+                   "-p", '{"status": {"phase": "Running", "conditions": '
+                         '[{"type": "Ready", "status": "True"}]}}')
+        policies = f"/apis/mailtls.io/v1alpha1/namespaces/{ns}/mailtlspolicies"
+        with running_operator(install, tmp_path) as op:
+            anchored = policy(ns, "anchored", ["a.example"], "secure", [])
+            anchored["spec"].update(match=["nexthop"], tafile=["/etc/postfix/tls/ca.pem"])
+            cp.request("POST", policies, anchored)
+            cp.request("POST", policies, policy(ns, "plain", ["b.example"], "encrypt", []))
+            until(lambda: _table(cp, ns, "relay") == {"b.example encrypt"}, 30,
+                  "the table without the held-back policy")
+            status = until(lambda: (s := cp.request("GET", f"{policies}/anchored").get(
+                "status")) and s.get("observedGeneration") == 1 and s, 30,
+                "the anchored policy's status")
+            until(lambda: "cannot check tafile /etc/postfix/tls/ca.pem" in op.text(), 30,
+                  "the refused check in the log")
+            log = op.text()
+    assert status["entries"] == []  # held back: not one line of it in the table
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and "403" in ready["message"], ready
+    checks = [line for line in log.splitlines() if "cannot check tafile" in line]
+    assert all(REFUSED.search(line) for line in checks), checks

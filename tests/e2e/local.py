@@ -1,6 +1,6 @@
 """``make e2e`` where there is no docker or kind: the same end-to-end run on this machine.
 
-The cluster is real but for the kubelet (``testbed/cluster.py``): etcd, kube-apiserver,
+The cluster is real but for the kubelet (``testbed/workloadcluster.py``): etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler and kwok with two nodes, all compiled here from
 the pinned modules, and the pod sandbox that runs each Postfix pod's init container and
 Postfix locally in the pod's own mounts.  On it:
@@ -35,9 +35,9 @@ from typing import Any
 
 import yaml
 
-from testbed.cluster import KwokCluster
 from testbed.layout import free_port
 from testbed.sandbox import sandbox_unavailable
+from testbed.workloadcluster import WorkloadCluster
 from tests.contract import kit
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ def log(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def apply_chart(kc: KwokCluster) -> dict[str, Any]:
+def apply_chart(kc: WorkloadCluster) -> dict[str, Any]:
     """Render the chart (default values) and apply it; returns its Deployment."""
     objs = kit.chart_objects()
     kc.plane.request("POST", "/api/v1/namespaces", {
@@ -79,7 +79,7 @@ def apply_chart(kc: KwokCluster) -> dict[str, Any]:
     return next(o for o in objs if o["kind"] == "Deployment")
 
 
-def operator_pod(kc: KwokCluster) -> str:
+def operator_pod(kc: WorkloadCluster) -> str:
     """The name of one of the chart's operator pods once the Deployment is available."""
     kc.plane.kubectl("rollout", "status", "-n", NAMESPACE, "deploy/mailtls-operator",
                      f"--timeout={TIMEOUT:.0f}s", timeout=TIMEOUT + 10)
@@ -100,7 +100,7 @@ def operator_argv(deployment: dict[str, Any], env: dict[str, str]) -> list[str]:
     return [str(Path(sys.executable).with_name("mailtls")), *args]
 
 
-def start_operator(kc: KwokCluster, deployment: dict[str, Any], pod: str,
+def start_operator(kc: WorkloadCluster, deployment: dict[str, Any], pod: str,
                    workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
     """``mailtls run`` as ``pod``: its Downward API environment and a token of the
     chart's ServiceAccount bound to it."""
@@ -152,7 +152,7 @@ def main() -> int:
             tempfile.TemporaryDirectory(prefix="mailtls-e2e-") as tmp:
         workdir = Path(tmp)
         log("starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok")
-        with KwokCluster(workdir / "cluster", nodes=2) as kc:
+        with WorkloadCluster(workdir / "cluster", nodes=2) as kc:
             version = kc.plane.version()["gitVersion"]
             print(f"API server {kc.plane.url} ({version}); nodes {', '.join(kc.nodes)}; "
                   f"up in {kc.start_seconds:.1f} s")

@@ -1,8 +1,11 @@
 """Fixtures of the image tests: the images built once per session by ``images/build.sh``
-(what ``make images`` runs), and the API emulation with ``pods/exec`` bridged to podman.
+(what ``make images`` runs), the real control plane (etcd + kube-apiserver, the fixtures
+of tests/cluster), the chart's RBAC for the operator, and kwok with ``pods/exec`` mapped
+to ``podman exec`` (:mod:`tests.images.kwokexec`).
 
 Skipped, with the reason, where podman cannot run containers (no podman, or ``podman
-info`` fails); where it can, a failing build fails the tests.
+info`` fails) or the control plane cannot be built; where both can, a failing build
+fails the tests.
 """
 
 from __future__ import annotations
@@ -10,13 +13,16 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
-import kmock
-import kubernetes.client
 import pytest
 
-from tests.images.podexec import ExecApiServer
+from testbed.controlplane import ControlPlane
+from testbed.kwok import Kwok
+from tests.cluster.conftest import controlplane, namespace  # noqa: F401 (fixtures)
+from tests.cluster.operating.conftest import admin_client, audit, crds_applied  # noqa: F401
+from tests.cluster.rbac_setup import Install, installed
+from tests.images.kwokexec import write_shims
 from tests.images.pods import (
     BUILD,
     OPERATOR_IMAGE,
@@ -60,21 +66,26 @@ def images() -> Iterator[None]:
                    timeout=120, env=podman_env(), check=False)
 
 
-@pytest.fixture
-async def apiserver(images: None) -> AsyncIterator[ExecApiServer]:
-    """The API emulation on 127.0.0.1, serving pods/exec through podman exec."""
-    async with ExecApiServer() as server, kmock.Server(server):
-        try:
-            yield server
-        finally:
-            await server.close_streams()
-    if server.server_errors:
-        pytest.fail(f"the test API server failed internally: {server.server_errors!r}")
+@pytest.fixture(scope="session")
+def cluster_with_crds(images: None, crds_applied: ControlPlane) -> ControlPlane:  # noqa: F811
+    """The session's control plane with the project's CRDs, started after the images are
+    built (a machine without podman never starts it)."""
+    return crds_applied
 
 
 @pytest.fixture
-def kube_client(apiserver: ExecApiServer) -> Iterator[kubernetes.client.ApiClient]:
-    configuration = kubernetes.client.Configuration()
-    configuration.host = str(apiserver.url).rstrip("/")
-    with kubernetes.client.ApiClient(configuration) as client:
-        yield client
+def install(cluster_with_crds: ControlPlane, namespace: str) -> Iterator[Install]:  # noqa: F811
+    """The chart's ServiceAccount, roles and bindings (default scope, exec strategy),
+    released into the test's namespace; Postfix pods and policies go to
+    ``install.watched``."""
+    with installed(cluster_with_crds, namespace, "cluster", "exec") as inst:
+        yield inst
+
+
+@pytest.fixture(scope="session")
+def kwok_podman(cluster_with_crds: ControlPlane,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kwok]:
+    """kwok whose mapped execs find the podman shims first on their PATH."""
+    shims = write_shims(tmp_path_factory.mktemp("shims"))
+    with Kwok(cluster_with_crds, tmp_path_factory.mktemp("kwok"), path=[shims]) as fake:
+        yield fake

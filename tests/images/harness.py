@@ -53,9 +53,10 @@ def example_pod() -> tuple[Obj, Obj]:
     return template["metadata"], template["spec"]
 
 
-def operator_pod() -> tuple[Obj, Obj]:
-    """The chart's operator pod spec (default values) and its operator container."""
-    (deployment,) = find(chart_objects(), "Deployment")
+def operator_pod(objects: list[Obj] | None = None) -> tuple[Obj, Obj]:
+    """The chart's operator pod spec and its operator container, from ``objects`` (a
+    rendered release) or the default values."""
+    (deployment,) = find(chart_objects() if objects is None else objects, "Deployment")
     spec: Obj = deployment["spec"]["template"]["spec"]
     (container,) = [c for c in spec["containers"] if c["name"] == "operator"]
     return spec, container
@@ -152,16 +153,10 @@ class PostfixPod:
         found: dict[str, str] = self.metadata["annotations"]
         return found
 
-    def pod_object(self, name: str, namespace: str = "mail") -> Obj:
-        """The pod as the API server would show it: the example template's labels and
-        annotations, running and ready."""
-        return {"metadata": {"name": name, "namespace": namespace,
-                             "labels": dict(self.metadata["labels"]),
-                             "annotations": dict(self.annotations)},
-                "spec": {"containers": [{"name": c["name"], "image": POSTFIX_IMAGE}
-                                        for c in self.spec["containers"]]},
-                "status": {"phase": "Running",
-                           "conditions": [{"type": "Ready", "status": "True"}]}}
+    @property
+    def labels(self) -> dict[str, str]:
+        found: dict[str, str] = self.metadata["labels"]
+        return found
 
     def send(self, recipient: str, sender: str = "test@relay.mail.test") -> None:
         """Submit a message inside the container with sendmail(1), as an application would."""

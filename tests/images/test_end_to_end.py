@@ -1,143 +1,167 @@
-"""``make demo``'s scenario with containers instead of local processes.
+"""``make demo``'s scenario with containers and the real control plane.
 
-The operator runs in its image (``mailtls run``, the chart's securityContext), the
-Postfix "pod" ``mail/relay-0`` is the example Postfix image run as the example
-Deployment runs it, and the API emulation on the host serves ``pods/exec`` by running
-``podman exec`` in that container (:mod:`tests.images.podexec`). So a policy change
-travels: API -> operator container -> its websocket exec client -> the emulation's exec
-endpoint -> ``podman exec`` -> postmap/mv/postfix reload in the Postfix container, and
-real mail from that container to a plain SMTP sink on the host is deferred under
-``encrypt`` and delivered once the policy is relaxed to ``may``.
+The operator runs in its image (``mailtls run``, the chart's args, securityContext,
+ServiceAccount token and RBAC) against the real kube-apiserver; the Postfix pod is the
+example Postfix image run as the example Deployment runs it, and its API object is a pod
+on a kwok node whose ``pods/exec`` lands in that container (:mod:`tests.images.kwokexec`).
+So a policy change travels: API -> operator container -> its websocket exec client ->
+kube-apiserver (RBAC: the chart's exec grant) -> kwok's kubelet endpoint -> ``podman
+exec`` -> postmap/mv in the Postfix container, and real mail from that container to a
+plain SMTP sink on the host is deferred under ``encrypt`` and delivered once the policy
+is relaxed to ``may``.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import kubernetes.client
 import pytest
 
 from mailtls_operator.render import REVISION_KEY
 from testbed import SmtpSink, plain_sink
+from testbed.kwok import Kwok
+from tests.cluster.operating.audit import AuditLog
+from tests.cluster.operating.helpers import GROUP, PLURAL, VERSION, policy, until
+from tests.cluster.rbac_setup import Install
 from tests.images.harness import PostfixPod
+from tests.images.kwokexec import CONTAINER_ENV
 from tests.images.operator import OperatorContainer
-from tests.images.podexec import ExecApiServer
-from tests.images.test_postfix_image import poll_logs
+from tests.images.pods import CONTAINERS_CONF
 
 pytestmark = pytest.mark.images
-GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
+_nodes = itertools.count()
 
 
 class Stack:
-    """The sink, the Postfix pod and the operator container of one test."""
+    """The sink, the Postfix pod (container + API object) and the operator container."""
 
-    def __init__(self, server: ExecApiServer, client: kubernetes.client.ApiClient,
+    def __init__(self, install: Install, kwok: Kwok, client: kubernetes.client.ApiClient,
                  base: Path) -> None:
-        self.server = server
-        self.custom = kubernetes.client.CustomObjectsApi(client)
+        self.install, self.kwok, self.ns = install, kwok, install.watched
+        self.custom: Any = kubernetes.client.CustomObjectsApi(client)
+        self.core: Any = kubernetes.client.CoreV1Api(client)
         self.sink: SmtpSink = plain_sink().start()
         self.pod = PostfixPod(base / "postfix",
                               routes={"plain.example.test": f"smtp:{self.sink.nexthop}"})
-        self.operator = OperatorContainer(base / "operator", str(server.url).rstrip("/"))
+        self.operator = OperatorContainer(base / "operator", install)
+        self.exec_dir = base / "exec"
 
-    async def start(self) -> None:
+    def start(self) -> None:
         self.pod.lay_out()  # the ConfigMap does not exist yet: empty tables
-        loaded = await asyncio.to_thread(self.pod.load_tables)
-        assert "loaded tls_policy from (none: empty table)" in loaded
-        container = await asyncio.to_thread(self.pod.start)
-        self.server.seed("v1/pods", self.pod.pod_object("relay-0"))
-        self.server.bind("mail", "relay-0", self.pod.annotations["mailtls.io/container"],
-                         container.name)
-        await asyncio.to_thread(self.operator.start, debounce="0.1", max_delay="1")
-        await self.server.wait_until(lambda: self.server.watch_count(PLURAL) > 0, 30)
+        assert "loaded tls_policy from (none: empty table)" in self.pod.load_tables()
+        container = self.pod.start()
+        node = f"images-{next(_nodes)}"
+        self.kwok.add_node(node)
+        self.kwok.run_pod(self.ns, "relay-0", node, container=self.container_name,
+                          labels=self.pod.labels, annotations=self.pod.annotations)
+        self.exec_dir.mkdir(parents=True, exist_ok=True)
+        self.kwok.map_exec(self.ns, "relay-0", work_dir=self.exec_dir,
+                           env={CONTAINER_ENV: container.name,
+                                "CONTAINERS_CONF": str(CONTAINERS_CONF)},
+                           containers=(self.container_name,))
+        self.operator.start(debounce="0.1", max_delay="1")
+
+    @property
+    def container_name(self) -> str:
+        return self.pod.annotations["mailtls.io/container"]
 
     def stop(self) -> None:
         self.operator.remove()
         self.pod.stop()
         self.sink.stop()
 
-    async def apply(self, name: str, **spec: object) -> None:
-        obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MailTLSPolicy",
-               "metadata": {"name": name, "namespace": "mail"},
-               "spec": {"instances": ["relay"], **spec}}
-        if self.server.get_object(PLURAL, "mail", name) is None:
-            await asyncio.to_thread(self.custom.create_namespaced_custom_object, GROUP,
-                                    VERSION, "mail", PLURAL, obj)
-        else:
-            await asyncio.to_thread(
-                self.custom.patch_namespaced_custom_object, GROUP, VERSION, "mail", PLURAL,
-                name, [{"op": "replace", "path": "/spec", "value": obj["spec"]}],
+    def apply(self, name: str, **spec: Any) -> None:
+        obj = policy(name, self.ns, **spec)
+        try:
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, obj)
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, self.ns, PLURAL, name,
+                [{"op": "replace", "path": "/spec", "value": obj["spec"]}],
                 _content_type="application/json-patch+json")
 
+    def policy(self, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.ns, PLURAL, name)
+        return found
+
     def diagnosis(self) -> str:
-        """What to read when the scenario stalls: the exec calls, both containers' logs."""
-        calls = "\n".join(f"  {code} {argv}" for (_, _, argv, code) in self.server.exec_log)
+        """What to read when the scenario stalls: both containers' logs, kwok's."""
         logs = [c.logs()[-3000:] for c in (self.operator.container, self.pod.container) if c]
-        return f"exec calls:\n{calls}\n\n" + "\n\n".join(logs)
+        return "\n\n".join([*logs, self.kwok.log.read_text(errors="replace")[-2000:]])
 
-    def status(self, name: str) -> dict[str, object]:
-        obj = self.server.get_object(PLURAL, "mail", name) or {}
-        return obj.get("status") or {}
-
-    async def rolled_out(self, name: str, level: str) -> dict[str, object]:
+    def rolled_out(self, name: str, level: str) -> dict[str, Any]:
         """Ready/RolledOut for the policy's current spec, with the table live in the pod."""
-        def check() -> dict[str, object] | None:
-            obj = self.server.get_object(PLURAL, "mail", name) or {}
+        def check() -> dict[str, Any] | None:
+            obj = self.policy(name)
             status = obj.get("status") or {}
             if status.get("observedGeneration") != obj["metadata"].get("generation"):
                 return None
-            cond: dict[str, object] = next(
+            cond: dict[str, Any] = next(
                 (c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
             return cond if cond.get("reason") == "RolledOut" else None
-        ready = await self.server.wait_until(check, 60)
-        assert ready is not None
-        assert await asyncio.to_thread(self.pod.query, self.sink.nexthop) == level
+        try:
+            ready: dict[str, Any] = until(check, 90, what=f"{name} rolled out")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnosis()}") from None
+        assert self.pod.query(self.sink.nexthop) == level
         return ready
 
 
 @pytest.fixture
-async def stack(apiserver: ExecApiServer, kube_client: kubernetes.client.ApiClient,
-                tmp_path: Path) -> AsyncIterator[Stack]:
-    s = Stack(apiserver, kube_client, tmp_path)
+def stack(install: Install, kwok_podman: Kwok, admin_client: kubernetes.client.ApiClient,
+          tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(install, kwok_podman, admin_client, tmp_path)
     try:
-        await s.start()
+        s.start()
         yield s
     finally:
-        await asyncio.to_thread(s.stop)
+        s.stop()
 
 
-async def test_policy_reaches_the_postfix_container_through_exec_and_governs_real_mail(
-        stack: Stack, apiserver: ExecApiServer) -> None:
-    await stack.apply("plain-partner", destinations=[stack.sink.nexthop], level="encrypt")
-    ready = await stack.rolled_out("plain-partner", "encrypt")
+def _logged(stack: Stack, text: str, timeout: float = 30) -> None:
+    container = stack.pod.container
+    assert container is not None
+    until(lambda: text in container.logs(), timeout, what=f"{text!r} in the Postfix log")
+
+
+def test_policy_reaches_the_postfix_container_through_exec_and_governs_real_mail(
+        stack: Stack, audit: AuditLog) -> None:
+    stack.apply("plain-partner", destinations=[stack.sink.nexthop], level="encrypt")
+    ready = stack.rolled_out("plain-partner", "encrypt")
     assert "relay: 1/1 pods verified" in str(ready["message"])
-    revision = stack.status("plain-partner")["instances"][0]["revision"]  # type: ignore[index]
-    assert await asyncio.to_thread(stack.pod.query, REVISION_KEY) == \
-        f"secure match=rev-{revision[:16]}"
-    pod = apiserver.get_object("v1/pods", "mail", "relay-0") or {}
-    assert pod["metadata"]["annotations"]["mailtls.io/applied-revision"] == revision
-    # The operator's own commands, run in the container by podman exec: the table went
-    # in over stdin (v5 close), was compiled and swapped in.
-    ran = [argv[0] for (_, pod_name, argv, code) in apiserver.exec_log
-           if pod_name == "relay-0" and code == 0]
-    assert {"sh", "postmap", "mv"} <= set(ran)
+    revision = stack.policy("plain-partner")["status"]["instances"][0]["revision"]
+    assert stack.pod.query(REVISION_KEY) == f"secure match=rev-{revision[:16]}"
+    pod = stack.core.read_namespaced_pod("relay-0", stack.ns)
+    assert pod.metadata.annotations["mailtls.io/applied-revision"] == revision
+    # The operator's own commands, through the server's pods/exec as its ServiceAccount:
+    # the table went in over stdin (v5 close), was compiled and swapped in.
+    audit.barrier()
+    execs = audit.select(("create", "get"), "pods", subresource="exec",
+                         user=stack.install.user, where=lambda r: r.name == "relay-0")
+    ran = {(r.query.get("command") or [""])[0] for r in execs}
+    assert {"sh", "postmap", "mv"} <= ran, [(r.query.get("command"), r.code) for r in execs]
 
-    await asyncio.to_thread(stack.pod.send, "alice@plain.example.test")
-    await poll_logs(stack.pod, "TLS is required, but was not offered")
+    stack.pod.send("alice@plain.example.test")
+    _logged(stack, "TLS is required, but was not offered")
     assert stack.sink.messages == []
 
-    await stack.apply("plain-partner", destinations=[stack.sink.nexthop], level="may")
-    await stack.rolled_out("plain-partner", "may")
+    stack.apply("plain-partner", destinations=[stack.sink.nexthop], level="may")
+    stack.rolled_out("plain-partner", "may")
     # The operator releases the deferred mail itself (postqueue -i in the pod).
     try:
-        await asyncio.to_thread(stack.sink.wait_for, 1, 60)
+        stack.sink.wait_for(1, 60)
     except TimeoutError:
         raise AssertionError(stack.diagnosis()) from None
     assert [m.rcpt_tos for m in stack.sink.messages] == [("alice@plain.example.test",)]
     assert not stack.sink.messages[0].tls
 
     assert stack.operator.container is not None
-    code = await asyncio.to_thread(stack.operator.container.stop, 20)
+    code = stack.operator.container.stop(20)
     assert code == 0, stack.operator.container.logs()[-4000:]

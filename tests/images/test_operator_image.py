@@ -1,25 +1,27 @@
 """The operator image under the chart's own securityContext and volumes: read-only root,
 uid/gid 65532, every capability dropped, no privilege escalation, an emptyDir at /tmp.
 ``mailtls --version`` works, and the chart's own args (``run --all-namespaces
---leader-elect ...``) take the Lease, converge a policy into its ConfigMap through the
-API emulation on the host, serve /metrics, and exit 0 on SIGTERM (``podman stop``).
+--leader-elect ...``), with the chart's ServiceAccount token mounted as the kubelet
+would and only the chart's RBAC, take the Lease, converge a policy into its ConfigMap
+through the real kube-apiserver, serve /metrics, and exit 0 on SIGTERM (``podman stop``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import kubernetes.client
 import pytest
 
 from mailtls_operator import __version__
+from tests.cluster.operating.helpers import policy, until
+from tests.cluster.rbac_setup import Install
 from tests.images.harness import operator_pod
-from tests.images.operator import POD_NAMESPACE, OperatorContainer
-from tests.images.podexec import ExecApiServer
+from tests.images.operator import OperatorContainer
 from tests.images.pods import OPERATOR_IMAGE, ROOT, Volumes, container_args, podman
 
 pytestmark = pytest.mark.images
@@ -27,8 +29,8 @@ PACKAGE = ROOT / "operator" / "mailtls_operator"
 
 
 @pytest.fixture
-def operator(apiserver: ExecApiServer, tmp_path: Path) -> Iterator[OperatorContainer]:
-    op = OperatorContainer(tmp_path, str(apiserver.url).rstrip("/"))
+def operator(install: Install, tmp_path: Path) -> Iterator[OperatorContainer]:
+    op = OperatorContainer(tmp_path, install)
     try:
         yield op
     finally:
@@ -73,39 +75,48 @@ def test_image_runs_as_nonroot_without_pip(images: None) -> None:
     assert result.stdout.decode().split() == ["None", "None"]
 
 
-async def test_run_converges_a_policy_and_stops_cleanly_on_sigterm(
-        apiserver: ExecApiServer, kube_client: kubernetes.client.ApiClient,
+def test_run_converges_a_policy_and_stops_cleanly_on_sigterm(
+        install: Install, admin_client: kubernetes.client.ApiClient,
         operator: OperatorContainer) -> None:
-    container = await asyncio.to_thread(operator.start, debounce="0.1")
-    probe = await asyncio.to_thread(container.exec, "sh", "-c",
-                                    "id -u; id -g; touch /probe 2>&1; touch /tmp/probe && "
-                                    "echo tmp-writable; grep -E '^CapEff' /proc/1/status")
+    container = operator.start(debounce="0.1")
+    probe = container.exec("sh", "-c", "id -u; id -g; touch /probe 2>&1; touch /tmp/probe && "
+                           "echo tmp-writable; grep -E '^CapEff' /proc/1/status")
     out = probe.stdout.decode()
     assert out.startswith("65532\n65532\n")
     assert "Read-only file system" in out and "tmp-writable" in out
     assert "CapEff:\t0000000000000000" in out
 
-    await apiserver.wait_until(lambda: apiserver.watch_count("mailtlspolicies") > 0, 30)
     # The chart's --leader-elect --lease-namespace=$(POD_NAMESPACE): this pod leads.
-    lease = await apiserver.wait_until(
-        lambda: apiserver.get_object("coordination.k8s.io/v1/leases", POD_NAMESPACE,
-                                     "mailtls-operator"), 30)
-    assert lease is not None and lease["spec"]["holderIdentity"] == operator.pod_name
-    custom = kubernetes.client.CustomObjectsApi(kube_client)
-    await asyncio.to_thread(
-        custom.create_namespaced_custom_object, "mailtls.io", "v1alpha1", "mail",
-        "mailtlspolicies",
-        {"apiVersion": "mailtls.io/v1alpha1", "kind": "MailTLSPolicy",
-         "metadata": {"name": "partner", "namespace": "mail"},
-         "spec": {"destinations": ["partner.example"], "level": "encrypt",
-                  "instances": ["relay"]}})
-    cm = await apiserver.wait_until(
-        lambda: apiserver.get_object("v1/configmaps", "mail", "relay-mailtls"), 30)
-    assert cm is not None and "partner.example encrypt\n" in cm["data"]["tls_policy"]
-    metrics = await asyncio.to_thread(operator.get, "metrics", "/metrics")
+    coordination: Any = kubernetes.client.CoordinationV1Api(admin_client)
+
+    def holder() -> str | None:
+        try:
+            lease = coordination.read_namespaced_lease(install.lease, install.release_ns)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return str(lease.spec.holder_identity or "") or None
+
+    assert until(holder, 30, what="the Lease taken") == operator.pod_name
+    custom: Any = kubernetes.client.CustomObjectsApi(admin_client)
+    ns = install.watched
+    custom.create_namespaced_custom_object(
+        "mailtls.io", "v1alpha1", ns, "mailtlspolicies",
+        policy("partner", ns, destinations=["partner.example"], level="encrypt"))
+    core: Any = kubernetes.client.CoreV1Api(admin_client)
+
+    def table() -> str:
+        found = core.list_namespaced_config_map(
+            ns, field_selector="metadata.name=relay-mailtls").items
+        return str((found[0].data or {}).get("tls_policy", "")) if found else ""
+
+    assert "partner.example encrypt\n" in until(table, 30, what="relay-mailtls")
+    metrics = operator.get("metrics", "/metrics")
     assert metrics is not None and "mailtls_configmap_writes_total" in metrics
 
-    code = await asyncio.to_thread(container.stop, 20)
-    logs = await asyncio.to_thread(container.logs)
+    code = container.stop(20)
+    logs = container.logs()
     assert code == 0, logs[-4000:]
     assert "Traceback" not in logs
+    assert "403" not in logs and "orbidden" not in logs  # the chart's RBAC was enough

@@ -38,3 +38,17 @@ async def test_deprecated_tls_parameters_are_linted_as_postfix_310_warns(
     for name, instead in DEPRECATED_TLS_PARAMS.items():
         warning = f'support for parameter "{name}" will be removed; instead, specify "{instead}"'
         assert (warning in said) == (postfix_version == "3.10"), said
+
+
+async def test_facts_say_whether_this_postfix_has_tlsrpt_and_whether_it_is_on(
+        runner: LocalPodRunner, make_pod: PodFactory, postfix_version: str) -> None:
+    """3.7 does not know ``smtp_tlsrpt_enable`` (``postconf -x`` leaves it out); 3.10 has it,
+    off by default: what the TLSRPT lint and the agent's socket are decided on."""
+    pod, inst = make_pod("relay-0")
+    found = await facts.read_facts(runner, pod)
+    if postfix_version == "3.7":
+        assert "smtp_tlsrpt_enable" not in found.values
+    else:
+        assert found.values["smtp_tlsrpt_enable"] == "no"
+        assert found.values["smtp_tlsrpt_socket_name"] == ""
+    assert found.values["queue_directory"] == str(inst.queue_dir)

@@ -141,3 +141,34 @@ def test_one_wrong_shaped_datagram_stops_the_real_collector(
             proc.terminate()
             proc.wait(10)
     assert result == ("stored" if survives else "exit 8")
+
+
+def test_the_agent_passes_only_what_parsed_on_to_the_real_collector(tmp_path: Path) -> None:
+    """``mailtls agent --tlsrpt-forward``: the agent holds Postfix's socket and hands each
+    datagram that parsed to tlsrpt-collectd (for tlsrpt-reportd's reports); the one that
+    stops collectd never reaches it."""
+    from mailtls_operator.agent.tlsrpt import OutcomeCollector
+
+    exe = _collectd()
+    sock = tmp_path / "collectd.sock"
+    proc = _start_collectd(exe, sock, tmp_path)
+    collector = OutcomeCollector(forward=str(sock))
+    try:
+        collector.datagram(b'{"d": "x", "pr": "y", "policies": 5}')  # would stop collectd
+        collector.datagram(_VALID)
+
+        def stored() -> list[tuple[Any, ...]] | None:
+            try:
+                with _read_only(tmp_path / "collectd.sqlite") as db:
+                    rows = db.execute("SELECT domain, cntrtotal FROM finalresults").fetchall()
+            except sqlite3.Error:
+                return None
+            return rows or None
+
+        assert wait_until(stored, timeout=15, what="collectd's row") == [("ok.test", 1)]
+        assert proc.poll() is None
+        assert (collector.refused, collector.forwarded, collector.forward_failed) == (1, 1, 0)
+    finally:
+        collector.stop()
+        proc.terminate()
+        proc.wait(10)

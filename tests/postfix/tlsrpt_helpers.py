@@ -12,7 +12,6 @@ import pytest
 
 from testbed import (
     Delivery,
-    InstanceSettings,
     LocalCA,
     LocalInstance,
     SmtpSink,
@@ -21,14 +20,13 @@ from testbed import (
     starttls_sink,
 )
 from testbed.postfixroot import build_for
-from testbed.tlsrptworld import Port53Dns, write_resolv_conf
+from testbed.tlsrptworld import SOCKET_NAME, Port53Dns, reporting_instance
+from testbed.tlsrptworld import tlsrpt_record as record
 
-SOCKET_NAME = "tlsrpt/sock"  # relative to the queue directory, as Postfix requires
+__all__ = ["SOCKET_NAME", "World", "instance", "record", "require_310", "send_all",
+           "tlsrpt_world"]
+
 World = tuple[Path, Port53Dns, dict[str, SmtpSink]]
-
-
-def record(domain: str) -> str:
-    return f"v=TLSRPTv1; rua=mailto:tlsrpt@{domain}"
 
 
 def require_310() -> None:
@@ -65,21 +63,10 @@ def tlsrpt_world() -> Iterator[World]:
 
 
 def instance(base: Path, name: str, dns: Port53Dns, routes: Mapping[str, str],
-              policy: Mapping[str, str], **main_cf: str) -> LocalInstance:
+             policy: Mapping[str, str], **main_cf: str) -> LocalInstance:
     """A created (not started) 3.10 instance reporting TLSRPT, resolving through ``dns``."""
-    extra = {"smtp_tlsrpt_enable": "yes", "smtp_tlsrpt_socket_name": SOCKET_NAME,
-             "smtp_tls_CAfile": (base / "ca.path").read_text(),
-             "smtp_tls_security_level": "may",
-             # a reused (cached) TLS connection has no handshake, hence no datagram
-             # (smtp_tlsrpt_skip_reused_handshakes = yes): one connection per message here
-             "smtp_connection_cache_on_demand": "no", **main_cf}
-    settings = InstanceSettings(name=name, postfix="3.10", smtp_dns_support_level="enabled",
-                                hosts={"jail.invalid": "127.0.0.1"},  # chroot smtp: own resolv
-                                routes=dict(routes), extra_main_cf=extra)
-    inst = LocalInstance(base / name, settings)
-    inst.create(tls_policy="".join(f"{k} {v}\n" for k, v in policy.items()))
-    write_resolv_conf(inst.queue_dir, dns.address)
-    return inst
+    return reporting_instance(base, name, dns, routes, policy,
+                              (base / "ca.path").read_text(), **main_cf)
 
 
 def send_all(inst: LocalInstance, domains: list[str]) -> dict[str, Delivery]:

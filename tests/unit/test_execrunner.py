@@ -4,6 +4,11 @@ The official ``kubernetes`` client is the code under test: every test goes
 through its real websocket code over a real TCP (sometimes TLS) connection to
 :class:`tests.unit.wsserver.FakeApiServer`.  Nothing is mocked.  Every wait is
 bounded: runner timeouts are short and the server side is polled with limits.
+
+It stays beside the real-server tier for the failure modes a real kube-apiserver
+cannot be made to produce on demand (v4-only and subprotocol-less servers, hung
+handshakes, silent upgrades; see the server's docstring); the ordinary exec path through
+kube-apiserver and kwok is ``tests/cluster/test_exec_through_apiserver.py``.
 """
 
 from __future__ import annotations

@@ -21,6 +21,13 @@ see :meth:`FakeApiServer._command`.  ``mode`` selects misbehaviour:
 ``"silent"`` (upgrade done, then nothing), ``"forbidden"`` (RBAC-style 403
 with a Status body), ``"no-subprotocol"`` (101 without a
 ``Sec-WebSocket-Protocol`` header).
+
+Why it stays now that the API emulation is retired: it is not that emulation (it never
+imported ``testbed/apiserver.py``), and a real kube-apiserver cannot be made to misbehave
+in these ways on demand -- a v4-only or subprotocol-less server, a handshake never
+answered, silence after the upgrade.  The ordinary path, through kube-apiserver and a
+kwok "kubelet" into a real Postfix, is proven in
+``tests/cluster/test_exec_through_apiserver.py``.
 """
 
 from __future__ import annotations

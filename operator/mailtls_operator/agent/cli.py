@@ -51,6 +51,9 @@ def add_agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="run 'postfix reload' after every swap, even for indexed tables")
     p.add_argument("--postfix-config", default=env("MAIL_CONFIG"), metavar="DIR",
                    help="Postfix configuration directory (MAIL_CONFIG; default: Postfix's own)")
+    p.add_argument("--postfix-path", default=None, metavar="DIR[:DIR...]",
+                   help="look for the Postfix tools here before /usr/sbin:/usr/bin:/sbin:/bin "
+                        "(an image that installs them elsewhere, such as /usr/local/sbin)")
     p.add_argument("--configmap-dir", type=Path, default=Path("/etc/mailtls"),
                    help="where the ConfigMap is mounted: the fallback (default: %(default)s)")
     p.add_argument("--parts-dir", type=Path, default=Path("/etc/mailtls-parts"),
@@ -73,6 +76,24 @@ def add_agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="longest wait between attempts to reach the API (default: %(default)g)")
     p.add_argument("--watch-timeout", type=int, default=300, metavar="SECONDS",
                    help="server-side length of one watch request (default: %(default)s)")
+    p.add_argument("--tlsrpt-socket", default="auto", metavar="auto|off|PATH",
+                   help="receive Postfix's TLSRPT datagrams (Postfix >= 3.10, "
+                        "smtp_tlsrpt_enable = yes) and report TLS session outcomes per "
+                        "policy key: 'auto' binds where main.cf says "
+                        "($queue_directory/$smtp_tlsrpt_socket_name, on a volume both "
+                        "containers share), 'off' collects nothing (default: %(default)s)")
+    p.add_argument("--outcomes-window", type=float, default=3600.0, metavar="SECONDS",
+                   help="rolling window of the reported session counts (default: %(default)g)")
+    p.add_argument("--outcomes-interval", type=float, default=15.0, metavar="SECONDS",
+                   help="look at the counts this often and report them when they changed "
+                        "(default: %(default)g)")
+    p.add_argument("--tlsrpt-rate", type=int, default=500, metavar="N",
+                   help="read at most N datagrams a second; a flood beyond waits in, then is "
+                        "dropped by, the socket buffer (default: %(default)s)")
+    p.add_argument("--tlsrpt-forward", default=None, metavar="PATH",
+                   help="also pass every datagram that parsed on to this unix datagram socket "
+                        "(tlsrpt-collectd's, for RFC 8460 reports by tlsrpt-reportd; "
+                        "docs/tlsrpt.md); off by default")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="log level (default: %(default)s)")
@@ -80,10 +101,12 @@ def add_agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    from ..cli.probe import SBIN_PATH
     from .api import AgentApi
     from .converge import Converger, PodSettings
     from .loop import Agent, LoopSettings
     from .runner import ProcessRunner
+    from .tlsrpt import OutcomeCollector
 
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -95,16 +118,26 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except postfix.InvalidArgument as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.outcomes_window <= 0 or args.outcomes_interval <= 0 or args.tlsrpt_rate < 1:
+        print("error: --outcomes-window and --outcomes-interval must be positive, "
+              "--tlsrpt-rate at least 1", file=sys.stderr)
+        return 2
     if args.api_url:
         api = AgentApi(args.api_url, timeout=args.api_timeout)
     elif args.kubeconfig:
         api = AgentApi.from_kubeconfig(args.kubeconfig, timeout=args.api_timeout)
     else:
         api = AgentApi.in_cluster(timeout=args.api_timeout)
-    agent = Agent(api, Converger(ProcessRunner(args.postfix_config), settings),
+    env = None if not args.postfix_path else {
+        "PATH": f"{args.postfix_path}:{SBIN_PATH}", "LANG": "C.UTF-8"}
+    agent = Agent(api, Converger(ProcessRunner(args.postfix_config, env), settings),
                   LoopSettings(args.instance, args.configmap_dir, args.parts_dir,
                                args.observe_interval, retry_max=args.retry_max,
-                               watch_timeout=args.watch_timeout))
+                               watch_timeout=args.watch_timeout,
+                               tlsrpt_socket=args.tlsrpt_socket,
+                               outcomes_interval=args.outcomes_interval),
+                  OutcomeCollector(window=args.outcomes_window, rate=args.tlsrpt_rate,
+                                   forward=args.tlsrpt_forward))
 
     async def main() -> None:
         try:

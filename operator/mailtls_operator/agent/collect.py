@@ -4,8 +4,8 @@ In agent mode the operator runs nothing in pods.  It writes the desired state
 (the tables, and ``agent.json`` listing what to probe) and reads each pod's
 ``mailtls.io/*`` annotations from the pod watch it already has: the applied
 revision, the agent's failure if any, the routing values for the lint, the
-probes, TLS-deferred mail and unreadable trust anchors.  No API request and no
-exec is spent on it.
+probes, TLS-deferred mail, unreadable trust anchors and the TLS session outcomes
+(TLSRPT).  No API request and no exec is spent on it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Protocol
 from ..facts import InstanceFacts
 from ..mailqueue import DeferredSummary, merge_deferred
 from ..observer import PolicyProbes
+from ..outcomes import OutcomeReport
 from ..status import TRUST_ANCHOR_MISSING, TRUST_ANCHOR_UNCHECKED
 from ..world import ANN_APPLIED, PodRecord
 from .report import AgentReport, report_or_refusal
@@ -39,6 +40,9 @@ class AgentView:
     """At least one ready pod has reported its routing (the lint can run)."""
     refused: tuple[str, ...] = ()
     """``ns/pod: why`` for each ready pod whose report was refused whole (unparseable)."""
+    outcomes: tuple[tuple[str, OutcomeReport], ...] = ()
+    """(pod uid, its TLS session outcomes) of every pod whose agent collects them, ready
+    or not: a pod that stopped being ready still sent mail."""
 
 
 def _reports(pods: Iterable[PodRecord]
@@ -77,9 +81,11 @@ def agent_view(pods: Sequence[PodRecord], revision: str) -> AgentView:
             probes.setdefault(ref, pp)
     deferred = merge_deferred(*(r.deferred for _, r in reports))
     missing = frozenset(p for _, r in reports for p in r.tafile_missing)
+    every, _ = _reports(pods) if len(ready) < len(pods) else (reports, refused)
     return AgentView(updated, failure, facts, probes, deferred,
                      sum(r.released for _, r in reports), missing, facts is not None,
-                     tuple(f"{pod.namespace}/{pod.name}: {why}" for pod, why in refused))
+                     tuple(f"{pod.namespace}/{pod.name}: {why}" for pod, why in refused),
+                     tuple((pod.uid, r.outcomes) for pod, r in every if r.outcomes is not None))
 
 
 class _PolicyWithTafile(Protocol):

@@ -16,6 +16,10 @@ and converges to it; applying a revision twice is a no-op.
   verify failure: the last good table stays live and the report says why.
 - **Report**: the pod's ``mailtls.io/*`` annotations, patched when their
   content changed (retried until the API takes them).
+- **TLS outcomes** (Postfix 3.10's TLSRPT, :mod:`.tlsrpt`): after each observation
+  the collector listens where the facts say Postfix sends (or where it was told)
+  and attributes with the live table and routing; every ``outcomes_interval`` the
+  counts go into the report, which is sent when they changed.
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import postfix
 from ..aio import wait_event
 from ..configmap import ANN_PARTS, MAX_PARTS, configmap_name, part_name
+from ..outcomes import Routes
+from ..render import REVISION_KEY
 from .api import AgentApi, ApiUnavailable, Expired, NotFound
 from .converge import Converger
 from .desired import Desired, Malformed, from_configmaps, from_directory
+from .tlsrpt import AUTO, OFF, OutcomeCollector, site_routes, socket_path
 
 log = logging.getLogger("mailtls.agent")
 
@@ -68,15 +76,24 @@ class LoopSettings:
     retry_base: float = 0.5
     retry_max: float = 30.0
     watch_timeout: int = 300
+    tlsrpt_socket: str = AUTO
+    """Where to receive Postfix's TLSRPT datagrams: ``auto`` (where its main.cf says),
+    ``off``, or a path."""
+    outcomes_interval: float = 15.0
+    """Seconds between two looks at the counts (a report is sent only when they changed)."""
 
 
 class Agent:
     """One pod's agent: ``await agent.run()`` until cancelled."""
 
-    def __init__(self, api: AgentApi, converger: Converger, settings: LoopSettings) -> None:
+    def __init__(self, api: AgentApi, converger: Converger, settings: LoopSettings,
+                 collector: OutcomeCollector | None = None) -> None:
         self.api = api
         self.converger = converger
         self.settings = settings
+        self.collector = collector if settings.tlsrpt_socket != OFF else None
+        self._routed: tuple[object, str] | None = None
+        """(facts, revision) the collector was last pointed at."""
         self.namespace = converger.settings.namespace
         self._report_wake = asyncio.Event()
         self._observe_wake = asyncio.Event()
@@ -92,6 +109,8 @@ class Agent:
     async def run(self) -> None:
         tasks = [asyncio.create_task(self._reporter(), name="mailtls-agent:report"),
                  asyncio.create_task(self._observer(), name="mailtls-agent:observe")]
+        if self.collector is not None:
+            tasks.append(asyncio.create_task(self._outcomes(), name="mailtls-agent:outcomes"))
         try:
             await self._follow()
         finally:
@@ -100,6 +119,8 @@ class Agent:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if self.collector is not None:
+                self.collector.stop()
 
     # -- the ConfigMap --------------------------------------------------------------
 
@@ -235,6 +256,47 @@ class Agent:
                     await self.converger.install(wanted, self.converger.report.source)
                 await self.converger.observe()
             self._report_wake.set()
+
+    async def _collect_where_postfix_sends(self) -> None:
+        """Point the TLSRPT collector at the socket and the routing of the live revision,
+        after each observation (the site's transport tables may have changed) and each
+        new revision."""
+        collector, facts, live = self.collector, self.converger.report.facts, \
+            self.converger.live
+        if collector is None or facts is None or live is None or (
+                self._routed is not None and self._routed[0] is facts
+                and self._routed[1] == live.revision):
+            return  # the same observation (each one reads the facts anew) and revision
+        self._routed = (facts, live.revision)
+        if self.settings.tlsrpt_socket == AUTO:
+            collector.listen(*socket_path(facts.values))
+        else:
+            collector.listen(self.settings.tlsrpt_socket)
+        target = self.converger.settings.target()
+        try:
+            site = await site_routes(
+                self.converger.runner, self.converger.pod, facts.routing,
+                postfix.map_spec(target.map_type, target.transport_map_path),
+                timeout=self.converger.settings.timeout)
+        except Exception as exc:  # attribution falls back to the bare next-hop
+            log.warning("cannot read the site's transport routes: %s", exc)
+            site = {}
+        table = frozenset(k for k in live.tls_entries if k != REVISION_KEY)
+        collector.route(Routes(
+            table_keys=table,
+            audit_keys=frozenset(k for p in live.probes for k in p.keys if k not in table),
+            config=facts.routing, transport={**site, **live.transport_entries}))
+
+    async def _outcomes(self) -> None:
+        """Every ``outcomes_interval``: follow the facts and the live revision (the
+        observer reads them), then the counts into the report (sent if they changed): no
+        lock, so probes in flight never hold the collector back."""
+        assert self.collector is not None
+        while True:
+            await self._collect_where_postfix_sends()
+            self.converger.report.outcomes = self.collector.report()
+            self._report_wake.set()
+            await asyncio.sleep(self.settings.outcomes_interval)
 
     def _delay(self, failures: int) -> float:
         return min(self.settings.retry_max,

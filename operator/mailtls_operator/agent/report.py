@@ -10,8 +10,9 @@ docs/agent.md):
 - ``mailtls.io/agent-report``: one JSON object (:class:`AgentReport`): the
   revision the agent wants and whether it failed (Postfix's own words), the
   instance's routing values (``postconf -x``, for the relayhost/DNSSEC lint),
-  unreadable trust-anchor files, the last probes, TLS-deferred mail by key and
-  how many messages it released.
+  unreadable trust-anchor files, the last probes, TLS-deferred mail by key,
+  how many messages it released, and its Postfix's TLS session outcomes by key
+  (TLSRPT, :mod:`..outcomes`; at most :data:`..outcomes.DOC_BUDGET` bytes).
 
 Why annotations and not an HTTP endpoint the operator scrapes: the operator
 already watches these pods, so a report costs no extra request and reaches it
@@ -36,6 +37,7 @@ from ..crd.timefmt import parse_rfc3339
 from ..facts import InstanceFacts
 from ..mailqueue import DeferredSummary
 from ..observer import PolicyProbes
+from ..outcomes import OutcomeReport, from_doc, to_doc
 from ..probe import FAIL, PASS, ProbeOutcome, clean, rfc3339
 
 ANN_APPLIED = "mailtls.io/applied-revision"
@@ -87,6 +89,8 @@ class AgentReport:
     probes: dict[str, PolicyProbes] = field(default_factory=dict)
     deferred: dict[str, DeferredSummary] = field(default_factory=dict)
     released: int = 0
+    outcomes: OutcomeReport | None = None
+    """TLS sessions by governing key (None: the agent collects none)."""
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def to_json(self, *, with_time: bool = True) -> str:
@@ -102,6 +106,8 @@ class AgentReport:
                              "reason": d.sample_reason, "queueIds": list(d.queue_ids)}
                          for k, d in sorted(self.deferred.items())},
         }
+        if self.outcomes is not None:
+            doc["outcomes"] = to_doc(self.outcomes)
         if with_time:
             doc["at"] = rfc3339(self.at)
         text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
@@ -160,6 +166,7 @@ def parse_report(text: str) -> AgentReport:
                                     tuple(str(q) for q in d["queueIds"]))
             for k, d in (doc.get("deferred") or {}).items()}
         facts = doc.get("facts")
+        outcomes = doc.get("outcomes")
         return AgentReport(
             wanted=str(doc.get("wanted", "")), applied=str(doc.get("applied", "")),
             error=str(doc.get("error", "")), source=str(doc.get("source", "")),
@@ -168,6 +175,7 @@ def parse_report(text: str) -> AgentReport:
             if facts else None,
             tafile_missing=[str(x) for x in doc.get("tafileMissing", [])],
             probes=probes, deferred=deferred, released=_count(doc.get("released", 0)),
+            outcomes=from_doc(outcomes) if outcomes is not None else None,
             at=_time(doc["at"]))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BadReport(clean(f"{ANN_REPORT}: {type(exc).__name__}: {exc}"[:1000], 300)) from exc

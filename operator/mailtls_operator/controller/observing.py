@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from ..agent.collect import STRATEGY as AGENT
@@ -19,6 +19,8 @@ from ..agent.collect import agent_view
 from ..facts import read_facts
 from ..mailqueue import DeferredSummary
 from ..observer import PolicyProbes, due_probes, observe_queues, probe_policies
+from ..outcome_status import SessionTotals
+from ..outcomes import OutcomeReport, merge_keys
 from ..render import Tables
 from ..world import InstanceKey
 from .context import Context, cancel_and_wait
@@ -41,6 +43,9 @@ class Observations:
         self._series: dict[InstanceKey, set[str]] = {}
         self._probe_failed: dict[InstanceKey, dict[str, int]] = {}
         """Policies with a ``mailtls_deferred_recipients`` series, per instance."""
+        self._totals: dict[InstanceKey, SessionTotals] = {}
+        self._session_series: dict[InstanceKey, set[tuple[str, str]]] = {}
+        """(policy, result) of each ``mailtls_tls_sessions_total`` series, per instance."""
 
     def soon(self, key: InstanceKey) -> None:
         """Observe now in the background, then again after ``observe_interval``."""
@@ -95,12 +100,20 @@ class Observations:
         ctx, cfg = self.ctx, self.ctx.config
         if ctx.strategy_of(key) == AGENT:  # the agents probed and released: their reports
             view = agent_view(ctx.world.pods_of(key), tables.revision)
-            changed = view.probes != state.seen.probes or view.deferred != state.seen.deferred
-            state.seen.probes, state.seen.deferred = dict(view.probes), view.deferred
-            state.seen.released = view.released
+            outcomes = merge_keys(r for _, r in view.outcomes)
+            window = max((r.window_seconds for _, r in view.outcomes), default=0)
+            error = next((r.error for _, r in view.outcomes if r.error), "")
+            seen = state.seen
+            changed = view.probes != seen.probes or view.deferred != seen.deferred or (
+                outcomes, window, error) != (seen.outcomes, seen.outcome_window,
+                                             seen.collector_error)
+            seen.probes, seen.deferred = dict(view.probes), view.deferred
+            seen.outcomes, seen.outcome_window, seen.collector_error = outcomes, window, error
+            seen.released = view.released
             state.changed_keys.clear()
             self._deferred_metrics(key, tables, view.deferred)
-            self._probe_metrics(key, state.seen.probes)
+            self._probe_metrics(key, seen.probes)
+            self._session_metrics(key, tables, view.outcomes)
             return changed
         ready = [p for p in ctx.world.pods_of(key) if p.ready]
         if not ready or state.facts is None:
@@ -155,6 +168,30 @@ class Observations:
         for ref, recipients in counts.items():
             gauge.labels(ns, ref.split("/", 1)[1], inst).set(recipients)
         self._series[key] = set(counts)
+
+    def _session_metrics(self, key: InstanceKey, tables: Tables,
+                         reports: Sequence[tuple[str, OutcomeReport]]) -> None:
+        """``mailtls_tls_sessions_total``: the sessions each policy's lines governed, by
+        result; a series only once a policy had traffic, removed when the policy is gone.
+        Sessions under no policy's line (the global default, an audit policy's key) are
+        not counted: no policy governed them."""
+        ns, inst = key
+        totals = self._totals.setdefault(key, SessionTotals())
+        grew = totals.increments(reports, [p.uid for p in self.ctx.world.pods_of(key)])
+        counter = self.ctx.metrics.tls_sessions
+        series = self._session_series.setdefault(key, set())
+        policies = self.ctx.world.policies.get(ns, {})
+        for (table_key, result), n in grew.items():
+            owner = tables.owners.get(table_key)
+            name = owner.split("/", 1)[1] if owner and owner.startswith(f"{ns}/") else None
+            if name is None or name not in policies:
+                continue  # a discovered entry's line, or nothing governed it
+            counter.labels(ns, name, inst, result).inc(n)
+            series.add((name, result))
+        for name, result in [s for s in series if s[0] not in policies]:
+            with contextlib.suppress(KeyError):
+                counter.remove(ns, name, inst, result)
+            series.discard((name, result))
 
     def _probe_metrics(self, key: InstanceKey, probes: Mapping[str, PolicyProbes]) -> None:
         """``mailtls_probe_failures``: per policy, the destinations whose last probe failed

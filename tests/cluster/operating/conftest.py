@@ -21,6 +21,7 @@ from testbed.controlplane import ControlPlane
 
 from .audit import AuditLog
 from .helpers import Cluster, OperatorProcess
+from .webhook import FaultWebhook, fault_webhook
 
 REPO = Path(__file__).resolve().parents[3]
 FAST = ("--debounce", "0.15", "--max-delay", "1.5")
@@ -96,6 +97,15 @@ def operator_identity(crds_applied: ControlPlane, cluster: Cluster,
                                  tmp_path / "operator.kubeconfig")
 
 
+@pytest.fixture
+def faults(admin_client: kubernetes.client.ApiClient, namespace: str,
+           operator_identity: Identity) -> Iterator[FaultWebhook]:
+    """An admission webhook that refuses the operator's writes in the test's namespace as
+    the test injects (``faults.inject(Fault(...))``); everyone else's pass."""
+    with fault_webhook(admin_client, namespace, operator_identity.user) as hook:
+        yield hook
+
+
 StartOperator = Callable[..., OperatorProcess]
 
 
@@ -127,4 +137,5 @@ def start_operator(operator_identity: Identity, namespace: str, tmp_path: Path,
     for p, code in zip(started, codes, strict=True):
         assert p.tracebacks_ok or "Traceback" not in p.running_log, \
             f"{p.log} has a traceback:\n{p.tail(80)}"
-        assert code in (0, -9, None), f"{p.log} exited with {code}:\n{p.tail(40)}"
+        assert code in (0, -9, None) or p.exit_expected, \
+            f"{p.log} exited with {code}:\n{p.tail(40)}"

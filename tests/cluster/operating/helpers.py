@@ -72,6 +72,8 @@ class OperatorProcess:
         self.env = env or {}
         #: a test that breaks the connection expects tracebacks of connection errors
         self.tracebacks_ok = False
+        #: a test that makes it exit with an error checks the code itself
+        self.exit_expected = False
         #: the log up to the SIGTERM of :meth:`stop` (Kopf 1.x may log a traceback of an
         #: async generator while it shuts down, which is not the operator's doing)
         self.running_log = ""
@@ -152,6 +154,7 @@ class Cluster:
         self.ns = namespace
         self.custom: Any = kubernetes.client.CustomObjectsApi(client)
         self.core: Any = kubernetes.client.CoreV1Api(client)
+        self.apps: Any = kubernetes.client.AppsV1Api(client)
         self.coordination: Any = kubernetes.client.CoordinationV1Api(client)
         self.rbac: Any = kubernetes.client.RbacAuthorizationV1Api(client)
 
@@ -194,6 +197,11 @@ class Cluster:
 
     def create_pod(self, body: dict[str, Any]) -> None:
         self.core.create_namespaced_pod(self.ns, cast(Any, body))
+
+    def mark_ready(self, pod: str) -> None:
+        """What a kubelet would report: the pod Running and Ready (none runs here)."""
+        self.core.patch_namespaced_pod_status(pod, self.ns, {"status": {
+            "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
 
     def create_configmap(self, body: dict[str, Any]) -> None:
         self.core.create_namespaced_config_map(self.ns, cast(Any, body))

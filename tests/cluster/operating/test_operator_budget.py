@@ -1,6 +1,7 @@
 """A good citizen of a real API server, counted from its audit log: bursts coalesce into a
 few ConfigMap writes, one status patch per policy, no routine Events, label-selected
-watches, paged lists on restart and a restart that writes nothing."""
+watches, paged lists on restart, a restart that writes nothing, and status writes that
+never feed back into more writes."""
 
 from __future__ import annotations
 
@@ -95,6 +96,37 @@ def test_a_restart_lists_in_pages_and_writes_nothing(
     assert [r.name for r in cm_writes] == ["edge-mailtls"], [r.uri for r in cm_writes]
     status = audit.select("patch", PLURAL, subresource="status", user=user)
     assert {r.name for r in status} == {"probe"}, len(status)
+
+
+def test_status_writes_do_not_feed_back(
+        cluster: Cluster, start_operator: StartOperator, audit: AuditLog,
+        operator_identity: Identity) -> None:
+    ns, n, user = cluster.ns, 10, operator_identity.user
+    start_operator()
+    audit.mark()
+    cluster.apply_many(policy(f"p{i}", ns, destinations=[f"d{i}.example"], level="may")
+                       for i in range(n))
+    until(lambda: _all_observed(cluster, n), 30, what="every policy's status")
+    audit.barrier()
+    first = audit.count("patch", PLURAL, subresource="status", user=user)
+    assert first <= 3 * n, first  # about one status write per policy per convergence
+    status = cluster.status("p3")
+    assert status["observedGeneration"] == 1
+    assert [c["type"] for c in status["conditions"]][:2] == ["Ready", "Accepted"]
+    assert status["instances"][0]["name"] == "relay"
+    # Each status write comes back as a watch event of its policy. A change to another
+    # instance, once converged, closes a window of several debounce periods in which a
+    # loop would have written again; only the probe's own writes may be in it.
+    audit.mark()
+    cluster.apply(policy("probe", ns, destinations=["z.example"], level="may",
+                         instances=["edge"]))
+    until(lambda: cluster.table("edge") == ["z.example may"], what="the probe's table")
+    until(lambda: cluster.condition("probe", "Ready"), what="the probe's status")
+    audit.barrier()
+    patched = {r.name for r in audit.select("patch", PLURAL, subresource="status", user=user)}
+    assert patched == {"probe"}, patched
+    written = {r.name for r in audit.select(WRITE_VERBS, "configmaps", user=user)}
+    assert written == {"edge-mailtls"}, written
 
 
 def _all_observed(cluster: Cluster, n: int) -> bool:

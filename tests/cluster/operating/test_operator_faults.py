@@ -1,6 +1,9 @@
 """Faults with real components (issue 23, item 5): kube-apiserver killed and restarted in
-the middle of a burst, a watch resumed from a revision that etcd has compacted (410 Gone),
-and other writers racing the operator for its ConfigMap."""
+the middle of a burst or down when the operator starts, a watch resumed from a revision
+that etcd has compacted (410 Gone), other writers racing the operator for its ConfigMap,
+and writes the server refuses (500, 409, 422) or hangs on in its admission chain
+(:mod:`.webhook`): nothing of a refused write is stored, so only the operator's retries
+bring the world to the wanted state."""
 
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ import urllib3
 
 from testbed.controlplane import ControlPlane
 
-from .audit import AuditLog
+from .audit import WRITE_VERBS, AuditLog
 from .conftest import Identity, StartOperator
 from .helpers import PLURAL, Cluster, policy, until
+from .webhook import Fault, FaultWebhook
 
 pytestmark = pytest.mark.cluster
 
@@ -151,3 +155,92 @@ def test_another_writer_racing_on_the_configmap_never_leaves_a_wrong_table(
     until(lambda: cluster.table() == want, what="the table after the race")
     cm = cluster.configmap()
     assert cm is not None and cm["metadata"]["annotations"]["sync"] == str(writes[0] - 1)
+
+
+def _codes(audit: AuditLog, user: str, verbs: tuple[str, ...], resource: str,
+           subresource: str | None = None) -> list[int | None]:
+    """The server's answers to ``user``'s requests, in the order the audit log has them."""
+    audit.barrier()
+    return [r.code for r in audit.select(verbs, resource, subresource=subresource, user=user)]
+
+
+def test_configmap_write_errors_are_retried_until_the_table_is_right(
+        cluster: Cluster, start_operator: StartOperator, faults: FaultWebhook,
+        audit: AuditLog, operator_identity: Identity) -> None:
+    fault = faults.inject(Fault("configmaps", code=500, times=2))
+    start_operator().tracebacks_ok = True  # the worker logs each failed attempt with it
+    cluster.apply(policy("p", cluster.ns, destinations=["a.example"], level="encrypt"))
+    until(lambda: cluster.table() == ["a.example encrypt"], 30, what="the table after 500s")
+    assert fault.exhausted
+    until(lambda: cluster.condition("p", "Ready"), what="Ready of p")
+    codes = _codes(audit, operator_identity.user, WRITE_VERBS, "configmaps")
+    assert codes[:2] == [500, 500] and codes[-1] in (200, 201), codes
+
+
+def test_conflicts_on_configmap_create_and_on_status_writes_still_converge(
+        cluster: Cluster, start_operator: StartOperator, faults: FaultWebhook,
+        audit: AuditLog, operator_identity: Identity) -> None:
+    # merge patches carry no resourceVersion, so the server's own optimistic locking never
+    # answers the operator 409 on them: the conflicts come from the admission chain
+    create = faults.inject(Fault("configmaps", operations=("CREATE",), code=409))
+    status = faults.inject(Fault("mailtlspolicies", subresource="status",
+                                 operations=("UPDATE",), code=409, times=2))
+    start_operator().tracebacks_ok = True
+    cluster.apply(policy("p", cluster.ns, destinations=["a.example"], level="may"))
+    until(lambda: cluster.table() == ["a.example may"], 30, what="the table after a 409")
+    ready = until(lambda: (c := cluster.condition("p", "Ready")) and c["reason"] == "RolledOut"
+                  and c, 30, what="Ready=RolledOut after two 409s")
+    assert ready["observedGeneration"] == 1
+    assert create.exhausted and status.exhausted
+    codes = _codes(audit, operator_identity.user, ("patch",), PLURAL, "status")
+    assert codes[:2] == [409, 409] and codes[-1] == 200, codes
+
+
+def test_one_refused_status_write_never_stops_the_others_and_is_retried(
+        cluster: Cluster, start_operator: StartOperator, faults: FaultWebhook) -> None:
+    ns = cluster.ns
+    fault = faults.inject(Fault("mailtlspolicies", subresource="status", operations=("UPDATE",),
+                                name="p2", code=422, times=2,
+                                message="status.conditions: Invalid value"))
+    op = start_operator()
+    op.tracebacks_ok = True
+    for i in range(5):
+        cluster.apply(policy(f"p{i}", ns, destinations=[f"d{i}.example"], level="encrypt"))
+    others = [f"p{i}" for i in range(5) if i != 2]
+    until(lambda: all(cluster.condition(n, "Ready") for n in others), 30,
+          what="the other policies' status")
+    until(lambda: fault.exhausted, 30, what="both refusals")
+    until(lambda: cluster.condition("p2", "Ready"), 30, what="p2's status, retried")
+    op.wait_log(rf"status of {ns}/p2 not written \(HTTP 422: .*status.conditions: Invalid")
+
+
+def test_a_write_hung_in_the_servers_path_fails_there_and_is_retried(
+        cluster: Cluster, start_operator: StartOperator, faults: FaultWebhook,
+        audit: AuditLog, operator_identity: Identity) -> None:
+    hang = faults.inject(Fault("configmaps", delay=faults.timeout_seconds + 3.0))
+    start_operator().tracebacks_ok = True
+    cluster.apply(policy("p", cluster.ns, destinations=["a.example"], level="encrypt"))
+    until(lambda: cluster.table() == ["a.example encrypt"], 30, what="the table after a hang")
+    assert hang.hits == 1
+    codes = _codes(audit, operator_identity.user, WRITE_VERBS, "configmaps")
+    assert codes[0] is not None and codes[0] >= 500 and codes[-1] in (200, 201), codes
+    print(f"a webhook past its timeout: the server answered {codes[0]}")
+
+
+def test_an_operator_started_while_the_apiserver_is_down_converges_once_it_is_up(
+        cluster: Cluster, start_operator: StartOperator, controlplane: ControlPlane) -> None:
+    ns = cluster.ns
+    cluster.apply_many(policy(f"p{i}", ns, destinations=[f"d{i}.example"], level="encrypt")
+                       for i in range(3))
+    controlplane.stop_apiserver()
+    try:
+        op = start_operator(wait=False)
+        op.tracebacks_ok = True  # the failed start-up attempts are logged with theirs
+        # its start-up (the CRD check, then the seeding lists) fails, and is retried
+        op.wait_log(r"_startup'? failed with an exception and will try again", 60)
+    finally:
+        controlplane.start_apiserver()
+    until(lambda: len(cluster.table() or []) == 3, 60, what="the three policies' table")
+    op.wait_healthy()
+    until(lambda: all(cluster.condition(f"p{i}", "Ready") for i in range(3)), 30,
+          what="every status")

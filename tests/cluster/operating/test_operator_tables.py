@@ -1,14 +1,22 @@
 """``mailtls run`` against the real kube-apiserver: the tables it writes per instance, the
 status it reports through the /status subresource, conflicts and refusals, updates and
-deletes, a hand edit undone and an exception that expires by the wall clock."""
+deletes, a hand edit undone, an exception that expires by the wall clock, a table past
+the server's 1 MiB ConfigMap limit split into parts and back, and the restart strategy
+rolled out without a single exec."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
+from mailtls_operator.configmap import reassemble
 from mailtls_operator.render import REVISION_KEY
+from mailtls_operator.world import ANN_TEMPLATE_REVISION
+from tests.cluster.rbac_kit import pod, statefulset
 
 from .audit import WRITE_VERBS, AuditLog
 from .conftest import Identity, StartOperator
@@ -105,6 +113,16 @@ def test_what_the_server_accepts_but_the_operator_refuses_is_reported_in_status(
     mine = audit.select(WRITE_VERBS, PLURAL, subresource="*", user=operator_identity.user)
     assert mine and all(r.subresource == "status" and r.verb == "patch" for r in mine), mine
 
+    # a good policy changed into one the operator refuses: its last good generation stays
+    cluster.apply(policy("partner", ns, destinations=["a.example"], level="may",
+                         exception={"startsAt": _z(now - timedelta(hours=1)),
+                                    "expiresAt": _z(now + timedelta(days=20)),
+                                    "reason": "INC-10 partner certificate expired"}))
+    ready = until(lambda: (c := cluster.condition("partner", "Ready"))
+                  and c["reason"] == "Invalid" and c, what="partner's generation 2 refused")
+    assert "generation 2 refused; the last good generation 1 stays" in ready["message"], ready
+    assert cluster.table() == ["a.example encrypt"]
+
 
 def test_an_exception_expires_by_itself_when_the_wall_clock_passes_it(
         cluster: Cluster, start_operator: StartOperator) -> None:
@@ -144,6 +162,89 @@ def test_configmap_deleted_or_edited_by_hand_is_restored(
     until(lambda: cluster.table() == ["a.example encrypt"], what="restored after edit")
     restored = cluster.configmap()
     assert restored is not None and restored["data"] == good["data"]
+
+
+def test_a_table_past_the_configmap_limit_is_split_and_shrinks_back(
+        cluster: Cluster, start_operator: StartOperator) -> None:
+    ns, n, per = cluster.ns, 40, 1000  # 40,000 entries: ~3 MiB of text, ~1.7 MiB gzipped
+
+    def dests(p: int) -> list[str]:  # hex names: gzip cannot shrink them much
+        return [hashlib.sha256(f"{p}-{i}".encode()).hexdigest()[:48] + ".example"
+                for i in range(per)]
+
+    start_operator("--debounce", "0.3", "--max-delay", "10")
+    cluster.apply_many((policy(f"bulk-{p}", ns, destinations=dests(p), level="encrypt")
+                        for p in range(n)), workers=4)
+    want = {f"{d} encrypt" for p in range(n) for d in dests(p)}
+
+    def parts() -> list[dict[str, Any]]:
+        listed = cluster.core.list_namespaced_config_map(
+            ns, label_selector="app.kubernetes.io/managed-by=mailtls-operator").items
+        return sorted((cluster.client.sanitize_for_serialization(cm) for cm in listed
+                       if cm.metadata.name.startswith("relay-mailtls")),
+                      key=lambda cm: cm["metadata"]["name"])
+
+    def entries(bodies: list[dict[str, Any]]) -> set[str]:
+        return {line for line in reassemble(bodies).splitlines()
+                if line and not line.startswith(("#", REVISION_KEY))}
+
+    bodies = until(lambda: (b := parts()) and len(b) > 1 and entries(b) == want and b, 120,
+                   what=f"{n * per} entries in part ConfigMaps", every=1.0)
+    # the server stored each: none is over its limit (a real 1 MiB check, not ours)
+    assert all(len(json.dumps(b)) < 1024 * 1024 for b in bodies)
+    revisions = {b["metadata"]["annotations"]["mailtls.io/revision"] for b in bodies}
+    assert len(revisions) == 1, revisions
+    for p in range(1, n):
+        cluster.delete(f"bulk-{p}")
+    until(lambda: len(parts()) == 1 and len(cluster.table() or []) == per, 60,
+          what="back to one ConfigMap", every=0.5)
+    assert set(cluster.table() or []) == {f"{d} encrypt" for d in dests(0)}
+
+
+def test_the_restart_strategy_rolls_out_without_exec_and_keeps_an_empty_table(
+        cluster: Cluster, start_operator: StartOperator, audit: AuditLog,
+        operator_identity: Identity) -> None:
+    """Pods with the restart strategy: no exec at all (not even for the tafile check); the
+    owner's template carries the revision, the StatefulSet controller's rolling update is
+    played by hand (no controller-manager runs here); with every policy deleted the
+    instance still has pods, so it keeps an empty, valid table rather than none."""
+    ns = cluster.ns
+    sts = cluster.client.sanitize_for_serialization(
+        cluster.apps.create_namespaced_stateful_set(ns, statefulset(ns, "relay")))
+    owner = {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "relay",
+             "uid": sts["metadata"]["uid"], "controller": True}
+    for i in range(2):
+        cluster.create_pod(pod(ns, f"relay-{i}", instance="relay", owner=owner,
+                               annotations={"mailtls.io/strategy": "restart"}))
+        cluster.mark_ready(f"relay-{i}")
+    start_operator()
+    cluster.apply(policy("anchored", ns, destinations=["a.example"], level="secure",
+                         match=["nexthop"], tafile=["/etc/postfix/tls/ca.pem"]))
+    line = "a.example secure match=nexthop tafile=/etc/postfix/tls/ca.pem"
+    until(lambda: cluster.table() == [line], what="the table")
+
+    def template_revision() -> str | None:
+        got = cluster.apps.read_namespaced_stateful_set("relay", ns)
+        return (got.spec.template.metadata.annotations or {}).get(ANN_TEMPLATE_REVISION)
+
+    revision = until(template_revision, what="the template's revision")
+    cm = cluster.configmap()
+    assert cm is not None and cm["metadata"]["annotations"]["mailtls.io/revision"] == revision
+    for i in range(2):  # the rolling update: each new pod carries the template's annotation
+        cluster.core.patch_namespaced_pod(
+            f"relay-{i}", ns, {"metadata": {"annotations": {ANN_TEMPLATE_REVISION: revision}}})
+    ready = until(lambda: (c := cluster.condition("anchored", "Ready"))
+                  and c["reason"] == "RolledOut" and c, 30, what="Ready=RolledOut")
+    assert "not checked in relay: the restart strategy does not exec" in ready["message"]
+
+    cluster.delete("anchored")
+    until(lambda: cluster.table() == [], what="an empty table")
+    cm = cluster.configmap()
+    assert cm is not None  # the instance still has pods: an empty table, not none
+    assert "mailtls-revision.invalid secure match=rev-" in cm["data"]["tls_policy"]
+    audit.barrier()
+    assert audit.count(None, "pods", subresource="exec") == 0
+    assert audit.count(None, "pods", subresource="attach") == 0
 
 
 def _accepted(cluster: Cluster, name: str) -> bool:

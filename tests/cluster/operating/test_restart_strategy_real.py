@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from mailtls_operator.render import REVISION_KEY
-from testbed.cluster import KwokCluster
+from testbed.workloadcluster import WorkloadCluster
 
 from .audit import AuditLog
 from .conftest import FAST, REPO, admin_service_account
@@ -39,23 +39,23 @@ REVISION_ANNOTATION = "mailtls.io/revision"
 
 
 @pytest.fixture(scope="session")
-def kwok_crds(kwok_cluster: KwokCluster) -> KwokCluster:
-    kwok_cluster.plane.apply_crds(sorted((REPO / "crds").glob("*.yaml")))
-    return kwok_cluster
+def workload_crds(workload_cluster: WorkloadCluster) -> WorkloadCluster:
+    workload_cluster.plane.apply_crds(sorted((REPO / "crds").glob("*.yaml")))
+    return workload_cluster
 
 
 @pytest.fixture
-def cluster(kwok_crds: KwokCluster, kwok_namespace: str) -> Iterator[Cluster]:
-    """This module's ``cluster`` is the kwok cluster's (it overrides the conftest's)."""
-    with kwok_crds.plane.api_client() as client:
-        yield Cluster(client, kwok_namespace)
+def cluster(workload_crds: WorkloadCluster, workload_namespace: str) -> Iterator[Cluster]:
+    """This module's ``cluster`` is the workload cluster's (it overrides the conftest's)."""
+    with workload_crds.plane.api_client() as client:
+        yield Cluster(client, workload_namespace)
 
 
 @pytest.fixture
-def operator(kwok_crds: KwokCluster, cluster: Cluster, tmp_path: Path,
+def operator(workload_crds: WorkloadCluster, cluster: Cluster, tmp_path: Path,
              request: pytest.FixtureRequest) -> Iterator[OperatorProcess]:
     """``mailtls run`` for the test's namespace, as a ServiceAccount of its own."""
-    identity = admin_service_account(kwok_crds.plane, cluster, "mailtls-operator",
+    identity = admin_service_account(workload_crds.plane, cluster, "mailtls-operator",
                                      tmp_path / "operator.kubeconfig")
     proc = OperatorProcess(identity.kubeconfig, tmp_path / "operator.log",
                            ["-n", cluster.ns, *FAST])
@@ -64,7 +64,7 @@ def operator(kwok_crds: KwokCluster, cluster: Cluster, tmp_path: Path,
     failed = getattr(request.node, "rep_call", None)
     if failed is not None and failed.failed:
         print(f"--- {proc.log} (exit {code}) ---\n{proc.tail(120)}")
-        print(f"--- sandbox log ---\n{_tail(kwok_crds.sandbox.workdir / 'sandbox.log')}")
+        print(f"--- sandbox log ---\n{_tail(workload_crds.sandbox.workdir / 'sandbox.log')}")
     assert "Traceback" not in proc.running_log, proc.tail(80)
 
 
@@ -73,7 +73,7 @@ def _tail(path: Path, lines: int = 60) -> str:
         if path.exists() else ""
 
 
-def example_objects(kc: KwokCluster, namespace: str, *, kind: str = "Deployment",
+def example_objects(kc: WorkloadCluster, namespace: str, *, kind: str = "Deployment",
                     replicas: int = 2, partition: int = 0) -> list[dict[str, Any]]:
     """The example Postfix instance in ``namespace`` with the restart strategy; with
     ``kind="StatefulSet"`` its pod template under a StatefulSet with ``partition``."""
@@ -93,16 +93,16 @@ def example_objects(kc: KwokCluster, namespace: str, *, kind: str = "Deployment"
     return objs
 
 
-def apply(kc: KwokCluster, objs: list[dict[str, Any]]) -> None:
+def apply(kc: WorkloadCluster, objs: list[dict[str, Any]]) -> None:
     kc.plane.kubectl("apply", "--server-side", "--field-manager=test", "-f", "-",
                      input=yaml.safe_dump_all(objs))
 
 
-def rollout_status(kc: KwokCluster, ns: str, what: str) -> None:
+def rollout_status(kc: WorkloadCluster, ns: str, what: str) -> None:
     kc.plane.kubectl("rollout", "status", "-n", ns, what, "--timeout=120s", timeout=130)
 
 
-def live_revision(kc: KwokCluster, ns: str, pod: str) -> str:
+def live_revision(kc: WorkloadCluster, ns: str, pod: str) -> str:
     """The revision sentinel's value in the pod's live table, through ``pods/exec``."""
     done = kc.plane.kubectl("exec", "-n", ns, pod, "-c", "postfix", "--", "postmap", "-q",
                             REVISION_KEY, TABLE, check=False)
@@ -173,8 +173,8 @@ def ready_condition(cluster: Cluster, name: str) -> dict[str, Any]:
 
 
 def test_restart_rolls_the_deployment_and_each_new_pod_loads_the_revision(
-        kwok_crds: KwokCluster, cluster: Cluster, operator: OperatorProcess) -> None:
-    kc, ns = kwok_crds, cluster.ns
+        workload_crds: WorkloadCluster, cluster: Cluster, operator: OperatorProcess) -> None:
+    kc, ns = workload_crds, cluster.ns
     apply(kc, example_objects(kc, ns))
     rollout_status(kc, ns, "deploy/relay")
     apps: Any = kubernetes.client.AppsV1Api(cluster.client)
@@ -224,8 +224,8 @@ def test_restart_rolls_the_deployment_and_each_new_pod_loads_the_revision(
 
 
 def test_restart_rolls_a_statefulset_from_the_top_ordinal_down_and_honours_its_partition(
-        kwok_crds: KwokCluster, cluster: Cluster, operator: OperatorProcess) -> None:
-    kc, ns = kwok_crds, cluster.ns
+        workload_crds: WorkloadCluster, cluster: Cluster, operator: OperatorProcess) -> None:
+    kc, ns = workload_crds, cluster.ns
     apply(kc, example_objects(kc, ns, kind="StatefulSet", replicas=3, partition=1))
     rollout_status(kc, ns, "statefulset/relay")
     before = {p.metadata.name: p.metadata.uid

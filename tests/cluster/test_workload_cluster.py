@@ -1,4 +1,4 @@
-"""The kwok cluster's controllers do what a cluster's do (``testbed/cluster.py``): the
+"""The workload cluster's controllers do what a cluster's do (``testbed/workloadcluster.py``): the
 scheduler binds pods to kwok's nodes, kwok brings them up once the sandbox has started
 them, and the controller-manager runs Deployments, ReplicaSets, StatefulSets,
 ServiceAccounts and their tokens, the root CA ConfigMap, CSR signing, garbage collection
@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from testbed.cluster import KwokCluster
 from testbed.controlplane import ControlPlaneError
 from testbed.sandbox import STARTED
+from testbed.workloadcluster import WorkloadCluster
 
 pytestmark = pytest.mark.cluster
 
@@ -36,7 +36,7 @@ def _until(check: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.1)
 
 
-def _get(kc: KwokCluster, path: str) -> dict[str, Any] | None:
+def _get(kc: WorkloadCluster, path: str) -> dict[str, Any] | None:
     try:
         found: dict[str, Any] = kc.plane.request("GET", path)
     except ControlPlaneError as exc:
@@ -46,7 +46,7 @@ def _get(kc: KwokCluster, path: str) -> dict[str, Any] | None:
     return found
 
 
-def _apply(kc: KwokCluster, ns: str, obj: dict[str, Any]) -> None:
+def _apply(kc: WorkloadCluster, ns: str, obj: dict[str, Any]) -> None:
     kc.plane.kubectl("apply", "-n", ns, "--server-side", "-f", "-", input=json.dumps(obj))
 
 
@@ -58,7 +58,7 @@ def _deployment(name: str, replicas: int) -> dict[str, Any]:
                          "containers": [{"name": "web", "image": "registry.invalid/web"}]}}}}
 
 
-def _pods(kc: KwokCluster, ns: str, selector: str) -> list[dict[str, Any]]:
+def _pods(kc: WorkloadCluster, ns: str, selector: str) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = kc.plane.request(
         "GET", f"/api/v1/namespaces/{ns}/pods?labelSelector={selector}")["items"]
     return items
@@ -70,8 +70,8 @@ def _ready(pod: dict[str, Any]) -> bool:
 
 
 def test_a_deployment_is_scheduled_onto_kwok_nodes_and_becomes_available(
-        kwok_cluster: KwokCluster, kwok_namespace: str) -> None:
-    kc, ns = kwok_cluster, kwok_namespace
+        workload_cluster: WorkloadCluster, workload_namespace: str) -> None:
+    kc, ns = workload_cluster, workload_namespace
     _apply(kc, ns, _deployment("web", 3))
     kc.plane.kubectl("rollout", "status", "-n", ns, "deploy/web", "--timeout=60s",
                      timeout=70)
@@ -90,8 +90,8 @@ def test_a_deployment_is_scheduled_onto_kwok_nodes_and_becomes_available(
 
 
 def test_a_new_namespace_gets_its_serviceaccount_token_and_root_ca(
-        kwok_cluster: KwokCluster, kwok_namespace: str) -> None:
-    kc, ns = kwok_cluster, kwok_namespace
+        workload_cluster: WorkloadCluster, workload_namespace: str) -> None:
+    kc, ns = workload_cluster, workload_namespace
     root_ca = _until(lambda: _get(kc, f"/api/v1/namespaces/{ns}/configmaps/kube-root-ca.crt"),
                      30, "kube-root-ca.crt")
     assert root_ca["data"]["ca.crt"] == kc.plane.ca_file.read_text()
@@ -112,8 +112,8 @@ def test_a_new_namespace_gets_its_serviceaccount_token_and_root_ca(
 
 
 def test_the_controllers_act_under_their_own_serviceaccounts(
-        kwok_cluster: KwokCluster) -> None:
-    kc = kwok_cluster
+        workload_cluster: WorkloadCluster) -> None:
+    kc = workload_cluster
     accounts = kc.plane.request("GET", "/api/v1/namespaces/kube-system/serviceaccounts")
     names = {a["metadata"]["name"] for a in accounts["items"]}
     assert {"deployment-controller", "replicaset-controller", "statefulset-controller",
@@ -125,8 +125,8 @@ def test_the_controllers_act_under_their_own_serviceaccounts(
     assert "system:serviceaccount:kube-system:deployment-controller" in users
 
 
-def test_an_approved_csr_is_signed_by_the_cluster_ca(kwok_cluster: KwokCluster) -> None:
-    kc = kwok_cluster
+def test_an_approved_csr_is_signed_by_the_cluster_ca(workload_cluster: WorkloadCluster) -> None:
+    kc = workload_cluster
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "someone")]))
@@ -149,8 +149,8 @@ def test_an_approved_csr_is_signed_by_the_cluster_ca(kwok_cluster: KwokCluster) 
 
 
 def test_deleting_a_deployment_collects_its_replicasets_and_pods(
-        kwok_cluster: KwokCluster, kwok_namespace: str) -> None:
-    kc, ns = kwok_cluster, kwok_namespace
+        workload_cluster: WorkloadCluster, workload_namespace: str) -> None:
+    kc, ns = workload_cluster, workload_namespace
     _apply(kc, ns, _deployment("gone", 2))
     kc.plane.kubectl("rollout", "status", "-n", ns, "deploy/gone", "--timeout=60s",
                      timeout=70)
@@ -162,8 +162,8 @@ def test_deleting_a_deployment_collects_its_replicasets_and_pods(
 
 
 def test_a_statefulset_starts_its_pods_one_by_one_in_order(
-        kwok_cluster: KwokCluster, kwok_namespace: str) -> None:
-    kc, ns = kwok_cluster, kwok_namespace
+        workload_cluster: WorkloadCluster, workload_namespace: str) -> None:
+    kc, ns = workload_cluster, workload_namespace
     labels = {"app": "db"}
     _apply(kc, ns, {"apiVersion": "apps/v1", "kind": "StatefulSet",
                     "metadata": {"name": "db"},
@@ -184,8 +184,8 @@ def test_a_statefulset_starts_its_pods_one_by_one_in_order(
         assert ready_at(pods[before]) <= pods[after]["metadata"]["creationTimestamp"]
 
 
-def test_a_deleted_namespace_is_emptied_and_removed(kwok_cluster: KwokCluster) -> None:
-    kc = kwok_cluster
+def test_a_deleted_namespace_is_emptied_and_removed(workload_cluster: WorkloadCluster) -> None:
+    kc = workload_cluster
     ns = f"doomed-{time.monotonic_ns()}"
     kc.plane.request("POST", "/api/v1/namespaces", {
         "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})

@@ -1,4 +1,4 @@
-"""A whole cluster on this machine, as kwokctl's binary runtime builds one: etcd,
+"""The workload cluster: a cluster on this machine as kwokctl's binary runtime builds one, etcd,
 kube-apiserver, kube-controller-manager, kube-scheduler and kwok, plus the pod sandbox
 that runs what the Postfix pods would run.
 
@@ -25,7 +25,7 @@ from .kwok import Kwok
 from .sandbox import STARTED, PodSandbox, write_wrappers
 
 
-class KwokCluster:
+class WorkloadCluster:
     """The cluster in ``workdir``; a context manager (or start()/stop())."""
 
     def __init__(self, workdir: Path, *, nodes: int = 2, binaries: Path | None = None,
@@ -35,7 +35,7 @@ class KwokCluster:
         self.plane = ControlPlane(workdir / "plane", binaries=binaries, audit=audit)
         self.bin_dir = write_wrappers(Path(tempfile.mkdtemp(prefix="mailtls-podexec-")))
         self.kwok = Kwok(self.plane, workdir / "kwok", leases=True, ready_gate=STARTED,
-                         exec_path=[self.bin_dir])
+                         path=[self.bin_dir])
         self.controllers = Controllers(self.plane, workdir / "controllers")
         self.sandbox = PodSandbox(self.plane, self.kwok, workdir / "sandbox",
                                   bin_dir=self.bin_dir)
@@ -43,14 +43,14 @@ class KwokCluster:
         #: Seconds from start() to every node Ready.
         self.start_seconds = 0.0
 
-    def __enter__(self) -> KwokCluster:
+    def __enter__(self) -> WorkloadCluster:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
 
-    def start(self) -> KwokCluster:
+    def start(self) -> WorkloadCluster:
         began = time.monotonic()
         try:
             self.plane.start()
@@ -87,7 +87,7 @@ class KwokCluster:
 
 
 def main() -> None:
-    """``python -m testbed.cluster``: start a cluster, roll the example Postfix out on it
+    """``python -m testbed.workloadcluster``: start a cluster, roll the example Postfix out on it
     and print the figures docs/testbed.md quotes."""
     import json
     import statistics
@@ -95,7 +95,7 @@ def main() -> None:
 
     repo = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="mailtls-cluster-") as tmp, \
-            KwokCluster(Path(tmp)) as cluster:
+            WorkloadCluster(Path(tmp)) as cluster:
         figures: dict[str, float] = cluster.figures()
         plane = cluster.plane
         began = time.monotonic()
