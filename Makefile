@@ -86,8 +86,11 @@ dashboard-png: system-deps install controlplane ## run the dashboard test agains
 images: system-deps ## build localhost/mailtls-operator:dev and localhost/mailtls-postfix:dev (podman or docker)
 	@bash images/build.sh images
 
-e2e: controlplane ## end-to-end on kind (skipped with a message where no container engine exists)
-	@bash tests/e2e/run.sh e2e
+# With docker and kind: on kind (images built and loaded). Without: on this machine's real
+# control plane with the controller-manager, the scheduler and kwok, the chart rendered by
+# the Helm SDK, the operator a local process, Postfix pods through kwok (tests/e2e/local.py).
+e2e: system-deps install controlplane ## end-to-end: on kind where docker+kind exist, else on the real control plane + kwok here
+	@PYTHON=$(BIN)/python bash tests/e2e/run.sh e2e
 
 kind-up: ## create a kind cluster and load the images
 	@bash tests/e2e/run.sh kind-up

@@ -292,12 +292,14 @@ class ControlPlane:
                                     timeout=10) as resp:
             return str(resp.read().decode())
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        """One JSON request to kube-apiserver as admin; an HTTP error raises
-        :class:`ControlPlaneError` with the server's status message."""
+    def request(self, method: str, path: str, body: Any = None, *,
+                content_type: str = "application/json") -> Any:
+        """One JSON request to kube-apiserver as admin (a PATCH names its patch type in
+        ``content_type``); an HTTP error raises :class:`ControlPlaneError` with the
+        server's status message."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": content_type})
         try:
             with urllib.request.urlopen(req, context=self._context(),
                                         timeout=30) as resp:
@@ -362,6 +364,12 @@ class ControlPlane:
         """A kubeconfig at ``path`` that authenticates with a bearer token (e.g. a
         ServiceAccount's, to run a process under exactly its RBAC)."""
         return self._write_kubeconfig(path, user={"token": token})
+
+    def kubeconfig_for_client_cert(self, cert: Path, key: Path, path: Path) -> Path:
+        """A kubeconfig at ``path`` that authenticates with a client certificate of the
+        test bed's CA (a control-plane component's own identity)."""
+        return self._write_kubeconfig(path, user={"client-certificate": str(cert),
+                                                  "client-key": str(key)})
 
     def service_account_token(self, namespace: str, sa: str, *, pod: str | None = None,
                               seconds: int = 3600) -> str:

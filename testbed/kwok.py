@@ -42,6 +42,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import yaml
+
 from .controlplane import ControlPlane, ControlPlaneError, _stop
 from .layout import SBIN_PATH, free_port
 
@@ -54,6 +56,12 @@ STAGE_FILES = ("kustomize/stage/node/fast/node-initialize.yaml",
                "kustomize/stage/pod/fast/pod-ready.yaml",
                "kustomize/stage/pod/fast/pod-complete.yaml",
                "kustomize/stage/pod/fast/pod-delete.yaml")
+#: kwokctl's node heartbeat when kwok keeps node Leases (its default, 40 s): with a
+#: controller-manager, the node lifecycle controller would otherwise find the nodes'
+#: heartbeats stale and taint them.
+HEARTBEAT_STAGE = "kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml"
+POD_READY_STAGE = "kustomize/stage/pod/fast/pod-ready.yaml"
+NODE_LEASE_SECONDS = 40
 EXEC_CRD = "kustomize/crd/bases/kwok.x-k8s.io_execs.yaml"
 KWOK_API = "/apis/kwok.x-k8s.io/v1alpha1"
 READY_TIMEOUT = 60.0
@@ -68,17 +76,34 @@ def module_dir(binaries: Path) -> Path:
     return src
 
 
-def stage_documents(binaries: Path) -> str:
-    """kwok's default stages as one multi-document YAML."""
+def stage_documents(binaries: Path, *, leases: bool = False,
+                    ready_gate: str | None = None) -> str:
+    """kwok's default stages as one multi-document YAML; with ``leases`` also the node
+    heartbeat, with ``ready_gate`` a pod-ready stage that waits for that annotation."""
     module = module_dir(binaries)
     docs = []
-    for name in STAGE_FILES:
+    names = STAGE_FILES + ((HEARTBEAT_STAGE,) if leases else ())
+    for name in names:
         path = module / name
         try:
-            docs.append(path.read_text())
+            text = path.read_text()
         except OSError as exc:
             raise ControlPlaneError(f"kwok stages: {path}: {exc.strerror}") from exc
+        if name == POD_READY_STAGE and ready_gate:
+            text = gated(text, ready_gate)
+        docs.append(text)
     return "\n---\n".join(docs)
+
+
+def gated(stage_yaml: str, annotation: str) -> str:
+    """The stage, selecting only objects whose ``annotation`` is ``"true"``: kwok takes
+    a pod to Running and Ready only once the test bed has started what the pod's
+    containers would run (a kubelet reports Ready only after its containers started)."""
+    stage = yaml.safe_load(stage_yaml)
+    stage["spec"]["selector"]["matchExpressions"].append({
+        "key": f'.metadata.annotations["{annotation}"]', "operator": "In",
+        "values": ["true"]})
+    return str(yaml.safe_dump(stage, sort_keys=False))
 
 
 class Kwok:
@@ -87,13 +112,20 @@ class Kwok:
     ``workdir``."""
 
     def __init__(self, plane: ControlPlane, workdir: Path, *,
-                 binary: Path | None = None, path: Sequence[Path] = ()) -> None:
+                 binary: Path | None = None, path: Sequence[Path] = (),
+                 leases: bool = False, ready_gate: str | None = None) -> None:
+        """``path``: directories put first on kwok's ``PATH``, where a mapped exec looks
+        its command up; ``leases``: node Leases and heartbeats as kwokctl keeps them
+        (needed beside a controller-manager); ``ready_gate``: pods become Ready only
+        once they carry that annotation with ``"true"`` (see :func:`gated`)."""
         self.plane = plane
         self.binary = binary
         #: directories put first on kwok's PATH, where a mapped exec looks its command up
         #: (e.g. shims that run it in a container instead)
         self.path = list(path)
         self.workdir = workdir
+        self.leases = leases
+        self.ready_gate = ready_gate
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "kwok.log"
@@ -112,7 +144,8 @@ class Kwok:
         pki = self.plane.pki
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "kwok.yaml"
-        config.write_text(stage_documents(self.plane.binaries))
+        config.write_text(stage_documents(self.plane.binaries, leases=self.leases,
+                                          ready_gate=self.ready_gate))
         # kwok watches the CRDs it is told to enable but does not install them.
         self.plane.apply_crds([module_dir(self.plane.binaries) / EXEC_CRD])
         self.port = free_port()
@@ -125,7 +158,7 @@ class Kwok:
                 f"--server-address=127.0.0.1:{self.port}",
                 f"--tls-cert-file={pki.kubelet_cert}",
                 f"--tls-private-key-file={pki.kubelet_key}",
-                "--node-lease-duration-seconds=0",
+                f"--node-lease-duration-seconds={NODE_LEASE_SECONDS if self.leases else 0}",
                 "--enable-crds=Exec"]
         env = dict(os.environ)
         env["PATH"] = ":".join([*map(str, self.path), SBIN_PATH, env.get("PATH", "")])
@@ -167,11 +200,15 @@ class Kwok:
     # -- nodes, pods, exec mappings -------------------------------------------------
 
     def add_node(self, name: str, *, timeout: float = 30.0) -> dict[str, Any]:
-        """Create a Node kwok manages and return it once kwok has made it Ready."""
+        """Create a Node kwok manages and return it once kwok has made it Ready.  Its
+        labels are kwokctl's (``kustomize/kwokctl/resource/node.yaml``): the well-known
+        ones a kubelet sets, which charts select on (``kubernetes.io/os: linux``)."""
         self.plane.request("POST", "/api/v1/nodes", {
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "annotations": {NODE_ANNOTATION: NODE_ANNOTATION_VALUE},
-                         "labels": {"type": "kwok", "kubernetes.io/hostname": name}}})
+                         "labels": {"type": "kwok", "kubernetes.io/hostname": name,
+                                    "kubernetes.io/os": "linux",
+                                    "kubernetes.io/arch": "amd64"}}})
         return self._wait(f"/api/v1/nodes/{name}", _ready, timeout, f"node {name} Ready")
 
     def run_pod(self, namespace: str, name: str, node: str, *, container: str = "postfix",
@@ -203,6 +240,14 @@ class Kwok:
             "apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "Exec",
             "metadata": {"name": pod, "namespace": namespace},
             "spec": {"execs": [target]}})
+
+    def unmap_exec(self, namespace: str, pod: str) -> None:
+        """Remove the ``Exec`` object of ``pod`` (gone already is fine)."""
+        try:
+            self.plane.request("DELETE", f"{KWOK_API}/namespaces/{namespace}/execs/{pod}")
+        except ControlPlaneError as exc:
+            if ": 404 " not in str(exc):
+                raise
 
     def _wait(self, path: str, done: Any, timeout: float, what: str) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

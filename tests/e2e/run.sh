@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# End-to-end on kind. The Makefile calls:
+# End-to-end. The Makefile calls:
 #   bash tests/e2e/run.sh kind-up   create the kind cluster, build both images, load them
 #   bash tests/e2e/run.sh deploy    install the operator (helm if present, else kustomize)
 #                                   and the example Postfix instance "relay" (namespace mail)
 #                                   into the kind cluster, or the context KUBE_CONTEXT
-#   bash tests/e2e/run.sh e2e       kind-up + deploy, then apply the example policies,
-#                                   wait for Ready, and check the live tables in every
-#                                   relay pod with postmap -q
-# Where no container engine or no kind exists, it prints "e2e skipped: <reason>" and
-# exits 0. Every wait is bounded (E2E_TIMEOUT, default 180s).
+#   bash tests/e2e/run.sh e2e       with docker and kind: kind-up + deploy, then verify:
+#                                   apply the example policies, wait for Ready, and check
+#                                   the live tables in every relay pod with postmap -q.
+#                                   Without them: the same on this machine's real control
+#                                   plane, controllers and kwok (python -m tests.e2e.local,
+#                                   which brings it up, then runs `run.sh local` on it).
+#   bash tests/e2e/run.sh local     (called by tests/e2e/local.py) the operator's rollout and
+#                                   leader, the example Postfix, then verify, against the
+#                                   context KUBE_CONTEXT of $KUBECONFIG
+# Every wait is bounded (E2E_TIMEOUT, default 180s).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -31,11 +36,18 @@ log() { printf '\n== %s\n' "$*"; }
 skip() { echo "e2e skipped: $*"; exit 0; }
 k() { kubectl --context "$CONTEXT" --request-timeout=30s "$@"; }
 
+# Why kind cannot run here (empty: it can).
+no_kind() {
+    command -v docker >/dev/null 2>&1 || { echo "docker is not installed"; return; }
+    timeout 20 docker info >/dev/null 2>&1 || { echo "no container engine (docker info failed)"; return; }
+    command -v kind >/dev/null 2>&1 || { echo "kind is not installed (https://kind.sigs.k8s.io)"; return; }
+    command -v kubectl >/dev/null 2>&1 || { echo "kubectl is not installed"; return; }
+}
+
 preflight() {
-    command -v docker >/dev/null 2>&1 || skip "docker is not installed"
-    timeout 20 docker info >/dev/null 2>&1 || skip "no container engine (docker info failed)"
-    command -v kind >/dev/null 2>&1 || skip "kind is not installed (https://kind.sigs.k8s.io)"
-    command -v kubectl >/dev/null 2>&1 || skip "kubectl is not installed"
+    local why
+    why=$(no_kind)
+    [ -z "$why" ] || skip "$why"
 }
 
 diagnose() {
@@ -81,6 +93,10 @@ deploy() {
     fi
     k -n "$NS_OPERATOR" rollout status deploy/mailtls-operator --timeout="$TIMEOUT"
     check_leader
+    deploy_postfix
+}
+
+deploy_postfix() {
     log "deploying the example Postfix instance relay"
     k apply --server-side --field-manager=mailtls-e2e -k manifests/examples/postfix
     k -n "$NS_MAIL" rollout status deploy/relay --timeout="$TIMEOUT"
@@ -172,8 +188,28 @@ check_pods() {
 }
 
 e2e() {
+    local why
+    why=$(no_kind)
+    if [ -n "$why" ]; then
+        log "no kind here ($why): end to end on this machine's control plane and kwok"
+        exec "${PYTHON:-.venv/bin/python}" -m tests.e2e.local
+    fi
     kind_up
     deploy
+    verify
+}
+
+# The operator (a local process playing one of the chart's pods) is up: its Deployment's
+# rollout, its leader, then the example Postfix and the checks, on the local cluster.
+local_run() {
+    command -v kubectl >/dev/null 2>&1 || { echo "kubectl is not on PATH" >&2; exit 1; }
+    k -n "$NS_OPERATOR" rollout status deploy/mailtls-operator --timeout="$TIMEOUT"
+    check_leader
+    deploy_postfix
+    verify
+}
+
+verify() {
     trap diagnose EXIT
     log "applying the example policies"
     k apply --server-side --field-manager=mailtls-e2e -k manifests/examples
@@ -209,5 +245,6 @@ case "${1:-}" in
     kind-up) kind_up ;;
     deploy) deploy ;;
     e2e) e2e ;;
-    *) echo "usage: $0 kind-up|deploy|e2e" >&2; exit 2 ;;
+    local) local_run ;;
+    *) echo "usage: $0 kind-up|deploy|e2e|local" >&2; exit 2 ;;
 esac
