@@ -62,7 +62,7 @@ controlplane: ## build etcd + kube-apiserver + kubectl (+ kwok, controller-manag
 test: system-deps install controlplane ## install everything needed, then run the whole suite but e2e
 	$(BIN)/pytest -q -p no:cacheprovider
 
-test-unit: install ## unit and contract tests only (no Postfix, no API emulation)
+test-unit: install ## unit and contract tests only (no Postfix, no API server)
 	$(BIN)/pytest -q tests/unit tests/contract
 
 lint: install ## ruff, mypy --strict and the import-linter layer contract
