@@ -52,6 +52,7 @@ from testbed.postfixroot import build_for
 from testbed.tlsrptworld import (
     SOCKET_NAME,
     Port53Dns,
+    datagram,
     postfix_wrappers,
     reporting_instance,
     tlsrpt_record,
@@ -82,16 +83,9 @@ def _until(predicate: Callable[[], T | None], timeout: float, what: str,
 
 
 def _datagram(domain: str, n: int) -> bytes:
-    """Session ``n`` to ``domain`` as libtlsrpt 0.5.0rc1 writes it: 4 in 5 succeed."""
-    policy: dict[str, Any] = {"policy-type": 9, "policy-domain": domain, "t": 0, "f": 0}
-    if n % 5 == 4:
-        code, reason = FAILURES[(n // 5) % len(FAILURES)]
-        detail: dict[str, Any] = {"c": code, "s": "127.0.0.1", "n": f"mx.{domain}",
-                                  "h": "250-sink.mailtls.test\r\n250 HELP", "r": "127.0.0.1"}
-        if reason:
-            detail["f"] = reason
-        policy.update({"failure-details": [detail], "t": 1, "f": 1})
-    return json.dumps({"d": domain, "pr": tlsrpt_record(domain), "policies": [policy]}).encode()
+    """Session ``n`` to ``domain``: 4 in 5 succeed."""
+    return datagram(domain, *FAILURES[(n // 5) % len(FAILURES)]) if n % 5 == 4 \
+        else datagram(domain)
 
 
 class _World:
