@@ -33,6 +33,7 @@ import yaml
 
 from demo.cluster import OperatorProcess, show, until
 from testbed import LocalInstance, postfix_unavailable, starttls_sink
+from testbed.controlplane import _stop as stop_group  # TERM, then KILL, the group
 from testbed.inpod import in_pod, pod_environment
 from testbed.kwokcluster import NODE
 from testbed.layout import SBIN_PATH
@@ -183,8 +184,9 @@ class Edge:
         log = self.demo.base / "edge-agent.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(in_pod(argv), env=env, stdin=subprocess.DEVNULL,  # noqa: S603
-                                    stdout=out, stderr=subprocess.STDOUT)
-        self.stack.callback(_stop, proc)
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # stopped as a group
+        self.stack.callback(stop_group, proc)
         print(f"   agent sidecar (pid {proc.pid}): mailtls agent --instance {INSTANCE} "
               f"--outcomes-interval {INTERVAL} ..., as in the pod: a token bound to {POD} "
               "and the CA at /run/secrets/kubernetes.io/serviceaccount, "
@@ -250,13 +252,3 @@ class Edge:
                                 f"jsonpath={path}", quiet=True)
         show(yaml.safe_dump({key: json.loads(out)}, sort_keys=False, width=100), "     ")
 
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after 10 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
