@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from bench.common import Result, Summary, hwm_mib, rss_mib, run_with_postfix, stats, table
@@ -44,6 +42,7 @@ from bench.harness import (
     operating,
 )
 from bench.harness import policy as policy_object
+from testbed.inpod import in_pod, pod_environment
 
 NAME = "agent_rollout"
 PODS = 3
@@ -61,34 +60,13 @@ def run() -> Result:
                             _scenario)
 
 
-# The in-cluster contract, as a pod has it: the ServiceAccount's token and the cluster CA
-# at the kubelet's path, in a mount namespace of the agent's own (a tmpfs over /run, so
-# nothing is written on this machine), and KUBERNETES_SERVICE_HOST/PORT in its
-# environment.  The agent then takes its production path (urllib3 alone) instead of the
-# official client's kubeconfig loader, which costs it ~20 MiB of RSS.
-_POD_MOUNTS = ('mount -t tmpfs tmpfs /run && d=/run/secrets/kubernetes.io/serviceaccount '
-               '&& mkdir -p "$d" && cp "$SA/token" "$SA/ca.crt" "$d/" && exec "$@"')
-
-
 def _agent_cmd(namespace: str, name: str, pods: Pods) -> list[str]:
     inst = pods.instances[name]
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _POD_MOUNTS, "agent",
-            sys.executable, "-m", "mailtls_operator.cli", "agent",
-            "--instance", "relay", "--namespace", namespace, "--pod", name,
-            "--map-path", str(inst.map_path), "--map-type", inst.settings.map_type,
-            "--configmap-dir", str(inst.configmap_dir), "--observe-interval", "0",
-            "--probe-interval", "0", "--log-level", "WARNING"]
-
-
-def _service_account(env: Env, token: str, base: Path) -> dict[str, str]:
-    """The files and variables a pod of ServiceAccount ``token`` sees."""
-    sa = base / "serviceaccount"
-    sa.mkdir(exist_ok=True)
-    (sa / "token").write_text(token)
-    shutil.copy(env.cluster.plane.ca_file, sa / "ca.crt")
-    port = env.cluster.url.rsplit(":", 1)[1]
-    return {"SA": str(sa), "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-            "KUBERNETES_SERVICE_PORT": port}
+    return in_pod([sys.executable, "-m", "mailtls_operator.cli", "agent",
+                   "--instance", "relay", "--namespace", namespace, "--pod", name,
+                   "--map-path", str(inst.map_path), "--map-type", inst.settings.map_type,
+                   "--configmap-dir", str(inst.configmap_dir), "--observe-interval", "0",
+                   "--probe-interval", "0", "--log-level", "WARNING"])
 
 
 async def _mode(mode: str, result: Result) -> dict[str, Any]:
@@ -108,12 +86,13 @@ async def _mode(mode: str, result: Result) -> dict[str, Any]:
                     agent = await asyncio.to_thread(env.cluster.identity, env.ns,
                                                     "mailtls-agent")
                     users.add(agent.user)
-                    in_pod = _service_account(env, agent.token, pods.base)
+                    in_pod_env = pod_environment(env.cluster.plane,
+                                                 pods.base / "serviceaccount", agent.token)
                     for name in pods.names:
                         inst = pods.instances[name]
                         procs.append(subprocess.Popen(
                             _agent_cmd(env.ns, name, pods),
-                            env={**os.environ, **inst.env, **in_pod,
+                            env={**os.environ, **inst.env, **in_pod_env,
                                  "PATH": inst.env["PATH"] + ":" + os.environ.get("PATH", "")},
                             stdin=subprocess.DEVNULL))
                 await env.until(lambda: env.entries() == POLICIES

@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench.agent_rollout import _POD_MOUNTS as POD_MOUNTS  # the in-cluster contract
 from bench.common import Result, Summary, cpu_seconds, proc_status, stats, table
 from testbed import (
     LocalCA,
@@ -48,10 +47,12 @@ from testbed import (
     stop_all,
 )
 from testbed.controlplane import REPO, ControlPlane, ControlPlaneError, binaries_dir
+from testbed.inpod import in_pod, pod_environment
 from testbed.postfixroot import build_for
 from testbed.tlsrptworld import (
     SOCKET_NAME,
     Port53Dns,
+    datagram,
     postfix_wrappers,
     reporting_instance,
     tlsrpt_record,
@@ -82,16 +83,9 @@ def _until(predicate: Callable[[], T | None], timeout: float, what: str,
 
 
 def _datagram(domain: str, n: int) -> bytes:
-    """Session ``n`` to ``domain`` as libtlsrpt 0.5.0rc1 writes it: 4 in 5 succeed."""
-    policy: dict[str, Any] = {"policy-type": 9, "policy-domain": domain, "t": 0, "f": 0}
-    if n % 5 == 4:
-        code, reason = FAILURES[(n // 5) % len(FAILURES)]
-        detail: dict[str, Any] = {"c": code, "s": "127.0.0.1", "n": f"mx.{domain}",
-                                  "h": "250-sink.mailtls.test\r\n250 HELP", "r": "127.0.0.1"}
-        if reason:
-            detail["f"] = reason
-        policy.update({"failure-details": [detail], "t": 1, "f": 1})
-    return json.dumps({"d": domain, "pr": tlsrpt_record(domain), "policies": [policy]}).encode()
+    """Session ``n`` to ``domain``: 4 in 5 succeed."""
+    return datagram(domain, *FAILURES[(n // 5) % len(FAILURES)]) if n % 5 == 4 \
+        else datagram(domain)
 
 
 class _World:
@@ -145,26 +139,23 @@ class _World:
             self.base / "kubeconfigs" / "operator")
         # the agent as in a pod: its pod-bound token and the CA at the kubelet's path (in a
         # mount namespace of its own), KUBERNETES_SERVICE_HOST/PORT: the production path
-        sa_dir = self.base / "serviceaccount"
-        sa_dir.mkdir()
-        (sa_dir / "token").write_text(plane.service_account_token(NS, "mailtls-agent",
-                                                                  pod="relay-0"))
-        shutil.copy(plane.ca_file, sa_dir / "ca.crt")
+        in_pod_env = pod_environment(
+            plane, self.base / "serviceaccount",
+            plane.service_account_token(NS, "mailtls-agent", pod="relay-0"))
         wrappers = postfix_wrappers(inst, self.base.parent / f"{self.base.name}-bin")
-        env = {**os.environ, **inst.env, "POD_NAME": "relay-0", "POD_NAMESPACE": NS,
-               "SA": str(sa_dir), "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-               "KUBERNETES_SERVICE_PORT": plane.url.rsplit(":", 1)[1],
-               "PATH": f"{inst.env['PATH']}:{os.environ.get('PATH', '')}"}
+        env = {**os.environ, **inst.env, **in_pod_env, "POD_NAME": "relay-0",
+               "POD_NAMESPACE": NS, "PATH": f"{inst.env['PATH']}:{os.environ.get('PATH', '')}"}
         logs = self.base / "logs"
         logs.mkdir()
         self.agent = self._spawn(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", POD_MOUNTS, "agent",
-             sys.executable, "-m", "mailtls_operator.cli", "agent", "--instance", "relay",
-             "--map-path", str(inst.map_path),
-             "--map-type", inst.settings.map_type, "--configmap-dir", str(inst.configmap_dir),
-             "--observe-interval", "0", "--probe-interval", "0",
-             "--outcomes-interval", str(INTERVAL), "--log-level", "WARNING",
-             *(["--postfix-path", str(wrappers)] if wrappers else [])], env, logs / "agent")
+            in_pod([sys.executable, "-m", "mailtls_operator.cli", "agent", "--instance", "relay",
+                    "--map-path", str(inst.map_path),
+                    "--map-type", inst.settings.map_type,
+                    "--configmap-dir", str(inst.configmap_dir),
+                    "--observe-interval", "0", "--probe-interval", "0",
+                    "--outcomes-interval", str(INTERVAL), "--log-level", "WARNING",
+                    *(["--postfix-path", str(wrappers)] if wrappers else [])]),
+            env, logs / "agent")
         op_env = {**os.environ, "KUBECONFIG": str(op_cfg)}
         op_env.pop("KUBERNETES_SERVICE_HOST", None)
         self._spawn([MAILTLS, "run", "-n", NS, "--log-format", "text", "--metrics", "off",

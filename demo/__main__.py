@@ -51,12 +51,12 @@ class Demo:
         self.kubectl = Kubectl(cluster.plane)
         self.request = cluster.plane.request  # reads as the admin, plain JSON
         self.pods: dict[str, LocalInstance] = {}
-        self.log_seen = 0
+        self.log_seen: dict[Path, int] = {}  # per instance: maillog lines already shown
 
     # ------------------------------------------------------------------ set-up
 
     def start_sinks(self) -> None:
-        ca = LocalCA(self.base / "ca")
+        self.ca = ca = LocalCA(self.base / "ca")
         self.ca_pem = str(ca.pem_path)
         self.plain = plain_sink().start()
         self.stack.callback(self.plain.stop)
@@ -87,11 +87,11 @@ class Demo:
                   f"{inst.tls_policy_map}")
         self.kubectl("get", "pods", "-n", NS, "-o", "wide")
         for name in self.pods:
-            self._first_exec(name)
+            self.first_exec(name)
         self.kubectl("exec", "-n", NS, "relay-0", "-c", "postfix", "--", "postconf", "-h",
                      "mail_version", "smtp_tls_policy_maps")
 
-    def _first_exec(self, name: str) -> None:
+    def first_exec(self, name: str) -> None:
         """kwok learns of a new exec mapping through its watch, about a second after it
         was made: until ``kubectl exec NAME -- true`` succeeds (bounded)."""
         def ok() -> bool:
@@ -181,21 +181,24 @@ class Demo:
 
     # --------------------------------------------------------------------- mail
 
-    def send(self, rcpt: str) -> str:
-        qid = self.pods["relay-0"].submit([rcpt])
-        print(f"   relay-0 accepted mail for {rcpt} (queue id {qid})")
+    def send(self, rcpt: str, pod: str = "relay-0", inst: LocalInstance | None = None) -> str:
+        qid = (inst or self.pods[pod]).submit([rcpt])
+        print(f"   {pod} accepted mail for {rcpt} (queue id {qid})")
         return qid
 
-    def evidence(self, qid: str, status: str | tuple[str, ...]) -> None:
-        inst = self.pods["relay-0"]
+    def evidence(self, qid: str, status: str | tuple[str, ...],
+                 inst: LocalInstance | None = None) -> None:
+        """The delivery's lines of the pod's maillog (relay-0's unless ``inst``): the TLS
+        handshake, Postfix's own TLSRPT verdict where it reports one, the status."""
+        inst = inst or self.pods["relay-0"]
         delivery = inst.wait_for_delivery(qid, status=status, timeout=30)
         port = delivery.relay.rsplit(":", 1)[-1]
         lines = inst.maillog().splitlines()
-        for line in lines[self.log_seen:]:  # only what this delivery logged
+        for line in lines[self.log_seen.get(inst.root, 0):]:  # what this delivery logged
             if ("TLS connection established" in line and f"]:{port}:" in line) or \
-                    (qid in line and "status=" in line):
+                    "TLSRPT: " in line or (qid in line and "status=" in line):
                 show(f"{DIM}{line.split(': ', 1)[-1]}{RESET}", "     maillog: ")
-        self.log_seen = len(lines)
+        self.log_seen[inst.root] = len(lines)
         print(f"   => {delivery.status.upper()}: {delivery.reason[:120]}")
 
 
@@ -330,7 +333,11 @@ def run(base: Path) -> None:
         demo.kubectl("get", "events", "-n", NS, "--field-selector",
                      "involvedObject.kind=MailTLSPolicy", "--sort-by=.lastTimestamp")
 
-        step("11. Final status")
+        from demo.outcomes import run as outcomes  # issue 26: Postfix 3.10's TLSRPT
+
+        outcomes(demo, op, step)
+
+        step("12. Final status")
         demo.kubectl("get", "mailtlspolicies", "-n", NS)
         from demo.discovery import run as discovery  # issue 16: no API server involved
 

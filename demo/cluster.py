@@ -122,13 +122,16 @@ class OperatorProcess:
         except OSError:
             return False
 
-    def metric(self, name: str) -> float:
-        """The sum of a Prometheus series of the operator's /metrics (0 if absent)."""
+    def samples(self, name: str) -> list[str]:
+        """The lines of the operator's /metrics whose series starts with ``name``."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics",
                                     timeout=5) as resp:
             text = resp.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name) and not line.startswith("#"))
+        return [line for line in text.splitlines() if line.startswith(name)]
+
+    def metric(self, name: str) -> float:
+        """The sum of a Prometheus series of the operator's /metrics (0 if absent)."""
+        return sum(float(line.rsplit(" ", 1)[1]) for line in self.samples(name))
 
     def _follow(self) -> None:
         with self.log.open("rb") as f:

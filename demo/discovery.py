@@ -77,7 +77,7 @@ async def run(base: Path, step: object) -> None:
             world.publish_sts("partner.example", id="20261201", mx=["*.partner.example"])
             world.publish_sts("testing.example", id="1", mode="testing",
                               mx=["*.testing.example"])
-            step("12. Discovery: MTA-STS published in a local DNS + HTTPS world "  # type: ignore[operator]
+            step("13. Discovery: MTA-STS published in a local DNS + HTTPS world "  # type: ignore[operator]
                  f"(DNS {world.nameserver}, HTTPS port {world.https_port})")
             if root:
                 await asyncio.to_thread(_cli, world)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import random
 import shlex
@@ -34,8 +35,8 @@ from .instance import LocalInstance
 from .layout import InstanceSettings
 from .stsworld import Zone, _ZoneResolver
 
-__all__ = ["SOCKET_NAME", "DatagramTrap", "Port53Dns", "postfix_wrappers", "reporting_instance",
-           "tlsrpt_record", "write_resolv_conf"]
+__all__ = ["SOCKET_NAME", "DatagramTrap", "Port53Dns", "datagram", "postfix_wrappers",
+           "reporting_instance", "tlsrpt_record", "write_resolv_conf"]
 
 POSTFIX_TOOLS = ("postconf", "postmap", "postqueue", "postfix", "posttls-finger", "postsuper")
 """The Postfix commands an agent runs in its pod."""
@@ -119,6 +120,21 @@ SOCKET_NAME = "tlsrpt/sock"
 def tlsrpt_record(domain: str) -> str:
     """The ``_smtp._tls`` TXT record the test bed's domains publish."""
     return f"v=TLSRPTv1; rua=mailto:tlsrpt@{domain}"
+
+
+def datagram(domain: str, failure: int | None = None, reason: str | None = None) -> bytes:
+    """One session to ``domain`` as Postfix 3.10 with libtlsrpt 0.5.0rc1 sends it (the
+    measured format, docs/tlsrpt.md): a success, or ``failure`` (the RFC 8460 code, e.g.
+    204 certificate-expired) with OpenSSL's ``reason``.  For a collector fed without a
+    Postfix 3.10 (one that cannot run, or load beyond what one instance sends)."""
+    policy: dict[str, Any] = {"policy-type": 9, "policy-domain": domain, "t": 0, "f": 0}
+    if failure is not None:
+        detail: dict[str, Any] = {"c": failure, "s": "127.0.0.1", "n": f"mx.{domain}",
+                                  "h": "250-sink.mailtls.test\r\n250 HELP", "r": "127.0.0.1"}
+        if reason:
+            detail["f"] = reason
+        policy.update({"failure-details": [detail], "t": 1, "f": 1})
+    return json.dumps({"d": domain, "pr": tlsrpt_record(domain), "policies": [policy]}).encode()
 
 
 def reporting_instance(base: Path, name: str, dns: Port53Dns, routes: Mapping[str, str],

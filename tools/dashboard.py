@@ -98,6 +98,14 @@ PANELS: tuple[PanelSpec, ...] = (
               "destination (a series only while a policy has deferred mail).",
               (_t("max by (namespace, policy, instance) (mailtls_deferred_recipients)",
                   "{{namespace}}/{{policy}} on {{instance}}"),)),
+    PanelSpec("Mail", "TLS sessions by result per policy",
+              "TLS handshakes per minute under each policy's lines, by result: success or "
+              "the RFC 8460 failure type (Postfix >= 3.10's TLSRPT, through the agent "
+              "sidecar). Only next-hops that publish a TLSRPT policy are reported; a "
+              "policy has series once it had sessions.",
+              (_t(f"sum by (namespace, policy, result) "
+                  f"(rate(mailtls_tls_sessions_total[{RATE}])) * 60",
+                  "{{namespace}}/{{policy}} {{result}}"),), unit="opm"),
     PanelSpec("Exceptions and probes", "Exceptions in force",
               "Break-glass exceptions currently in force, per namespace.",
               (_t("max by (namespace) (mailtls_exceptions_active)", "{{namespace}}"),)),
@@ -155,8 +163,8 @@ def _panel(number: int, spec: PanelSpec) -> Stat | Timeseries:
 def build() -> dict[str, Any]:
     """The dashboard as Grafana's JSON model (a plain dict)."""
     dash = (Dashboard("mailtls-operator").uid(UID)
-            .description("Rollouts, deferred mail, exceptions, probes, discovery and API "
-                         "writes of mailtls-operator.")
+            .description("Rollouts, deferred mail, TLS session outcomes, exceptions, probes, "
+                         "discovery and API writes of mailtls-operator.")
             .tags(["mailtls", "postfix", "operator"])
             .refresh("30s").time("now-6h", "now")
             .with_variable(DatasourceVariable("datasource").label("Data source")

@@ -36,8 +36,8 @@ from .kit import (
 
 NAMESPACED = {"watchNamespaces": ["mail", "relay2"]}
 RESTART = {"strategy": "restart"}
-AGENT = {"strategy": "agent", "agent": {"instances": [{"namespace": "mail", "name": "relay"},
-                                                     {"namespace": "relay2", "name": "b"}]}}
+AGENT: dict[str, Any] = {"strategy": "agent", "agent": {
+    "instances": [{"namespace": "mail", "name": "relay"}, {"namespace": "relay2", "name": "b"}]}}
 EVERYTHING = {
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     "podDisruptionBudget": {"enabled": True},
@@ -53,6 +53,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "restart": RESTART,
     "namespaced-restart": {**NAMESPACED, **RESTART},
     "agent": AGENT,
+    "agent-tlsrpt": {**AGENT, "agent": {**AGENT["agent"], "tlsrpt": {"enabled": True}}},
     "namespaced-agent": {**NAMESPACED, **AGENT},
     "no-leader-election": {"leaderElection": {"enabled": False}, "replicaCount": 1},
     "one-replica": {"replicaCount": 1},

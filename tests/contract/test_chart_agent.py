@@ -1,5 +1,7 @@
-"""The chart in agent mode: no pods/exec anywhere, agent RBAC by resourceNames, and the
-admission policy that confines an agent to its own pod, evaluated with cel-python."""
+"""The chart in agent mode: no pods/exec anywhere, agent RBAC by resourceNames, the
+admission policy that confines an agent to its own pod, evaluated with cel-python, and the
+TLSRPT option (agent.tlsrpt): checked as the agent checks the socket name, the pod side
+printed in the release notes."""
 
 from __future__ import annotations
 
@@ -7,15 +9,17 @@ import copy
 from typing import Any
 
 import celpy
+import helm_python as helm
 import pytest
 
 from mailtls_operator.agent.api import API_CALLS as AGENT_CALLS
 from mailtls_operator.agent.report import AGENT_ANNOTATIONS
 
-from .kit import chart_objects, find, operator_container
+from .kit import chart_objects, find, notes, operator_container
 
-AGENT = {"strategy": "agent", "agent": {"instances": [{"namespace": "mail", "name": "relay"}],
-                                         "maxParts": 2}}
+AGENT: dict[str, Any] = {
+    "strategy": "agent",
+    "agent": {"instances": [{"namespace": "mail", "name": "relay"}], "maxParts": 2}}
 
 
 def rules(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -53,6 +57,41 @@ def test_the_agent_reads_only_its_instances_configmaps_and_patches_only_pods() -
                                     "namespace": "mail"}]
     assert not any(o["metadata"].get("name") == "mailtls-agent-relay" for o in
                    find(objects, "ClusterRoleBinding"))
+
+
+def _tlsrpt(**tlsrpt: Any) -> dict[str, Any]:
+    return {**AGENT, "agent": {**AGENT["agent"], "tlsrpt": {"enabled": True, **tlsrpt}}}
+
+
+def test_tlsrpt_changes_no_right_and_its_set_up_is_in_the_release_notes() -> None:
+    assert chart_objects(_tlsrpt()) == chart_objects(AGENT)  # the report is the agent's
+    assert "TLSRPT" not in notes(AGENT)
+    text = notes(_tlsrpt(socketName="reports/tlsrpt.sock", queueDirectory="/var/spool/pf/"))
+    assert "smtp_tlsrpt_enable = yes" in text
+    assert "smtp_tlsrpt_socket_name = reports/tlsrpt.sock" in text
+    assert "volumeMounts: [{name: tlsrpt, mountPath: /var/spool/pf/reports}]" in text
+    assert "binds /var/spool/pf/reports/tlsrpt.sock" in text
+
+
+@pytest.mark.parametrize(("tlsrpt", "why"), [
+    ({"socketName": "private/tlsrpt"}, "is under private/"),
+    ({"socketName": "./public/sock"}, "is under public/"),
+    ({"socketName": "tlsrpt/../../sock"}, "leaves the queue directory"),
+    ({"socketName": "sock"}, "name a directory below the queue directory"),
+])
+def test_a_socket_name_the_agent_cannot_collect_from_is_refused(tlsrpt: dict[str, Any],
+                                                                   why: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=f"agent.tlsrpt.socketName .*{why}"):
+        chart_objects(_tlsrpt(**tlsrpt))
+
+
+def test_tlsrpt_without_the_agent_strategy_is_refused() -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"agent\.tlsrpt\.enabled needs strategy: agent"):
+        chart_objects({"agent": {"tlsrpt": {"enabled": True}}})
+    for bad in ({"socketName": "/abs/sock"}, {"socketName": "a b/sock"},
+                {"queueDirectory": "spool"}, {"enabled": "yes"}):
+        with pytest.raises(helm.HelmValuesError, match="tlsrpt"):
+            chart_objects(_tlsrpt(**bad))
 
 
 def test_exec_mode_renders_no_agent_objects() -> None:

@@ -81,6 +81,24 @@ def test_report_times_are_aware_utc_whatever_the_offset() -> None:
     assert parse_report(got.to_json()).at == got.at  # written back as RFC 3339
 
 
+def test_a_skipped_probe_of_a_parent_domain_key_keeps_the_report() -> None:
+    """The agent's own probes skip a ``.domain`` key (NotProbeable), as exec mode's do: the
+    report, its outcomes and the other probes with it, must still be read."""
+    probe = {"destination": ".payroll.example.com", "result": "Skipped",
+             "reason": "NotProbeable", "message": "matches every subdomain",
+             "time": "2026-01-01T00:00:00Z"}
+    got = parse_report(_report(probes=[{"ref": "mail/payroll", "value": "encrypt",
+                                        "at": "2026-01-01T00:00:00Z",
+                                        "outcomes": [probe]}]))
+    [outcome] = got.probes["mail/payroll"].outcomes
+    assert (outcome.result, outcome.reason, outcome.failed) == ("Skipped", "NotProbeable",
+                                                                False)
+    with pytest.raises(BadReport, match="not a probe verdict"):
+        parse_report(_report(probes=[{"ref": "mail/payroll", "value": "encrypt",
+                                      "at": "2026-01-01T00:00:00Z",
+                                      "outcomes": [{**probe, "result": "Maybe"}]}]))
+
+
 def test_the_depth_bound_is_checked_before_json_parses() -> None:
     assert strictjson.depth('["[[[", {"a": [1]}]') == 3
     with pytest.raises(ValueError, match="nested"):

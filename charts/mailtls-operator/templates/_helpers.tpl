@@ -122,3 +122,29 @@ same list (tests/contract checks it).
 - {{ . | quote }}
 {{- end }}
 {{- end }}
+
+{{/*
+agent.tlsrpt: the directory of the TLSRPT socket (the volume the Postfix container and the
+agent share), after checking the socket name as the agent does (agent/tlsrpt.py): below
+the queue directory, never under private/ or public/, no "..", in a directory of its own.
+*/}}
+{{- define "mailtls-operator.tlsrptSocketDir" -}}
+{{- $t := .Values.agent.tlsrpt -}}
+{{- if ne .Values.strategy "agent" -}}
+{{- fail "agent.tlsrpt.enabled needs strategy: agent (the agent sidecar receives Postfix's TLSRPT datagrams)" -}}
+{{- end -}}
+{{- $parts := list -}}
+{{- range splitList "/" $t.socketName -}}
+{{- if and . (ne . ".") -}}{{- $parts = append $parts . -}}{{- end -}}
+{{- end -}}
+{{- if has ".." $parts -}}
+{{- fail (printf "agent.tlsrpt.socketName %q leaves the queue directory" $t.socketName) -}}
+{{- end -}}
+{{- if and $parts (has (first $parts) (list "private" "public")) -}}
+{{- fail (printf "agent.tlsrpt.socketName %q is under %s/, which Postfix reserves for its own services" $t.socketName (first $parts)) -}}
+{{- end -}}
+{{- if lt (len $parts) 2 -}}
+{{- fail (printf "agent.tlsrpt.socketName %q: name a directory below the queue directory for the socket (e.g. tlsrpt/sock): that directory is the volume both containers share" $t.socketName) -}}
+{{- end -}}
+{{- printf "%s/%s" (trimSuffix "/" $t.queueDirectory) (join "/" (initial $parts)) -}}
+{{- end -}}

@@ -94,6 +94,8 @@ class Agent:
         self.collector = collector if settings.tlsrpt_socket != OFF else None
         self._routed: tuple[object, str] | None = None
         """(facts, revision) the collector was last pointed at."""
+        self._site: dict[str, str] = {}
+        """The site's own transport routes, as last read (``postmap -s``)."""
         self.namespace = converger.settings.namespace
         self._report_wake = asyncio.Event()
         self._observe_wake = asyncio.Event()
@@ -226,6 +228,8 @@ class Agent:
             before = self.converger.live.revision if self.converger.live else None
             await self.converger.install(desired, source)
             after = self.converger.live.revision if self.converger.live else None
+            if after != before:
+                self._route_live()
         self._report_wake.set()
         if after != before or self.converger.report.facts is None:
             self._observe_wake.set()
@@ -254,6 +258,7 @@ class Agent:
                 wanted = self.converger.wanted
                 if wanted is not None and (self._behind() or await self.converger.drifted()):
                     await self.converger.install(wanted, self.converger.report.source)
+                    self._route_live()
                 await self.converger.observe()
             self._report_wake.set()
 
@@ -281,11 +286,23 @@ class Agent:
         except Exception as exc:  # attribution falls back to the bare next-hop
             log.warning("cannot read the site's transport routes: %s", exc)
             site = {}
+        self._site = dict(site)
+        self._route_live()
+
+    def _route_live(self) -> None:
+        """Attribute with the live revision's table from now on, the site's routes as last
+        read.  Called also the moment a new revision is live, before the report that says
+        so, not at the next outcomes tick (up to ``outcomes_interval`` later): a session
+        to a key the revision added would meanwhile count under no key."""
+        collector, facts, live = self.collector, self.converger.report.facts, \
+            self.converger.live
+        if collector is None or facts is None or live is None:
+            return
         table = frozenset(k for k in live.tls_entries if k != REVISION_KEY)
         collector.route(Routes(
             table_keys=table,
             audit_keys=frozenset(k for p in live.probes for k in p.keys if k not in table),
-            config=facts.routing, transport={**site, **live.transport_entries}))
+            config=facts.routing, transport={**self._site, **live.transport_entries}))
 
     async def _outcomes(self) -> None:
         """Every ``outcomes_interval``: follow the facts and the live revision (the

@@ -38,7 +38,7 @@ from ..facts import InstanceFacts
 from ..mailqueue import DeferredSummary
 from ..observer import PolicyProbes
 from ..outcomes import OutcomeReport, from_doc, to_doc
-from ..probe import FAIL, PASS, ProbeOutcome, clean, rfc3339
+from ..probe import FAIL, PASS, SKIPPED, ProbeOutcome, clean, rfc3339
 
 ANN_APPLIED = "mailtls.io/applied-revision"
 ANN_REPORT = "mailtls.io/agent-report"
@@ -138,7 +138,9 @@ def _outcome(o: Mapping[str, Any]) -> ProbeOutcome:
     """A probe outcome as a pod claims it: the words status will carry are checked (a
     result, a CamelCase reason) and the message is made one printable, bounded line."""
     result, reason = str(o["result"]), str(o["reason"])
-    if result not in (PASS, FAIL) or not _REASON.fullmatch(reason):
+    # Skipped too: the agent's own probes skip a ``.domain`` key (NotProbeable), as the
+    # exec strategy's do; refusing it would refuse the whole report, outcomes included.
+    if result not in (PASS, FAIL, SKIPPED) or not _REASON.fullmatch(reason):
         raise ValueError(f"not a probe verdict: {result!r} {reason!r}")
     return ProbeOutcome(clean(str(o["destination"]), 255), result, reason,
                         clean(str(o["message"])), _time(o["time"]))

@@ -4,7 +4,10 @@ the same expressions the chart ships) returns at least one series with a value.
 
 The scenario, on the real kube-apiserver: a Postfix pod of instance ``relay`` (a local
 Postfix, its ``mailtls agent`` sidecar a process) with mail deferred because a partner
-offers no STARTTLS while its policy says ``encrypt``, an audit-mode policy whose probe
+offers no STARTTLS while its policy says ``encrypt``, TLS sessions under a ``secure``
+policy that succeed and fail (datagrams in the format Postfix 3.10 sends, on the agent's
+TLSRPT socket: this Postfix is 3.7; real 3.10 sessions are proven end to end in
+``test_tlsrpt_outcomes.py``), an audit-mode policy whose probe
 fails (a closed port), two policies contesting one key, a break-glass exception, a pod of
 instance ``edge`` whose exec rollout fails (this control plane has no kubelet to exec
 in: a real failing pod, so the failure series and pods behind exist), a
@@ -20,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +43,7 @@ from testbed.controlplane import ControlPlane
 from testbed.instance import postfix_unavailable
 from testbed.layout import InstanceSettings
 from testbed.sinks import plain_sink
+from testbed.tlsrptworld import datagram
 
 from ...contract.test_dashboard import load_builder
 from .conftest import StartOperator, admin_service_account
@@ -53,8 +58,16 @@ PROMETHEUS = shutil.which("prometheus")
 WINDOW = "5m"
 #: What docs/dashboard.png shows: (panel title, unit) of tools/dashboard.PANELS.
 PICTURED = ("Table entries per instance", "Pods behind", "Rollout failures",
-            "Deferred mail by policy", "Probes failing", "Discovery failing domains",
-            "Policies by Ready reason", "Exceptions in force", "API writes")
+            "Deferred mail by policy", "TLS sessions by result per policy", "Probes failing",
+            "Discovery failing domains", "Policies by Ready reason", "Exceptions in force",
+            "API writes")
+#: A partner of policy ``tls-partner`` (``secure``): its sessions, reported over TLSRPT.
+TLS_PARTNER = "tls.example"
+
+
+def _tlsrpt_socket(inst: LocalInstance) -> Path:
+    """Where the relay pod's agent receives TLSRPT datagrams (``--tlsrpt-socket``)."""
+    return inst.root.parent / "tlsrpt.sock"
 
 
 def _z(t: datetime) -> str:
@@ -129,7 +142,8 @@ def relay_pod(cluster: Cluster, controlplane: ControlPlane, tmp_path: Path,
               plain: SmtpSink) -> Iterator[LocalInstance]:
     """Pod ``relay-0`` (agent strategy), Running and Ready, whose Postfix is a local
     instance routing ``plain.example`` to a sink without STARTTLS, and whose agent is a
-    ``mailtls agent`` process reading its queue every half second."""
+    ``mailtls agent`` process reading its queue every half second and receiving TLSRPT
+    datagrams at :func:`_tlsrpt_socket`."""
     reason = postfix_unavailable()
     if reason is not None:
         pytest.skip(reason)
@@ -158,7 +172,8 @@ def relay_pod(cluster: Cluster, controlplane: ControlPlane, tmp_path: Path,
         [sys.executable, "-m", "mailtls_operator.cli", "agent", "--instance", "relay",
          "--kubeconfig", str(agent_id.kubeconfig), "--map-path", str(inst.map_path),
          "--map-type", inst.settings.map_type, "--configmap-dir", str(inst.configmap_dir),
-         "--observe-interval", "0.5", "--probe-interval", "0", "--timeout", "5"],
+         "--observe-interval", "0.5", "--probe-interval", "0", "--timeout", "5",
+         "--tlsrpt-socket", str(_tlsrpt_socket(inst)), "--outcomes-interval", "0.5"],
         env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         yield inst
@@ -251,6 +266,8 @@ def _scenario(cluster: Cluster, plain: SmtpSink, closed: int) -> None:
                           "reason": "INC-1234 partner certificate expired"}),
         policy("edge-partner", ns, destinations=["edge.example"], level="encrypt",
                instances=["edge"]),
+        policy("tls-partner", ns, destinations=[TLS_PARTNER], level="secure",
+               instances=["relay"]),
     ])
     cluster.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "mailtlsdiscoveries", {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "MailTLSDiscovery",
@@ -308,9 +325,24 @@ def test_every_panel_of_the_dashboard_has_data_from_a_real_prometheus(
         until(lambda: relay_pod.query(plain.nexthop) == "encrypt", 30,
               what="plain-partner's line installed by the agent")
         relay_pod.submit(["user@plain.example"])
-
         exprs = {(spec.title, t.expr.replace("$__rate_interval", WINDOW))
                  for spec in panels for t in spec.targets}
+        # RolledOut: the agent reported the revision live, and attributes with its table
+        until(lambda: (c := cluster.condition("tls-partner", "Ready"))
+              and c["reason"] == "RolledOut", 30, what="tls-partner's line live in relay-0")
+        until(_tlsrpt_socket(relay_pod).is_socket, 30, what="the agent's TLSRPT socket")
+        counted = 'sum(mailtls_tls_sessions_total{policy="tls-partner"})'
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            # two rounds, so that rate() sees each series increase (a counter's first
+            # sample is its start): 2 sessions succeed, 1 fails certificate-expired
+            for round_ in (1, 2):
+                for gram in (datagram(TLS_PARTNER), datagram(TLS_PARTNER),
+                             datagram(TLS_PARTNER, 204)):
+                    sender.sendto(gram, str(_tlsrpt_socket(relay_pod)))
+                until(lambda n=3 * round_: [s for s in prom.query(counted)  # type: ignore[misc]
+                                            if float(s["value"][1]) == n], 30,
+                      what=f"round {round_} of the TLS sessions scraped")
+
         seen: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
         def all_have_data() -> list[tuple[str, str]]:
@@ -332,11 +364,16 @@ def test_every_panel_of_the_dashboard_has_data_from_a_real_prometheus(
         # the series name the policies the scenario made them for (others may join:
         # enforced policies are probed too, and their made-up domains do not resolve)
         for title, policy_name in (("Deferred mail by policy", "plain-partner"),
+                                   ("TLS sessions by result per policy", "tls-partner"),
                                    ("Probes failing", "audit-closed")):
             expr = next(e for t, e in exprs if t == title)
             until(lambda e=expr, p=policy_name: p in {  # type: ignore[misc]
                 s["metric"]["policy"] for s in finite(prom.query(e))}, 30,
                 f"{title} names {policy_name}")
+        sessions = next(e for t, e in exprs if t == "TLS sessions by result per policy")
+        assert {s["metric"]["result"] for s in seen[("TLS sessions by result per policy",
+                                                     sessions)]} == {
+            "success", "certificate-expired"}
         refused = next(e for t, e in exprs if "status_write_failures" in e)
         assert {s["metric"]["namespace"] for s in seen[("API writes", refused)]} == {
             cluster.ns}
