@@ -69,7 +69,8 @@ from bench.harness import (
 from mailtls_operator.execrunner import KubernetesExecRunner
 from mailtls_operator.podrunner import PodRef
 from testbed.auditlog import WRITES, AuditTail
-from testbed.kwokcluster import Identity, exec_ready
+from testbed.controlplane import Identity
+from testbed.kwokcluster import exec_ready
 
 NAME = "operator_footprint"
 POLICIES = 10_000

@@ -48,7 +48,8 @@ from mailtls_operator.podrunner import ExecResult, PodRef, PodRunner
 from mailtls_operator.render import REVISION_KEY
 from testbed import InstanceSettings, LocalInstance, stop_all
 from testbed.auditlog import WRITES, AuditTail
-from testbed.kwokcluster import Identity, KwokCluster, exec_ready
+from testbed.controlplane import Identity
+from testbed.kwokcluster import KwokCluster, exec_ready
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
 # Kopf warns that it cannot install signal handlers outside the main thread: by design here.

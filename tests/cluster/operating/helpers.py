@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from typing import Any, cast
 import kubernetes.client
 
 from mailtls_operator.render import REVISION_KEY
+from testbed import wait
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
 MAILTLS = str(Path(sys.executable).with_name("mailtls"))
@@ -31,17 +31,9 @@ MAILTLS = str(Path(sys.executable).with_name("mailtls"))
 
 def until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "",
           every: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail at the deadline with the
-    last value (a bounded wait, never a sleep standing in for an assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what or predicate!r}; "
-                                 f"last value {value!r}")
-        time.sleep(every)
+    """:func:`testbed.wait.until` failing the test at the deadline (these tests' defaults)."""
+    return wait.until(predicate, timeout, what or repr(predicate), every=every,
+                      error=AssertionError)
 
 
 def free_port() -> int:

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from testbed import LocalInstance
-from testbed.controlplane import ControlPlane
+from testbed.controlplane import ControlPlane, Identity
 from testbed.instance import postfix_unavailable
 from testbed.layout import InstanceSettings
 
 from .audit import AuditLog
-from .conftest import Identity, StartOperator, admin_service_account
+from .conftest import StartOperator, admin_service_account
 from .helpers import Cluster, policy, until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postfix]
