@@ -40,6 +40,7 @@ import kopf
 import kubernetes.client
 import urllib3
 
+from bench.operator_proc import kopf_settings
 from mailtls_operator import configmap
 from mailtls_operator.controller import Config, Operator, operator_options, register
 from mailtls_operator.execrunner import KubernetesExecRunner
@@ -284,21 +285,8 @@ class OperatorThread:
         def _login(**_: Any) -> kopf.ConnectionInfo:
             return login
 
-        self.kopf_settings = self.settings()
+        self.kopf_settings = kopf_settings()
         self.thread = threading.Thread(target=self._run, name="kopf-operator", daemon=True)
-
-    @staticmethod
-    def settings() -> kopf.OperatorSettings:
-        """``mailtls run``'s Kopf settings with the short backoffs of the tests."""
-        settings = kopf.OperatorSettings()
-        settings.posting.level = logging.WARNING
-        settings.peering.standalone = True
-        settings.scanning.disabled = True
-        settings.networking.error_backoffs = [0.1, 0.2, 0.5]
-        settings.networking.request_timeout = 30
-        settings.watching.connect_timeout = 2
-        settings.queueing.exit_timeout = 2
-        return settings
 
     def _run(self) -> None:
         try:
