@@ -19,7 +19,6 @@ import asyncio
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import kopf
@@ -30,12 +29,13 @@ from .auditlog import AuditTail
 from .controlplane import REPO, ControlPlane, Identity
 from .instance import LocalInstance
 from .kwok import Kwok
+from .lifecycle import StartStop
 
 NODE = "kwok-node-0"
 INSTANCE_LABEL = "mailtls.io/instance"
 
 
-class KwokCluster:
+class KwokCluster(StartStop):
     """Control plane + CRDs + kwok with one node, in ``workdir``; a context manager."""
 
     def __init__(self, workdir: Path, *, binaries: Path | None = None) -> None:
@@ -45,13 +45,6 @@ class KwokCluster:
         self._namespaces: set[str] = set()
         self._identities: dict[tuple[str, str], Identity] = {}
         self.started_in = 0.0
-
-    def __enter__(self) -> KwokCluster:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     def start(self) -> KwokCluster:
         began = time.monotonic()
