@@ -51,6 +51,7 @@ from testbed import InstanceSettings, LocalInstance, stop_all
 from testbed.auditlog import WRITES, AuditTail
 from testbed.controlplane import Identity
 from testbed.kwokcluster import KwokCluster, exec_ready
+from testbed.wait import until_async
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
 # Kopf warns that it cannot install signal handlers outside the main thread: by design here.
@@ -390,16 +391,9 @@ class Env:
 
     async def until(self, predicate: Callable[[], Any], timeout: float = 60.0,
                     interval: float = 0.01) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.check()
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"not within {timeout} s: "
-                                   f"{predicate.__doc__ or predicate!r}")
-            await asyncio.sleep(interval)
+        """Poll ``predicate`` while the operator and the bench's watch are alive."""
+        return await until_async(predicate, timeout, predicate.__doc__ or repr(predicate),
+                                 every=interval, check=self.check)
 
     def check(self) -> None:
         if self.thread is not None and (self.thread.errors or not self.thread.thread.is_alive()):

@@ -3,6 +3,7 @@ a condition (never a sleep standing in for one)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -23,3 +24,20 @@ def until(predicate: Callable[[], T | None], timeout: float, what: str, *,
         if time.monotonic() > deadline:
             raise error(f"not within {timeout:g} s: {what}; last value {value!r}")
         time.sleep(every)
+
+
+async def until_async(predicate: Callable[[], T | None], timeout: float, what: str, *,
+                      every: float = 0.1, check: Callable[[], None] | None = None,
+                      error: type[Exception] = TimeoutError) -> T:
+    """:func:`until` for async code, the event loop free between calls; ``check`` runs
+    before each call and raises when waiting is pointless (the awaited process died)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check is not None:
+            check()
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise error(f"not within {timeout:g} s: {what}; last value {value!r}")
+        await asyncio.sleep(every)
