@@ -18,8 +18,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from demo.__main__ import NS, Demo
-from demo.cluster import until
 from testbed.kwokcluster import KwokCluster
+from testbed.wait import until
 
 
 def main(rounds: int = 10) -> int:

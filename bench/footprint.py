@@ -69,7 +69,9 @@ from bench.harness import (
 from mailtls_operator.execrunner import KubernetesExecRunner
 from mailtls_operator.podrunner import PodRef
 from testbed.auditlog import WRITES, AuditTail
-from testbed.kwokcluster import Identity, exec_ready
+from testbed.controlplane import Identity
+from testbed.kwokcluster import exec_ready
+from testbed.wait import until_async
 
 NAME = "operator_footprint"
 POLICIES = 10_000
@@ -144,16 +146,9 @@ class Child:
 
 async def _poll(predicate: Callable[[], Any], child: Child, timeout: float,
                 interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        child.check()
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"operator footprint: {predicate.__doc__ or predicate!r} "
-                               f"not within {timeout} s")
-        await asyncio.sleep(interval)
+    return await until_async(predicate, timeout, "operator footprint: "
+                             f"{predicate.__doc__ or predicate!r}", every=interval,
+                             check=child.check)
 
 
 @dataclass

@@ -40,6 +40,7 @@ import kopf
 import kubernetes.client
 import urllib3
 
+from bench.operator_proc import kopf_settings
 from mailtls_operator import configmap
 from mailtls_operator.controller import Config, Operator, operator_options, register
 from mailtls_operator.execrunner import KubernetesExecRunner
@@ -48,7 +49,9 @@ from mailtls_operator.podrunner import ExecResult, PodRef, PodRunner
 from mailtls_operator.render import REVISION_KEY
 from testbed import InstanceSettings, LocalInstance, stop_all
 from testbed.auditlog import WRITES, AuditTail
-from testbed.kwokcluster import Identity, KwokCluster, exec_ready
+from testbed.controlplane import Identity
+from testbed.kwokcluster import KwokCluster, exec_ready
+from testbed.wait import until_async
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
 # Kopf warns that it cannot install signal handlers outside the main thread: by design here.
@@ -283,21 +286,8 @@ class OperatorThread:
         def _login(**_: Any) -> kopf.ConnectionInfo:
             return login
 
-        self.kopf_settings = self.settings()
+        self.kopf_settings = kopf_settings()
         self.thread = threading.Thread(target=self._run, name="kopf-operator", daemon=True)
-
-    @staticmethod
-    def settings() -> kopf.OperatorSettings:
-        """``mailtls run``'s Kopf settings with the short backoffs of the tests."""
-        settings = kopf.OperatorSettings()
-        settings.posting.level = logging.WARNING
-        settings.peering.standalone = True
-        settings.scanning.disabled = True
-        settings.networking.error_backoffs = [0.1, 0.2, 0.5]
-        settings.networking.request_timeout = 30
-        settings.watching.connect_timeout = 2
-        settings.queueing.exit_timeout = 2
-        return settings
 
     def _run(self) -> None:
         try:
@@ -401,16 +391,9 @@ class Env:
 
     async def until(self, predicate: Callable[[], Any], timeout: float = 60.0,
                     interval: float = 0.01) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.check()
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"not within {timeout} s: "
-                                   f"{predicate.__doc__ or predicate!r}")
-            await asyncio.sleep(interval)
+        """Poll ``predicate`` while the operator and the bench's watch are alive."""
+        return await until_async(predicate, timeout, predicate.__doc__ or repr(predicate),
+                                 every=interval, check=self.check)
 
     def check(self) -> None:
         if self.thread is not None and (self.thread.errors or not self.thread.thread.is_alive()):

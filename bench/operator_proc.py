@@ -24,7 +24,27 @@ import signal
 import sys
 import tracemalloc
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import kopf
+
+
+def kopf_settings() -> kopf.OperatorSettings:
+    """The bench's Kopf settings, in-process (``bench.harness``) and here: ``mailtls
+    run``'s with the short backoffs of the tests, but a request timeout for a server
+    under load (30 s, not the tests' 5 s) and no Kopf Events below WARNING."""
+    import kopf
+
+    settings = kopf.OperatorSettings()
+    settings.posting.level = logging.WARNING
+    settings.peering.standalone = True
+    settings.scanning.disabled = True
+    settings.networking.error_backoffs = [0.1, 0.2, 0.5]
+    settings.networking.request_timeout = 30
+    settings.watching.connect_timeout = 2
+    settings.queueing.exit_timeout = 2
+    return settings
 
 
 def main() -> None:
@@ -73,15 +93,7 @@ def main() -> None:
     def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return kopf.login_via_client(**kwargs)  # the kubeconfig loaded above
 
-    settings = kopf.OperatorSettings()
-    settings.posting.level = logging.WARNING
-    settings.peering.standalone = True
-    settings.scanning.disabled = True
-    settings.networking.error_backoffs = [0.1, 0.2, 0.5]
-    settings.networking.request_timeout = 30
-    settings.watching.connect_timeout = 2
-    settings.queueing.exit_timeout = 2
-    asyncio.run(kopf.operator(registry=registry, settings=settings, standalone=True,
+    asyncio.run(kopf.operator(registry=registry, settings=kopf_settings(), standalone=True,
                               clusterwide=False, namespaces=[args.namespace],
                               memo=kopf.Memo(operator=operator),
                               **operator_options()))

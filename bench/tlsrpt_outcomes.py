@@ -33,9 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from bench.common import Result, Summary, cpu_seconds, proc_status, stats, table
 from testbed import (
@@ -57,6 +57,7 @@ from testbed.tlsrptworld import (
     reporting_instance,
     tlsrpt_record,
 )
+from testbed.wait import until
 
 NAME = "tlsrpt_outcomes"
 NS = "bench"
@@ -66,20 +67,7 @@ RATE = 400
 KEYS = 50
 INTERVAL = 0.5
 MAILTLS = str(Path(sys.executable).with_name("mailtls"))
-T = TypeVar("T")
 FAILURES = [(201, None), (202, None), (204, None), (205, "self-signed_certificate")]
-
-
-def _until(predicate: Callable[[], T | None], timeout: float, what: str,
-           every: float = 0.02) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout} s: {what}")
-        time.sleep(every)
 
 
 def _datagram(domain: str, n: int) -> bytes:
@@ -114,14 +102,7 @@ class _World:
         self.inst.start()
         plane = self.plane
         plane.request("POST", "/api/v1/namespaces", {"metadata": {"name": NS}})
-        for sa in ("mailtls-operator", "mailtls-agent"):
-            plane.request("POST", f"/api/v1/namespaces/{NS}/serviceaccounts",
-                          {"metadata": {"name": sa}})
-            plane.request("POST", "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", {
-                "metadata": {"name": f"{sa}-{NS}"},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                            "name": "cluster-admin"},
-                "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": NS}]})
+        plane.admin_service_account(NS, "mailtls-agent")
         inst = self.inst
         self.core.create_namespaced_pod(NS, {
             "metadata": {"name": "relay-0", "labels": {"mailtls.io/instance": "relay"},
@@ -134,9 +115,8 @@ class _World:
         self.core.patch_namespaced_pod_status("relay-0", NS, {"status": {
             "phase": "Running", "podIP": "127.0.0.1",
             "conditions": [{"type": "Ready", "status": "True"}]}})
-        op_cfg = plane.kubeconfig_for_token(
-            plane.service_account_token(NS, "mailtls-operator"),
-            self.base / "kubeconfigs" / "operator")
+        op_cfg = plane.admin_identity(NS, "mailtls-operator",
+                                      self.base / "kubeconfigs" / "operator").kubeconfig
         # the agent as in a pod: its pod-bound token and the CA at the kubelet's path (in a
         # mount namespace of its own), KUBERNETES_SERVICE_HOST/PORT: the production path
         in_pod_env = pod_environment(
@@ -169,10 +149,10 @@ class _World:
                 "metadata": {"name": self.policy(domain), "namespace": NS},
                 "spec": {"destinations": [self.key(domain)], "level": "secure",
                          "match": ["sink.mailtls.test"], "instances": ["relay"]}})
-        _until(lambda: all(inst.query(self.key(d)) for d in self.domains), 120,
-               "the policies installed by the agent")
-        _until(lambda: self.outcomes().get("socket"), 60, "the agent's TLSRPT socket",
-               every=0.1)
+        until(lambda: all(inst.query(self.key(d)) for d in self.domains), 120,
+              "the policies installed by the agent", every=0.02)
+        until(lambda: self.outcomes().get("socket"), 60, "the agent's TLSRPT socket",
+              every=0.1)
 
     def _spawn(self, argv: list[str], env: dict[str, str], log: Path
                ) -> subprocess.Popen[bytes]:
@@ -223,9 +203,9 @@ def _latency(world: _World) -> list[float]:
         def counted(i: int = i) -> bool:
             return world.succeeded("secure.test") >= i
 
-        _until(logged, 30, "the TLSRPT log line", every=0.005)
+        until(logged, 30, "the TLSRPT log line", every=0.005)
         start = time.monotonic()
-        _until(counted, 60, "status.outcomes")
+        until(counted, 60, "status.outcomes", every=0.02)
         out.append(time.monotonic() - start)
     return out
 
@@ -253,8 +233,8 @@ def _cost(world: _World) -> dict[str, float]:
             if wait > 0:
                 time.sleep(wait)
             sender.sendto(gram, path)
-    _until(lambda: _total(world.outcomes()) >= before_total + SESSIONS, 120,
-           "every datagram counted and reported", every=0.2)
+    until(lambda: _total(world.outcomes()) >= before_total + SESSIONS, 120,
+          "every datagram counted and reported", every=0.2)
     spent = time.monotonic() - t1
     cpu = cpu_seconds(pid) - cpu0 - idle_rate * spent
     status = proc_status(pid)

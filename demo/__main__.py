@@ -29,10 +29,11 @@ from typing import Any
 
 import yaml
 
-from demo.cluster import BOLD, DIM, RESET, Kubectl, OperatorProcess, locate_binaries, show, until
+from demo.cluster import BOLD, DIM, RESET, Kubectl, OperatorProcess, locate_binaries, show
 from testbed import InstanceSettings, LocalCA, LocalInstance, plain_sink, starttls_sink
 from testbed.controlplane import ControlPlaneError
 from testbed.kwokcluster import KwokCluster
+from testbed.wait import until
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
 NS = "mail"

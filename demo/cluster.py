@@ -14,16 +14,15 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from testbed.controlplane import REPO, ControlPlane, ControlPlaneError
 from testbed.instance import free_port
+from testbed.wait import until
 
 MAILTLS = str(Path(sys.executable).with_name("mailtls"))
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
-T = TypeVar("T")
 
 
 def show(text: str, indent: str = "   ") -> None:
@@ -46,19 +45,6 @@ def locate_binaries() -> Path:
     state = "cached" if took < 2 else f"built in {took:.0f} s"
     print(f"   binaries: {lines[-1]} ({state})", flush=True)
     return Path(lines[-1])
-
-
-def until(predicate: Callable[[], T | None], timeout: float, what: str,
-          every: float = 0.1) -> T:
-    """Poll ``predicate`` until it returns something truthy; a clear error at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the demo waited {timeout:g} s for {what}")
-        time.sleep(every)
 
 
 class Kubectl:

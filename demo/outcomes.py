@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from demo.cluster import OperatorProcess, show, until
+from demo.cluster import OperatorProcess, show
 from testbed import LocalInstance, postfix_unavailable, starttls_sink
 from testbed.controlplane import _stop as stop_group  # TERM, then KILL, the group
 from testbed.inpod import in_pod, pod_environment
@@ -45,6 +45,7 @@ from testbed.tlsrptworld import (
     reporting_instance,
     tlsrpt_record,
 )
+from testbed.wait import until
 
 if TYPE_CHECKING:
     from collections.abc import Callable

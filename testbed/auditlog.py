@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 WRITES = frozenset({"create", "update", "patch", "delete"})
 
@@ -35,6 +36,29 @@ class Request:
     user: str
     at: float
     """When the server finished it (``stageTimestamp``), seconds since the epoch."""
+    code: int | None = None
+    """The response's HTTP status code."""
+    uri: str = ""
+    """The request URI with its query."""
+    user_agent: str = ""
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        return parse_qs(urlsplit(self.uri).query)
+
+    def param(self, key: str) -> str | None:
+        """One query parameter (its first value), None if absent."""
+        values = self.query.get(key)
+        return values[0] if values else None
+
+    @property
+    def label_selector(self) -> str | None:
+        return self.param("labelSelector")
+
+    @property
+    def limit(self) -> int | None:
+        text = self.param("limit")
+        return int(text) if text is not None else None
 
     @property
     def kind(self) -> str:
@@ -53,7 +77,9 @@ def _request(event: dict[str, Any]) -> Request:
                    subresource=ref.get("subresource", ""), namespace=ref.get("namespace", ""),
                    name=ref.get("name", ""),
                    user=(event.get("user") or {}).get("username", ""),
-                   at=_stamp(event.get("stageTimestamp", "")))
+                   at=_stamp(event.get("stageTimestamp", "")),
+                   code=(event.get("responseStatus") or {}).get("code"),
+                   uri=event.get("requestURI", ""), user_agent=event.get("userAgent", ""))
 
 
 class AuditTail:
@@ -94,12 +120,13 @@ class AuditTail:
         """Return (the number of requests logged) once every request answered before this
         call is in the log and read."""
         needle = f"audit-barrier-{uuid.uuid4().hex[:12]}"
+        start = self.poll()
         with contextlib.suppress(Exception):  # a 404 is the expected answer
             self.probe(f"/api/v1/namespaces/{needle}")
         deadline = time.monotonic() + timeout
         while True:
             self.poll()
-            if any(r.name == needle for r in self.log[-200:]):
+            if any(r.name == needle for r in self.log[start:]):
                 return len(self.log)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the audit log {self.path} never showed {needle}")
@@ -107,15 +134,16 @@ class AuditTail:
 
     def select(self, verbs: str | Iterable[str] | None = None, resource: str | None = None, *,
                subresource: str | None = "", user: str | None = None,
-               since: int = 0) -> list[Request]:
+               since: int = 0, where: Callable[[Request], bool] | None = None) -> list[Request]:
         """Requests from index ``since`` on, by verb(s), resource, subresource ("": the object
-        itself, None: any) and user."""
+        itself, None: any), user and any other predicate."""
         wanted = {verbs} if isinstance(verbs, str) else set(verbs) if verbs else None
         return [r for r in self.log[since:]
                 if (wanted is None or r.verb in wanted)
                 and (resource is None or r.resource == resource)
                 and (subresource is None or r.subresource == subresource)
-                and (user is None or r.user == user)]
+                and (user is None or r.user == user)
+                and (where is None or where(r))]
 
     def count(self, verbs: str | Iterable[str] | None = None, resource: str | None = None,
               **kwargs: Any) -> int:

@@ -35,6 +35,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -47,6 +48,16 @@ SERVICE_RANGE = "10.0.0.0/24"
 SERVICE_IP = "10.0.0.1"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 READY_TIMEOUT = 90.0
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A ServiceAccount's kubeconfig, the user name the audit log gives its requests,
+    and the token the kubeconfig holds."""
+
+    kubeconfig: Path
+    user: str
+    token: str
 
 
 class ControlPlaneError(RuntimeError):
@@ -388,6 +399,37 @@ class ControlPlane:
             {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
              "spec": spec})
         return str(answer["status"]["token"])
+
+    def admin_service_account(self, namespace: str, name: str) -> str:
+        """ServiceAccount ``name`` in ``namespace`` (which must exist) bound to
+        ``cluster-admin`` by ClusterRoleBinding ``<name>-<namespace>``; either may exist
+        already.  Returns the user name the audit log gives its requests.  For a process
+        whose requests the audit log should tell apart, not for least privilege."""
+        self.create_if_absent(f"/api/v1/namespaces/{namespace}/serviceaccounts",
+                     {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})
+        self.create_if_absent("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": f"{name}-{namespace}"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "cluster-admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]})
+        return f"system:serviceaccount:{namespace}:{name}"
+
+    def admin_identity(self, namespace: str, name: str, kubeconfig: Path, *,
+                       pod: str | None = None) -> Identity:
+        """:meth:`admin_service_account` plus a kubeconfig at ``kubeconfig`` with a token
+        of it (one hour; bound to ``pod`` if given, which must exist and run as it)."""
+        user = self.admin_service_account(namespace, name)
+        token = self.service_account_token(namespace, name, pod=pod)
+        return Identity(self.kubeconfig_for_token(token, kubeconfig), user, token)
+
+    def create_if_absent(self, path: str, body: dict[str, Any]) -> None:
+        """POST ``body``; an object that already exists is fine."""
+        try:
+            self.request("POST", path, body)
+        except ControlPlaneError as exc:
+            if ": 409 " not in str(exc):
+                raise
 
     def compact_etcd(self) -> int:
         """Compact etcd at its current revision (through its gRPC gateway), so that

@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import kopf
@@ -28,24 +26,16 @@ import kopf
 from mailtls_operator.podrunner import PodRef, PodRunner, PodRunnerError
 
 from .auditlog import AuditTail
-from .controlplane import REPO, ControlPlane, ControlPlaneError
+from .controlplane import REPO, ControlPlane, Identity
 from .instance import LocalInstance
 from .kwok import Kwok
+from .lifecycle import StartStop
 
 NODE = "kwok-node-0"
 INSTANCE_LABEL = "mailtls.io/instance"
 
 
-@dataclass(frozen=True)
-class Identity:
-    """A kubeconfig and the user name the audit log gives its requests."""
-
-    kubeconfig: Path
-    user: str
-    token: str
-
-
-class KwokCluster:
+class KwokCluster(StartStop):
     """Control plane + CRDs + kwok with one node, in ``workdir``; a context manager."""
 
     def __init__(self, workdir: Path, *, binaries: Path | None = None) -> None:
@@ -55,13 +45,6 @@ class KwokCluster:
         self._namespaces: set[str] = set()
         self._identities: dict[tuple[str, str], Identity] = {}
         self.started_in = 0.0
-
-    def __enter__(self) -> KwokCluster:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     def start(self) -> KwokCluster:
         began = time.monotonic()
@@ -132,7 +115,7 @@ class KwokCluster:
                 (f"/api/v1/namespaces/{name}/serviceaccounts",
                  {"apiVersion": "v1", "kind": "ServiceAccount",
                   "metadata": {"name": "default"}})):
-            _create(self.plane, path, body)
+            self.plane.create_if_absent(path, body)
         self._namespaces.add(name)
         return name
 
@@ -143,18 +126,8 @@ class KwokCluster:
         if key in self._identities:
             return self._identities[key]
         self.namespace(namespace)
-        _create(self.plane, f"/api/v1/namespaces/{namespace}/serviceaccounts",
-                {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})
-        _create(self.plane, "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", {
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": f"{name}-{namespace}"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": "cluster-admin"},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]})
-        token = self.plane.service_account_token(namespace, name)
-        path = self.plane.kubeconfig_for_token(
-            token, self.workdir / "identities" / f"{namespace}-{name}.kubeconfig")
-        found = Identity(path, f"system:serviceaccount:{namespace}:{name}", token)
+        found = self.plane.admin_identity(
+            namespace, name, self.workdir / "identities" / f"{namespace}-{name}.kubeconfig")
         self._identities[key] = found
         return found
 
@@ -190,13 +163,4 @@ async def exec_ready(runner: PodRunner, pods: list[PodRef], timeout: float = 20.
                     raise
             await asyncio.sleep(0.1)
     return time.monotonic() - began
-
-
-def _create(plane: ControlPlane, path: str, body: dict[str, Any]) -> None:
-    """POST ``body``; an object that already exists is fine."""
-    try:
-        plane.request("POST", path, body)
-    except ControlPlaneError as exc:
-        if " 409 " not in str(exc):
-            raise
 

@@ -29,6 +29,7 @@ from typing import Self, TypeVar
 from mailtls_operator import postfix
 
 from .postfixroot import build_for
+from .wait import until
 
 MASTER_EXE = "/usr/lib/postfix/sbin/master"
 META_DIRECTORY = Path("/etc/postfix")
@@ -87,15 +88,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def wait_until(predicate: Callable[[], T | None], *, timeout: float, interval: float = 0.02,
                what: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy; raise PostfixError at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise PostfixError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
+    """:func:`testbed.wait.until` raising PostfixError at the deadline."""
+    return until(predicate, timeout, what, every=interval, error=PostfixError)
 
 
 class InstanceLayout:

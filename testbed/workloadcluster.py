@@ -17,15 +17,15 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 from .controllers import Controllers
 from .controlplane import ControlPlane, rss_kib
 from .kwok import Kwok
+from .lifecycle import StartStop
 from .sandbox import STARTED, PodSandbox, write_wrappers
 
 
-class WorkloadCluster:
+class WorkloadCluster(StartStop):
     """The cluster in ``workdir``; a context manager (or start()/stop())."""
 
     def __init__(self, workdir: Path, *, nodes: int = 2, binaries: Path | None = None,
@@ -42,13 +42,6 @@ class WorkloadCluster:
         self.nodes: list[str] = []
         #: Seconds from start() to every node Ready.
         self.start_seconds = 0.0
-
-    def __enter__(self) -> WorkloadCluster:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     def start(self) -> WorkloadCluster:
         began = time.monotonic()

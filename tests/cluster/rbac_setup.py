@@ -9,14 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from testbed.controlplane import ControlPlane, ControlPlaneError
+from testbed.wait import until
 from tests.cluster.rbac_kit import (
     CLUSTER_KINDS,
     Caller,
@@ -28,19 +28,6 @@ from tests.cluster.rbac_kit import (
 )
 
 MAILTLS = str(Path(sys.executable).with_name("mailtls"))
-T = TypeVar("T")
-
-
-def until(what: Callable[[], T | None], deadline: float, message: str) -> T:
-    """Poll ``what`` every 0.1 s until it returns something truthy, else fail naming it."""
-    end = time.monotonic() + deadline
-    while True:
-        value = what()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"after {deadline} s: {message}")
-        time.sleep(0.1)
 
 
 def free_port() -> int:

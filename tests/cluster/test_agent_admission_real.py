@@ -22,8 +22,9 @@ import pytest
 from mailtls_operator.agent.api import AgentApi
 from mailtls_operator.agent.report import AGENT_ANNOTATIONS, ANN_APPLIED, ANN_REPORT
 from testbed.controlplane import ControlPlane
+from testbed.wait import until
 from tests.cluster.rbac_kit import MERGE, Answer, Caller, forbidden_message, pod
-from tests.cluster.rbac_setup import Install, installed, until
+from tests.cluster.rbac_setup import Install, installed
 
 pytestmark = pytest.mark.cluster
 

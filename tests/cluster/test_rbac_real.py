@@ -24,6 +24,7 @@ import pytest
 
 from mailtls_operator.render import REVISION_KEY
 from testbed.controlplane import ControlPlane
+from testbed.wait import until
 from tests.cluster.operating.audit import AuditLog
 from tests.cluster.rbac_kit import (
     MERGE,
@@ -33,7 +34,7 @@ from tests.cluster.rbac_kit import (
     policy,
     statefulset,
 )
-from tests.cluster.rbac_setup import Install, installed, running_operator, until
+from tests.cluster.rbac_setup import Install, installed, running_operator
 from tests.contract.kit import operator_grants
 
 pytestmark = pytest.mark.cluster

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,20 +19,10 @@ from cryptography.x509.oid import NameOID
 
 from testbed.controlplane import ControlPlaneError
 from testbed.sandbox import STARTED
+from testbed.wait import until
 from testbed.workloadcluster import WorkloadCluster
 
 pytestmark = pytest.mark.cluster
-
-
-def _until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}; last {value!r}")
-        time.sleep(0.1)
 
 
 def _get(kc: WorkloadCluster, path: str) -> dict[str, Any] | None:
@@ -92,7 +81,7 @@ def test_a_deployment_is_scheduled_onto_kwok_nodes_and_becomes_available(
 def test_a_new_namespace_gets_its_serviceaccount_token_and_root_ca(
         workload_cluster: WorkloadCluster, workload_namespace: str) -> None:
     kc, ns = workload_cluster, workload_namespace
-    root_ca = _until(lambda: _get(kc, f"/api/v1/namespaces/{ns}/configmaps/kube-root-ca.crt"),
+    root_ca = until(lambda: _get(kc, f"/api/v1/namespaces/{ns}/configmaps/kube-root-ca.crt"),
                      30, "kube-root-ca.crt")
     assert root_ca["data"]["ca.crt"] == kc.plane.ca_file.read_text()
     # a legacy token Secret is filled in by the token controller (signed with the key
@@ -101,8 +90,10 @@ def test_a_new_namespace_gets_its_serviceaccount_token_and_root_ca(
         "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/service-account-token",
         "metadata": {"name": "legacy", "annotations": {
             "kubernetes.io/service-account.name": "default"}}})
-    secret = _until(lambda: (s := _get(kc, f"/api/v1/namespaces/{ns}/secrets/legacy"))
-                    and "token" in (s.get("data") or {}) and s, 30, "the token filled in")
+    secret: dict[str, Any] = until(
+        lambda: ((s := _get(kc, f"/api/v1/namespaces/{ns}/secrets/legacy"))
+                 and "token" in (s.get("data") or {}) and s) or None,
+        30, "the token filled in")
     token = base64.b64decode(secret["data"]["token"]).decode()
     review = kc.plane.request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", {
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
@@ -140,7 +131,7 @@ def test_an_approved_csr_is_signed_by_the_cluster_ca(workload_cluster: WorkloadC
                  "signerName": "kubernetes.io/kube-apiserver-client"}})
     kc.plane.kubectl("certificate", "approve", name)
     path = f"/apis/certificates.k8s.io/v1/certificatesigningrequests/{name}"
-    signed = _until(lambda: (c := _get(kc, path)) and c["status"].get("certificate"), 30,
+    signed = until(lambda: (c := _get(kc, path)) and c["status"].get("certificate"), 30,
                     "the certificate issued")
     cert = x509.load_pem_x509_certificate(base64.b64decode(signed))
     ca = x509.load_pem_x509_certificate(kc.plane.ca_file.read_bytes())
@@ -155,10 +146,10 @@ def test_deleting_a_deployment_collects_its_replicasets_and_pods(
     kc.plane.kubectl("rollout", "status", "-n", ns, "deploy/gone", "--timeout=60s",
                      timeout=70)
     kc.plane.kubectl("delete", "-n", ns, "deploy/gone", "--cascade=background", "--wait=false")
-    _until(lambda: not kc.plane.request(
+    until(lambda: not kc.plane.request(
         "GET", f"/apis/apps/v1/namespaces/{ns}/replicasets")["items"], 30,
         "the ReplicaSet collected")
-    _until(lambda: not _pods(kc, ns, "app=gone"), 30, "the pods collected")
+    until(lambda: not _pods(kc, ns, "app=gone"), 30, "the pods collected")
 
 
 def test_a_statefulset_starts_its_pods_one_by_one_in_order(
@@ -193,5 +184,5 @@ def test_a_deleted_namespace_is_emptied_and_removed(workload_cluster: WorkloadCl
     kc.plane.kubectl("rollout", "status", "-n", ns, "deploy/app", "--timeout=60s",
                      timeout=70)
     kc.plane.request("DELETE", f"/api/v1/namespaces/{ns}")
-    _until(lambda: _get(kc, f"/api/v1/namespaces/{ns}") is None, 60, "the namespace gone")
+    until(lambda: _get(kc, f"/api/v1/namespaces/{ns}") is None, 60, "the namespace gone")
     assert not kc.plane.request("GET", f"/api/v1/namespaces/{ns}/pods")["items"]

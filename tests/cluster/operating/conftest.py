@@ -10,14 +10,13 @@ audit log. Its log is printed when a test fails.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import kubernetes.client
 import pytest
 
-from testbed.controlplane import ControlPlane
+from testbed.controlplane import ControlPlane, Identity
 
 from .audit import AuditLog
 from .helpers import Cluster, OperatorProcess
@@ -50,30 +49,11 @@ def cluster(admin_client: kubernetes.client.ApiClient, namespace: str) -> Cluste
     return Cluster(admin_client, namespace)
 
 
-@dataclass(frozen=True)
-class Identity:
-    kubeconfig: Path
-    user: str  # as the audit log names it
-
-
 def admin_service_account(controlplane: ControlPlane, cluster: Cluster, sa: str,
                           kubeconfig: Path, *, pod: str | None = None) -> Identity:
     """ServiceAccount ``sa`` of the test's namespace bound to cluster-admin, and a
     kubeconfig with a token of it (bound to ``pod`` if given; the pod must exist)."""
-    ns = cluster.ns
-    try:
-        cluster.core.create_namespaced_service_account(ns, {"metadata": {"name": sa}})
-        cluster.rbac.create_cluster_role_binding({
-            "metadata": {"name": f"{sa}-{ns}"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": "cluster-admin"},
-            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]})
-    except kubernetes.client.ApiException as exc:
-        if exc.status != 409:
-            raise
-    token = controlplane.service_account_token(ns, sa, pod=pod)
-    return Identity(controlplane.kubeconfig_for_token(token, kubeconfig),
-                    f"system:serviceaccount:{ns}:{sa}")
+    return controlplane.admin_identity(cluster.ns, sa, kubeconfig, pod=pod)
 
 
 @pytest.fixture

@@ -14,16 +14,19 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import kubernetes.client
 
 from mailtls_operator.render import REVISION_KEY
+from testbed import LocalInstance, wait
+from testbed.controlplane import ControlPlane, Identity
 
 GROUP, VERSION, PLURAL = "mailtls.io", "v1alpha1", "mailtlspolicies"
 MAILTLS = str(Path(sys.executable).with_name("mailtls"))
@@ -31,17 +34,9 @@ MAILTLS = str(Path(sys.executable).with_name("mailtls"))
 
 def until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "",
           every: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail at the deadline with the
-    last value (a bounded wait, never a sleep standing in for an assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what or predicate!r}; "
-                                 f"last value {value!r}")
-        time.sleep(every)
+    """:func:`testbed.wait.until` failing the test at the deadline (these tests' defaults)."""
+    return wait.until(predicate, timeout, what or repr(predicate), every=every,
+                      error=AssertionError)
 
 
 def free_port() -> int:
@@ -266,3 +261,55 @@ class Cluster:
         return [(e.get("reason", ""), e["involvedObject"].get("name", ""))
                 for e in self.events(namespace)
                 if e["involvedObject"].get("kind") == "MailTLSPolicy"]
+
+
+@dataclass(frozen=True)
+class AgentPod:
+    """Pod ``relay-0`` and its ``mailtls agent`` process (log in ``log``)."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    identity: Identity
+
+
+@contextmanager
+def agent_pod(controlplane: ControlPlane, cluster: Cluster, inst: LocalInstance,
+              workdir: Path, *agent_args: str) -> Iterator[AgentPod]:
+    """Pod ``relay-0`` of instance ``relay`` (agent strategy) as an API object on
+    ``node-a``, Running and Ready at 127.0.0.1, whose Postfix is ``inst`` and whose agent
+    is a ``mailtls agent`` process with ``agent_args``, running as ServiceAccount
+    ``mailtls-agent`` (cluster-admin) with a token bound to the pod, as the kubelet
+    would project it.  The agent is stopped at the end; ``inst`` is the caller's."""
+    ns = cluster.ns
+    kubeconfig = workdir / "agent.kubeconfig"
+    controlplane.admin_service_account(ns, "mailtls-agent")  # before the pod that names it
+    cluster.create_pod({
+        "metadata": {"name": "relay-0", "labels": {"mailtls.io/instance": "relay"},
+                     "annotations": {"mailtls.io/strategy": "agent",
+                                     "mailtls.io/map-path": str(inst.map_path),
+                                     "mailtls.io/map-type": inst.settings.map_type}},
+        "spec": {"nodeName": "node-a", "serviceAccountName": "mailtls-agent", "containers": [
+            {"name": "postfix", "image": "postfix"}, {"name": "agent", "image": "mailtls"}]}})
+    identity = controlplane.admin_identity(ns, "mailtls-agent", kubeconfig, pod="relay-0")
+    cluster.core.patch_namespaced_pod_status("relay-0", ns, {"status": {
+        "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+        "conditions": [{"type": "Ready", "status": "True"}]}})
+    env = {**os.environ, **inst.env, "POD_NAME": "relay-0", "POD_NAMESPACE": ns,
+           "PATH": f"{inst.env['PATH']}:{os.environ.get('PATH', '')}"}
+    log = workdir / "agent.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailtls_operator.cli", "agent", "--instance", "relay",
+             "--kubeconfig", str(identity.kubeconfig), "--map-path", str(inst.map_path),
+             "--map-type", inst.settings.map_type, "--configmap-dir", str(inst.configmap_dir),
+             *agent_args],
+            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield AgentPod(proc, log, identity)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

@@ -25,7 +25,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
@@ -46,8 +45,8 @@ from testbed.sinks import plain_sink
 from testbed.tlsrptworld import datagram
 
 from ...contract.test_dashboard import load_builder
-from .conftest import StartOperator, admin_service_account
-from .helpers import GROUP, VERSION, Cluster, free_port, policy, until
+from .conftest import StartOperator
+from .helpers import GROUP, VERSION, Cluster, agent_pod, free_port, policy, until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postfix, pytest.mark.slow]
 
@@ -152,39 +151,13 @@ def relay_pod(cluster: Cluster, controlplane: ControlPlane, tmp_path: Path,
     inst = LocalInstance(base / "relay-0", InstanceSettings(
         name="relay-0", routes={"plain.example": f"smtp:{plain.nexthop}"}))
     inst.start()
-    ns = cluster.ns
-    kubeconfig = tmp_path / "agent.kubeconfig"
-    admin_service_account(controlplane, cluster, "mailtls-agent", kubeconfig)
-    cluster.create_pod({
-        "metadata": {"name": "relay-0", "labels": {"mailtls.io/instance": "relay"},
-                     "annotations": {"mailtls.io/strategy": "agent",
-                                     "mailtls.io/map-path": str(inst.map_path),
-                                     "mailtls.io/map-type": inst.settings.map_type}},
-        "spec": {"nodeName": "node-a", "serviceAccountName": "mailtls-agent", "containers": [
-            {"name": "postfix", "image": "postfix"}, {"name": "agent", "image": "mailtls"}]}})
-    agent_id = admin_service_account(controlplane, cluster, "mailtls-agent", kubeconfig,
-                                     pod="relay-0")
-    _running(cluster, "relay-0")
-    env = {**os.environ, **inst.env, "POD_NAME": "relay-0", "POD_NAMESPACE": ns,
-           "PATH": f"{inst.env['PATH']}:{os.environ.get('PATH', '')}"}
-    log = (tmp_path / "agent.log").open("ab")
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "mailtls_operator.cli", "agent", "--instance", "relay",
-         "--kubeconfig", str(agent_id.kubeconfig), "--map-path", str(inst.map_path),
-         "--map-type", inst.settings.map_type, "--configmap-dir", str(inst.configmap_dir),
-         "--observe-interval", "0.5", "--probe-interval", "0", "--timeout", "5",
-         "--tlsrpt-socket", str(_tlsrpt_socket(inst)), "--outcomes-interval", "0.5"],
-        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
-        yield inst
+        with agent_pod(controlplane, cluster, inst, tmp_path, "--observe-interval", "0.5",
+                       "--probe-interval", "0", "--timeout", "5",
+                       "--tlsrpt-socket", str(_tlsrpt_socket(inst)),
+                       "--outcomes-interval", "0.5"):
+            yield inst
     finally:
-        agent.terminate()
-        try:
-            agent.wait(15)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait(10)
-        log.close()
         inst.stop()
         shutil.rmtree(base, ignore_errors=True)
 

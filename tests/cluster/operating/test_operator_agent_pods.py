@@ -6,10 +6,7 @@ API server needs a kubelet, which this control plane has not)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from testbed import LocalInstance
-from testbed.controlplane import ControlPlane
+from testbed.controlplane import ControlPlane, Identity
 from testbed.instance import postfix_unavailable
 from testbed.layout import InstanceSettings
 
 from .audit import AuditLog
-from .conftest import Identity, StartOperator, admin_service_account
-from .helpers import Cluster, policy, until
+from .conftest import StartOperator
+from .helpers import Cluster, agent_pod, policy, until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postfix]
 
@@ -40,41 +37,10 @@ def postfix_pod(cluster: Cluster, controlplane: ControlPlane,
     base.chmod(0o755)  # Postfix daemons (user postfix) must reach into it
     inst = LocalInstance(base / "relay-0", InstanceSettings(name="relay-0"))
     inst.start()
-    ns = cluster.ns
-    agent_kubeconfig = tmp_path / "agent.kubeconfig"
-    admin_service_account(controlplane, cluster, "mailtls-agent", agent_kubeconfig)
-    cluster.create_pod({
-        "metadata": {"name": "relay-0", "labels": {"mailtls.io/instance": "relay"},
-                     "annotations": {"mailtls.io/strategy": "agent",
-                                     "mailtls.io/map-path": str(inst.map_path),
-                                     "mailtls.io/map-type": inst.settings.map_type}},
-        "spec": {"nodeName": "node-a", "serviceAccountName": "mailtls-agent", "containers": [
-            {"name": "postfix", "image": "postfix"}, {"name": "agent", "image": "mailtls"}]}})
-    # its token now bound to the pod, as the kubelet would project it
-    agent_id = admin_service_account(controlplane, cluster, "mailtls-agent", agent_kubeconfig,
-                                     pod="relay-0")
-    cluster.core.patch_namespaced_pod_status("relay-0", ns, {"status": {
-        "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
-        "conditions": [{"type": "Ready", "status": "True"}]}})
-    env = {**os.environ, **inst.env, "POD_NAME": "relay-0", "POD_NAMESPACE": ns,
-           "PATH": f"{inst.env['PATH']}:{os.environ.get('PATH', '')}"}
-    log = (tmp_path / "agent.log").open("ab")
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "mailtls_operator.cli", "agent", "--instance", "relay",
-         "--kubeconfig", str(agent_id.kubeconfig), "--map-path", str(inst.map_path),
-         "--map-type", inst.settings.map_type, "--configmap-dir", str(inst.configmap_dir),
-         "--observe-interval", "0"],
-        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
-        yield inst
+        with agent_pod(controlplane, cluster, inst, tmp_path, "--observe-interval", "0"):
+            yield inst
     finally:
-        agent.terminate()
-        try:
-            agent.wait(15)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait(10)
-        log.close()
         inst.stop()
         shutil.rmtree(base, ignore_errors=True)
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 
 from mailtls_operator.kube import PAGE
+from testbed.controlplane import Identity
 
 from .audit import WRITE_VERBS, AuditLog
-from .conftest import Identity, StartOperator
+from .conftest import StartOperator
 from .helpers import PLURAL, Cluster, policy, until
 
 pytestmark = pytest.mark.cluster

@@ -12,8 +12,10 @@ from collections import Counter
 
 import pytest
 
+from testbed.controlplane import Identity
+
 from .audit import AuditLog
-from .conftest import Identity, StartOperator
+from .conftest import StartOperator
 from .helpers import PLURAL, Cluster, policy, until
 
 pytestmark = pytest.mark.cluster

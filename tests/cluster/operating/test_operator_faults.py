@@ -17,10 +17,10 @@ import kubernetes.client
 import pytest
 import urllib3
 
-from testbed.controlplane import ControlPlane
+from testbed.controlplane import ControlPlane, Identity
 
 from .audit import WRITE_VERBS, AuditLog
-from .conftest import Identity, StartOperator
+from .conftest import StartOperator
 from .helpers import PLURAL, Cluster, policy, until
 from .webhook import Fault, FaultWebhook
 

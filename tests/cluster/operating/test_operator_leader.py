@@ -10,8 +10,10 @@ import time
 
 import pytest
 
+from testbed.controlplane import Identity
+
 from .audit import WRITE_VERBS, AuditLog
-from .conftest import Identity, StartOperator
+from .conftest import StartOperator
 from .helpers import Cluster, OperatorProcess, policy, until
 
 pytestmark = pytest.mark.cluster

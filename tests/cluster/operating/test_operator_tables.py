@@ -16,10 +16,11 @@ import pytest
 from mailtls_operator.configmap import reassemble
 from mailtls_operator.render import REVISION_KEY
 from mailtls_operator.world import ANN_TEMPLATE_REVISION
+from testbed.controlplane import Identity
 from tests.cluster.rbac_kit import pod, statefulset
 
 from .audit import WRITE_VERBS, AuditLog
-from .conftest import Identity, StartOperator
+from .conftest import StartOperator
 from .helpers import PLURAL, Cluster, policy, until
 
 pytestmark = pytest.mark.cluster

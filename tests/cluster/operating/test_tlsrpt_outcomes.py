@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -44,8 +42,8 @@ from testbed.tlsrptworld import postfix_wrappers
 from tests.postfix.tlsrpt_helpers import SOCKET_NAME, World, instance, record, send_all
 from tests.postfix.tlsrpt_helpers import tlsrpt_world as tlsrpt_world  # the fixture
 
-from .conftest import StartOperator, admin_service_account
-from .helpers import Cluster, free_port, policy, until
+from .conftest import StartOperator
+from .helpers import Cluster, agent_pod, free_port, policy, until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postfix]
 
@@ -108,45 +106,17 @@ def reporting_pod(tlsrpt_world: World, cluster: Cluster, controlplane: ControlPl
         keys[domain] = f"{domain}:{sink.port}"
     inst = instance(base, f"relay-{cluster.ns}", dns, routes, {})
     inst.start()
-    ns = cluster.ns
-    kubeconfig = tmp_path / "agent.kubeconfig"
-    admin_service_account(controlplane, cluster, "mailtls-agent", kubeconfig)
-    cluster.create_pod({
-        "metadata": {"name": "relay-0", "labels": {"mailtls.io/instance": "relay"},
-                     "annotations": {"mailtls.io/strategy": "agent",
-                                     "mailtls.io/map-path": str(inst.map_path),
-                                     "mailtls.io/map-type": inst.settings.map_type}},
-        "spec": {"nodeName": "node-a", "serviceAccountName": "mailtls-agent", "containers": [
-            {"name": "postfix", "image": "postfix"}, {"name": "agent", "image": "mailtls"}]}})
-    agent_id = admin_service_account(controlplane, cluster, "mailtls-agent", kubeconfig,
-                                     pod="relay-0")
-    cluster.core.patch_namespaced_pod_status("relay-0", ns, {"status": {
-        "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
-        "conditions": [{"type": "Ready", "status": "True"}]}})
-    env = {**os.environ, **inst.env, "POD_NAME": "relay-0", "POD_NAMESPACE": ns,
-           "PATH": f"{inst.env['PATH']}:{os.environ.get('PATH', '')}"}
     wrappers = postfix_wrappers(inst, tmp_path / "bin")
-    log = tmp_path / "agent.log"
-    with log.open("ab") as out:
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "mailtls_operator.cli", "agent", "--instance", "relay",
-             "--kubeconfig", str(agent_id.kubeconfig), "--map-path", str(inst.map_path),
-             "--map-type", inst.settings.map_type, "--configmap-dir", str(inst.configmap_dir),
-             "--observe-interval", "0", "--probe-interval", "0", "--outcomes-interval", "0.5",
-             *(["--postfix-path", str(wrappers)] if wrappers else [])],
-            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    pod = ReportingPod(inst, agent, log, keys)
     try:
-        yield pod
+        with agent_pod(controlplane, cluster, inst, tmp_path,
+                       "--observe-interval", "0", "--probe-interval", "0",
+                       "--outcomes-interval", "0.5",
+                       *(["--postfix-path", str(wrappers)] if wrappers else [])) as agent:
+            yield ReportingPod(inst, agent.proc, agent.log, keys)
     finally:
-        agent.terminate()
-        try:
-            agent.wait(15)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait(10)
         failed = getattr(request.node, "rep_call", None)
-        if failed is not None and failed.failed:
+        log = tmp_path / "agent.log"
+        if failed is not None and failed.failed and log.exists():
             print(f"--- agent log ---\n{log.read_text(errors='replace')[-6000:]}")
         assert not stop_all([inst])
         shutil.rmtree(inst.root, ignore_errors=True)
