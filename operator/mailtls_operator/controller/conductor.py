@@ -289,12 +289,16 @@ class Operator:
             self.states.pop(key, None)
             await self.statuses.write_statuses(ns)
             return
-        state.warnings = {}
+        # this converge's warnings are gathered apart and replace the last ones only at
+        # the end: a status written meanwhile (a pending rollout, another instance of the
+        # namespace, an observation) keeps showing the last ones, instead of losing them
+        # for a moment and posting their Warning Event again when they come back
+        warnings: dict[str, list[tuple[str, str]]] = {}
         policies = self.world.policies_for(key) + self.discovery.entries_for(key)
         rendered = {p.ref: p.generation for p in policies}
         trust = await check_trust_anchors(self.ctx, key, state, policies)
         for ref, found in trust.found.items():
-            state.warnings.setdefault(ref, []).append(found)
+            warnings.setdefault(ref, []).append(found)
         if trust.retry:
             self.workers[key].wake_later(self.config.retry_base)
         pod = next((p for p in self.world.pods_of(key) if p.ready), None)  # version lint
@@ -302,13 +306,13 @@ class Operator:
         exec_ok = pod is not None and self.ctx.strategy_of(key) not in (RESTART, AGENT)
         too_new = await self.versions.hold(self.ctx.runner, key, (
             self.ctx.target(pod).pod, pod.uid) if pod and exec_ok else None, policies,
-            state.warnings, state.facts if self.ctx.strategy_of(key) == AGENT else None)
+            warnings, state.facts if self.ctx.strategy_of(key) == AGENT else None)
         policies = [p for p in policies if not trust.held(p.ref) and p.ref not in too_new]
         started = time.perf_counter()
         tables = render(policies, instance=key, now=now, smtputf8=state.smtputf8)
         for ref, why in tables.refused.items():
             log.error("%s: lines not written to %s/%s: %s", ref, ns, inst, why)
-            state.warnings.setdefault(ref, []).append((UNSAFE_ENTRY, why))
+            warnings.setdefault(ref, []).append((UNSAFE_ENTRY, why))
         metrics.render_seconds.observe(time.perf_counter() - started)
         state.renders += 1
         state.rendered = rendered
@@ -324,7 +328,8 @@ class Operator:
         if stored.wrote:
             state.configmap_writes += 1
             metrics.configmap_writes.labels(ns, inst).inc()
-        await self._roll_out(key, state, tables)
+        await self._roll_out(key, state, tables, warnings)
+        state.warnings = warnings
         if not state.failure:  # the new lines are live in every ready pod: release now
             state.changed_keys |= state.unreleased
             state.unreleased.clear()
@@ -333,7 +338,8 @@ class Operator:
         self._schedule_expiry(key, now)
         self.observations.soon(key)
 
-    async def _roll_out(self, key: InstanceKey, state: InstanceState, tables: Tables) -> None:
+    async def _roll_out(self, key: InstanceKey, state: InstanceState, tables: Tables,
+                        warnings: dict[str, list[tuple[str, str]]]) -> None:
         ns, inst = key
         metrics = self.ctx.metrics
 
@@ -351,7 +357,7 @@ class Operator:
             return
         if result.strategy != RESTART:
             state.check_live = False
-            await self._lint(key, state, result, tables)
+            await self._lint(key, state, result, tables, warnings)
         metrics.rollout_seconds.observe(time.perf_counter() - started)
         metrics.pods_behind.labels(ns, inst).set(state.pods_total - state.pods_updated)
         if state.failure:
@@ -372,7 +378,7 @@ class Operator:
             state.rollouts += 1
 
     async def _lint(self, key: InstanceKey, state: InstanceState, result: RolloutResult,
-                   tables: Tables) -> None:
+                   tables: Tables, warnings: dict[str, list[tuple[str, str]]]) -> None:
         """After a clean exec rollout: re-read the instance's facts if a pod changed (one
         ``postconf``), then warn about keys its routing never looks up."""
         if not result.ready or result.failure:
@@ -389,7 +395,7 @@ class Operator:
         if state.facts is not None:
             for ref, found in routing.lint(tables.contributors, tables.transport_entries,
                                            state.facts.routing).items():
-                state.warnings.setdefault(ref, []).extend(found)
+                warnings.setdefault(ref, []).extend(found)
 
     def _schedule_expiry(self, key: InstanceKey, now: datetime) -> None:
         expiries = [t for p in self.world.policies_for(key) if p.exception is not None
