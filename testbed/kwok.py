@@ -113,11 +113,15 @@ class Kwok:
 
     def __init__(self, plane: ControlPlane, workdir: Path, *,
                  binary: Path | None = None, path: Sequence[Path] = (),
-                 leases: bool = False, ready_gate: str | None = None) -> None:
+                 leases: bool = False, ready_gate: str | None = None,
+                 nodes: str = NODE_ANNOTATION_VALUE) -> None:
         """``path``: directories put first on kwok's ``PATH``, where a mapped exec looks
-        its command up; ``leases``: node Leases and heartbeats as kwokctl keeps them
-        (needed beside a controller-manager); ``ready_gate``: pods become Ready only
-        once they carry that annotation with ``"true"`` (see :func:`gated`)."""
+        its command up; ``nodes``: the :data:`NODE_ANNOTATION` value of the nodes this
+        kwok manages (two kwoks on one server must not both manage a node: each would
+        give its pods an IP, and the server refuses two); ``leases``: node Leases and
+        heartbeats as kwokctl keeps them (needed beside a controller-manager);
+        ``ready_gate``: pods become Ready only once they carry that annotation with
+        ``"true"`` (see :func:`gated`)."""
         self.plane = plane
         self.binary = binary
         #: directories put first on kwok's PATH, where a mapped exec looks its command up
@@ -126,6 +130,7 @@ class Kwok:
         self.workdir = workdir
         self.leases = leases
         self.ready_gate = ready_gate
+        self.nodes = nodes
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "kwok.log"
@@ -152,8 +157,7 @@ class Kwok:
         argv = [str(self.binary or self.plane.binaries / "kwok"),
                 f"--kubeconfig={self.plane.kubeconfig}", f"--config={config}",
                 "--manage-all-nodes=false",
-                f"--manage-nodes-with-annotation-selector={NODE_ANNOTATION}"
-                f"={NODE_ANNOTATION_VALUE}",
+                f"--manage-nodes-with-annotation-selector={NODE_ANNOTATION}={self.nodes}",
                 "--node-ip=127.0.0.1", f"--node-port={self.port}",
                 f"--server-address=127.0.0.1:{self.port}",
                 f"--tls-cert-file={pki.kubelet_cert}",
@@ -205,7 +209,7 @@ class Kwok:
         ones a kubelet sets, which charts select on (``kubernetes.io/os: linux``)."""
         self.plane.request("POST", "/api/v1/nodes", {
             "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "annotations": {NODE_ANNOTATION: NODE_ANNOTATION_VALUE},
+            "metadata": {"name": name, "annotations": {NODE_ANNOTATION: self.nodes},
                          "labels": {"type": "kwok", "kubernetes.io/hostname": name,
                                     "kubernetes.io/os": "linux",
                                     "kubernetes.io/arch": "amd64"}}})

@@ -59,6 +59,26 @@ class Conflict(Exception):
     """The object changed or exists already (409)."""
 
 
+class NamespaceTerminating(Exception):
+    """The namespace is being deleted: the server refuses new objects in it (403 with
+    cause ``NamespaceTerminating``).  Routine, not a failure: its objects are going."""
+
+
+def _terminating(data: bytes) -> str | None:
+    """The server's message when a 403 body names the ``NamespaceTerminating`` cause."""
+    try:
+        status = json.loads(data)
+    except ValueError:
+        return None
+    details = status.get("details") if isinstance(status, dict) else None
+    causes = details.get("causes") if isinstance(details, dict) else None
+    if isinstance(causes, list) and any(isinstance(c, dict) and
+                                        c.get("reason") == "NamespaceTerminating"
+                                        for c in causes):
+        return str(status.get("message", ""))[:300]
+    return None
+
+
 class Kube:
     """Async facade over the official client for exactly the calls the operator needs.
 
@@ -87,6 +107,8 @@ class Kube:
         response = self.api_client.call_api(*request, _request_timeout=self.timeout)
         data = response.read()  # type: ignore[no-untyped-call]
         if not 200 <= response.status <= 299:
+            if response.status == 403 and (why := _terminating(data or b"")) is not None:
+                raise NamespaceTerminating(why)
             raise ApiException.from_response(http_resp=response, body=None, data=None)
         decoded: dict[str, Any] = json.loads(data or b"{}")
         return decoded

@@ -86,5 +86,6 @@ def kwok_podman(cluster_with_crds: ControlPlane,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kwok]:
     """kwok whose mapped execs find the podman shims first on their PATH."""
     shims = write_shims(tmp_path_factory.mktemp("shims"))
-    with Kwok(cluster_with_crds, tmp_path_factory.mktemp("kwok"), path=[shims]) as fake:
+    with Kwok(cluster_with_crds, tmp_path_factory.mktemp("kwok"), path=[shims],
+              nodes="images") as fake:
         yield fake

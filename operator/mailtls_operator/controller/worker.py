@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from ..aio import wait_event
+from ..kube import NamespaceTerminating
 from ..world import InstanceKey
 from .context import Config, cancel_and_wait
 
@@ -66,6 +67,9 @@ class InstanceWorker:
                 await self.converge(self.key)
             except asyncio.CancelledError:
                 raise
+            except NamespaceTerminating as exc:  # its deletion events will retire it
+                log.warning("%s/%s: not converged, the namespace is being deleted: %s",
+                            *self.key, exc)
             except Exception:
                 log.exception("converging %s/%s failed; retrying", *self.key)
                 self.wake_later(self.config.retry_base)
