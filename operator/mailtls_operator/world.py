@@ -269,8 +269,9 @@ class World:
             return
         rec.annotations.update(annotations)
         uid, pending = self._written.get((namespace, name), (rec.uid, {}))
-        self._written[(namespace, name)] = (rec.uid, {**pending, **annotations}) \
-            if uid == rec.uid else (rec.uid, dict(annotations))
+        if uid != rec.uid:  # written to a pod since replaced: that no longer counts
+            pending = {}
+        self._written[(namespace, name)] = (rec.uid, {**pending, **annotations})
 
     def _with_written(self, key: tuple[str, str], uid: str,
                       annotations: dict[str, str]) -> dict[str, str]:
